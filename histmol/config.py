@@ -1,0 +1,69 @@
+"""Build options that decide a section's output bytes, and their fingerprint."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Literal
+
+from histmol.errors import ConfigError
+from histmol.section import TilingMode
+
+Resample = Literal["lanczos", "bilinear", "box"]
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """Everything that changes what a build writes. Worker counts are not here on purpose.
+
+    `mode=None` takes the platform's default tiling mode. `mpp=None` resolves the pixel size
+    from the WSI file, the bundle's scalefactors or the unit pitch, in that order.
+    """
+
+    patch_px: int = 224
+    target_mpp: float = 0.5
+    mode: TilingMode | None = None
+    mpp: float | None = None
+    mpp_tolerance: float = 0.05
+    min_tissue_fraction: float = 0.1
+    tissue_mpp: float = 8.0
+    resample: Resample = "lanczos"
+    jpeg_quality: int = 90
+    pairs_per_shard: int = 2048
+    min_match_rate: float = 0.9
+
+    def __post_init__(self) -> None:
+        if not 16 <= self.patch_px <= 4096:
+            raise ConfigError(f"patch_px must be in 16..4096, got {self.patch_px}")
+        if not 0.05 <= self.target_mpp <= 50:
+            raise ConfigError(f"target_mpp must be in 0.05..50 um/px, got {self.target_mpp}")
+        if self.mpp is not None and not 0.05 <= self.mpp <= 50:
+            raise ConfigError(f"mpp override must be in 0.05..50 um/px, got {self.mpp}")
+        if self.mode not in (None, "spot", "grid"):
+            raise ConfigError(f"mode must be 'spot' or 'grid', got {self.mode!r}")
+        if not 0 <= self.min_tissue_fraction <= 1:
+            raise ConfigError("min_tissue_fraction must be in 0..1")
+        if not 0 < self.mpp_tolerance < 1:
+            raise ConfigError("mpp_tolerance must be in (0, 1)")
+        if self.resample not in ("lanczos", "bilinear", "box"):
+            raise ConfigError(f"resample must be lanczos, bilinear or box, got {self.resample!r}")
+        if not 1 <= self.jpeg_quality <= 100:
+            raise ConfigError("jpeg_quality must be in 1..100")
+        if self.pairs_per_shard < 1:
+            raise ConfigError("pairs_per_shard must be >= 1")
+        if not 0 < self.min_match_rate <= 1:
+            raise ConfigError("min_match_rate must be in (0, 1]")
+
+    def with_overrides(self, **changes: Any) -> BuildConfig:
+        """A copy with the given fields changed; None values are ignored."""
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready dict."""
+        return asdict(self)
+
+    def fingerprint(self) -> str:
+        """Stable hash of the options: equal configs build equal bytes."""
+        payload = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]

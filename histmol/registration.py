@@ -1,0 +1,200 @@
+"""Place a section's units on its WSI: native frame -> WSI level-0 pixels, and the pixel size.
+
+The transform is the adapter's (or the user's) 3x3 affine; this module checks it, applies it,
+resolves the WSI's mpp from the best available source and cross-checks it against the mpp
+implied by the platform's known unit pitch. Everything it measures goes into `qc`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from scipy.spatial import cKDTree
+
+from histmol.errors import RegistrationError, WSIError
+from histmol.section import MppSource, Section
+
+MAX_SAMPLE_FOR_PITCH = 20_000
+
+
+@dataclass(frozen=True)
+class SlideGeometry:
+    """What registration needs to know of the WSI (kept small so it is testable alone)."""
+
+    path: Path
+    width: int
+    height: int
+    embedded_mpp: float | None
+    mpp_discard_reason: str | None = None
+
+
+@dataclass
+class Registration:
+    """Units in WSI level-0 pixels, the resolved mpp with its source, and QC numbers."""
+
+    native_to_wsi: np.ndarray
+    mpp: float
+    mpp_source: MppSource
+    x_wsi_px: np.ndarray
+    y_wsi_px: np.ndarray
+    qc: dict[str, float | int | str | bool] = field(default_factory=dict)
+
+    @property
+    def x_um(self) -> np.ndarray:
+        """Unit centres in micrometres in the WSI's frame (level-0 px times mpp)."""
+        return self.x_wsi_px * self.mpp
+
+    @property
+    def y_um(self) -> np.ndarray:
+        """Unit centres in micrometres in the WSI's frame."""
+        return self.y_wsi_px * self.mpp
+
+
+def read_transform_csv(path: str | Path) -> np.ndarray:
+    """Read a 3x3 affine written as 3 lines of 3 comma- or whitespace-separated numbers."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise RegistrationError(f"{path}: cannot read transform: {err}") from err
+    rows = [line.replace(",", " ").split() for line in text.splitlines() if line.strip()]
+    try:
+        matrix = np.array([[float(v) for v in row] for row in rows], dtype=np.float64)
+    except ValueError as err:
+        raise RegistrationError(f"{path}: transform holds a non-number: {err}") from err
+    if matrix.shape != (3, 3):
+        raise RegistrationError(f"{path}: transform must be 3 rows of 3 numbers, got {matrix.shape}")
+    return matrix
+
+
+def check_affine(matrix: np.ndarray, *, what: str = "native_to_wsi") -> float:
+    """Validate a 3x3 affine and return its linear part's determinant (sign = handedness)."""
+    matrix = np.asarray(matrix, dtype=np.float64)
+    if matrix.shape != (3, 3) or not np.isfinite(matrix).all():
+        raise RegistrationError(f"{what} must be a finite 3x3 matrix, got {matrix.tolist()}")
+    if not np.allclose(matrix[2], [0.0, 0.0, 1.0], atol=1e-9):
+        raise RegistrationError(
+            f"{what} is not affine: its last row is {matrix[2].tolist()}, expected [0, 0, 1]"
+        )
+    det = float(np.linalg.det(matrix[:2, :2]))
+    scale = float(np.abs(matrix[:2, :2]).max())
+    if scale == 0 or abs(det) < 1e-12 * max(scale * scale, 1e-300):
+        raise RegistrationError(f"{what} is singular (determinant {det:.3g}): {matrix.tolist()}")
+    return det
+
+
+def apply_affine(matrix: np.ndarray, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Map points through a 3x3 affine (x is the column, y the row)."""
+    xs = matrix[0, 0] * x + matrix[0, 1] * y + matrix[0, 2]
+    ys = matrix[1, 0] * x + matrix[1, 1] * y + matrix[1, 2]
+    return xs, ys
+
+
+def median_neighbour_distance(x: np.ndarray, y: np.ndarray) -> float | None:
+    """Median nearest-neighbour distance between unit centres; None with fewer than 2 units."""
+    if len(x) < 2:
+        return None
+    points = np.column_stack([x, y])
+    if len(points) > MAX_SAMPLE_FOR_PITCH:
+        rng = np.random.default_rng(0)
+        query = points[rng.choice(len(points), MAX_SAMPLE_FOR_PITCH, replace=False)]
+    else:
+        query = points
+    distances, _ = cKDTree(points).query(query, k=2)
+    nearest = distances[:, 1]
+    nearest = nearest[nearest > 0]
+    return float(np.median(nearest)) if len(nearest) else None
+
+
+def register(
+    section: Section,
+    slide: SlideGeometry,
+    *,
+    native_to_wsi: np.ndarray | None = None,
+    mpp: float | None = None,
+    mpp_tolerance: float = 0.05,
+) -> Registration:
+    """Place the section's units on the slide and resolve its mpp.
+
+    mpp sources, first usable wins: `mpp` given by the user; the WSI's embedded value; the
+    bundle's own scale (`native_um_per_unit` carried through the transform); the unit pitch.
+    The first two non-user sources are cross-checked against the pitch estimate: a
+    disagreement beyond `mpp_tolerance` fails unless the user gave `mpp`.
+    """
+    matrix = native_to_wsi if native_to_wsi is not None else section.native_to_wsi
+    matrix = np.eye(3) if matrix is None else np.asarray(matrix, dtype=np.float64)
+    det = check_affine(matrix)
+    x_native = section.units["x_native"].to_numpy(np.float64)
+    y_native = section.units["y_native"].to_numpy(np.float64)
+    x_wsi, y_wsi = apply_affine(matrix, x_native, y_native)
+    qc: dict[str, float | int | str | bool] = {
+        "transform_det": det,
+        "transform_mirrored": det < 0,
+    }
+
+    _check_inside(x_wsi, y_wsi, slide, qc)
+
+    pitch_px = median_neighbour_distance(x_wsi, y_wsi)
+    candidates: dict[str, float] = {}
+    if slide.embedded_mpp is not None:
+        candidates["embedded"] = slide.embedded_mpp
+    if section.native_um_per_unit is not None:
+        candidates["scalefactors"] = section.native_um_per_unit / np.sqrt(abs(det))
+    if section.pitch_um is not None and pitch_px:
+        candidates["estimated_from_pitch"] = section.pitch_um / pitch_px
+    for source, value in candidates.items():
+        qc[f"mpp_{source}"] = float(value)
+    if slide.mpp_discard_reason:
+        qc["mpp_embedded_discarded"] = slide.mpp_discard_reason
+
+    resolved, source = _resolve_mpp(candidates, mpp, slide)
+    qc["mpp"] = resolved
+    qc["mpp_source"] = source
+    pitch_estimate = candidates.get("estimated_from_pitch")
+    if pitch_estimate is not None:
+        for checked in ("embedded", "scalefactors"):
+            if checked not in candidates:
+                continue
+            disagreement = abs(candidates[checked] / pitch_estimate - 1.0)
+            qc[f"mpp_{checked}_vs_pitch"] = disagreement
+            if disagreement > mpp_tolerance and mpp is None:
+                raise RegistrationError(
+                    f"{slide.path}: the {checked} mpp {candidates[checked]:.4f} um/px disagrees "
+                    f"by {disagreement:.1%} with {pitch_estimate:.4f} um/px implied by the "
+                    f"{section.pitch_um:g} um unit pitch of {section.platform} (tolerance "
+                    f"{mpp_tolerance:.0%}); check the transform, or pass --mpp to override"
+                )
+    return Registration(matrix, resolved, source, x_wsi, y_wsi, qc)
+
+
+def _check_inside(
+    x_wsi: np.ndarray, y_wsi: np.ndarray, slide: SlideGeometry, qc: dict[str, float | int | str | bool]
+) -> None:
+    outside = (x_wsi < 0) | (y_wsi < 0) | (x_wsi >= slide.width) | (y_wsi >= slide.height)
+    qc["n_units_outside_image"] = int(outside.sum())
+    if outside.any():
+        first = np.flatnonzero(outside)[:3]
+        examples = ", ".join(f"({x_wsi[i]:.1f}, {y_wsi[i]:.1f})" for i in first)
+        raise RegistrationError(
+            f"{slide.path}: {int(outside.sum())} of {len(x_wsi)} unit centres fall outside the "
+            f"{slide.width} x {slide.height} px image (e.g. {examples}); the transform is wrong "
+            "(axes swapped or flipped?) or the image is not the one the bundle was made with"
+        )
+
+
+def _resolve_mpp(
+    candidates: dict[str, float], user_mpp: float | None, slide: SlideGeometry
+) -> tuple[float, MppSource]:
+    if user_mpp is not None:
+        return float(user_mpp), "user"
+    for source in ("embedded", "scalefactors", "estimated_from_pitch"):
+        if source in candidates:
+            return float(candidates[source]), source  # type: ignore[return-value]
+    reason = slide.mpp_discard_reason or "it records no pixel size"
+    raise WSIError(
+        slide.path,
+        f"no usable pixel size: {reason}, the bundle states no scale and the unit pitch cannot "
+        "be measured (fewer than 2 units or unknown pitch); pass --mpp",
+    )
