@@ -1,0 +1,458 @@
+"""The corpus on disk: vocabulary, section table, manifest, and crash-safe section commits.
+
+Layout (DESIGN.md "Corpus layout")::
+
+    corpus.json        {"format": "histmol-corpus", "format_version": 1, "histmol_version",
+                        "build_config"}; sorted keys, no timestamps
+    genes.parquet      index int32 (0..n-1), gene_id, symbol, ensembl_id, species, kind
+    sections.parquet   one row per section (committed or failed), sorted by section_id
+    manifest.parquet   one row per committed part, sorted by (section_id, part)
+    shards/<section_id>/part-NNNNN.{zarr,parquet}
+
+The loader reads only ``manifest.parquet`` rows (and the files they name), ``genes.parquet`` and
+``sections.parquet``; it never lists folders. Every table is rewritten atomically (temporary
+sibling, fsync, rename). All mutations run under an exclusive ``fcntl.flock`` on ``.lock`` at the
+root, so commits from several processes (Dask workers, parallel builds) serialise; flock needs a
+local file system or one that honours it (not every NFS setup does). ``genes()``, ``sections()``
+and ``manifest()`` return pandas DataFrames; ``read_table(name)`` returns the pyarrow Table. Each
+read takes one snapshot of the file's bytes, so it never mixes two versions of a table.
+
+Vocabulary. ``map_genes`` assigns new indices in the order given and appends them to
+``genes.parquet`` immediately, under the lock, BEFORE any shard that uses them is written. The
+vocabulary is append-only (indices never change, removal of a section keeps its genes), so the
+only effect of a crash or a failed section is unused vocabulary entries, which a re-run maps to
+the same indices. Committing the vocabulary with the section instead would let two processes hand
+out the same index to different genes.
+
+Commit protocol (``commit_section``, under the lock; ``M`` = manifest.parquet, ``S`` = sections):
+
+1. If ``M`` lists parts of the section (a forced re-commit), rewrite ``M`` without them. From here
+   the loader no longer reads the old data.
+2. If ``shards/<id>`` exists (old data, or debris of a crashed commit), rename it to
+   ``shards/.trash-<id>.tmp-<token>``.
+3. Rename the staging folder ``shards/.staging-<id>.tmp-<token>`` to ``shards/<id>``.
+4. Rewrite ``S`` with the section's new row (``status == "committed"``, ``n_parts``).
+5. Rewrite ``M`` with the section's new rows: the LAST write; now the section is live.
+6. Delete the trash folder.
+
+A crash at any point leaves a readable corpus: ``M`` only ever names complete files (parts are
+complete before step 3, old parts leave ``M`` in step 1 before they move in step 2, new parts
+enter ``M`` in step 5 after they moved in step 3). The loader sees the old section (crash before
+1), no section (between 1 and 5) or the new section (after 5). ``section_status`` reports a
+section as ``committed`` only when its ``S`` row says so AND ``M`` holds exactly ``n_parts`` rows
+for it AND its folder exists; otherwise ``incomplete``, which the builder treats like "not built"
+(a crash between 1 and 5 leaves ``S`` and ``M`` disagreeing). A re-run then rebuilds the section
+and commits it without ``force``; debris (staging and trash folders, temporary files) is removed
+by ``cleanup_staging``. ``remove_section`` follows the same order: ``M`` first, then ``S``, then
+the folder.
+
+Failures (``record_failure``): a section that is committed keeps its committed data and row; the
+failure is the builder's to report (the corpus keeps the last good state). Otherwise a
+``failed`` row is written and any unreferenced folder of that section is deleted; shards of other
+sections are never touched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+import histmol
+from histmol.errors import CorpusError
+from histmol.section import validate_section_id
+from histmol.shards.atomic import atomic_write_json, atomic_write_parquet, fsync_dir, remove_path
+from histmol.shards.corpus_tables import (
+    GENES_SCHEMA,
+    MANIFEST_SCHEMA,
+    SECTION_CORE_SCHEMA,
+    extend_vocabulary,
+    manifest_table,
+    section_row,
+    sections_table,
+)
+from histmol.shards.shard_writer import ShardRecord, part_stem
+from histmol.shards.staging import (
+    STAGING_PREFIX,
+    CorpusLock,
+    clean_debris,
+    create_staging,
+    move_to_trash,
+    release_staging,
+)
+
+FORMAT = "histmol-corpus"
+FORMAT_VERSION = 1
+CORPUS_JSON = "corpus.json"
+GENES = "genes.parquet"
+SECTIONS = "sections.parquet"
+MANIFEST = "manifest.parquet"
+SHARDS = "shards"
+LOCK = ".lock"
+COMMITTED, FAILED, INCOMPLETE = "committed", "failed", "incomplete"
+TableName = Literal["genes", "sections", "manifest"]
+_TABLES: dict[str, tuple[str, pa.Schema]] = {
+    "genes": (GENES, GENES_SCHEMA),
+    "sections": (SECTIONS, SECTION_CORE_SCHEMA),
+    "manifest": (MANIFEST, MANIFEST_SCHEMA),
+}
+
+
+def _canonical(obj: Any) -> Any:
+    """JSON-normalised copy (tuples -> lists, sorted keys) for comparing configs."""
+    return json.loads(json.dumps(obj, sort_keys=True))
+
+
+def _read(path: Path, schema: pa.Schema) -> pa.Table:
+    """Read a corpus table from ONE snapshot of the file.
+
+    ``pq.read_table(path)`` may open the path more than once (footer, then data); a concurrent
+    atomic rewrite between the opens would mix two versions. Reading the bytes once is safe.
+    """
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return schema.empty_table()
+    try:
+        return pq.read_table(pa.BufferReader(data))
+    except (OSError, pa.ArrowInvalid) as error:
+        raise CorpusError(f"{path}: unreadable ({error})") from error
+
+
+class Corpus:
+    """A corpus root folder. Use `Corpus.open`; mutating methods take the corpus lock."""
+
+    def __init__(self, root: Path, meta: dict[str, Any]) -> None:
+        self.root = root
+        self.meta = meta
+        self.shards_dir = root / SHARDS
+        self._lock = CorpusLock(root / LOCK)
+        self._staging_locks: dict[Path, int] = {}
+
+    # ------------------------------------------------------------------ opening and locking
+    @classmethod
+    def open(
+        cls,
+        root: str | os.PathLike[str],
+        *,
+        create: bool = False,
+        build_config: Mapping[str, Any] | None = None,
+    ) -> Corpus:
+        """Open the corpus at `root`; with ``create=True`` make it if absent.
+
+        With `build_config`, a corpus made with a different build config is a CorpusError
+        naming the differing keys (a corpus is built with one config).
+        """
+        root = Path(root)
+        meta_path = root / CORPUS_JSON
+        if not meta_path.exists():
+            if not create:
+                raise CorpusError(f"{root}: not a histmol corpus (no {CORPUS_JSON})")
+            root.mkdir(parents=True, exist_ok=True)
+            with cls(root, {}).lock():
+                if not meta_path.exists():
+                    cls._initialise(root, build_config or {})
+        try:
+            meta = json.loads(meta_path.read_bytes())
+        except (OSError, ValueError) as error:
+            raise CorpusError(f"{meta_path}: unreadable ({error})") from error
+        if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
+            raise CorpusError(
+                f"{meta_path}: format {meta.get('format')!r} version "
+                f"{meta.get('format_version')!r}; this histmol reads {FORMAT!r} {FORMAT_VERSION}"
+            )
+        if build_config is not None:
+            ours, theirs = _canonical(dict(build_config)), meta.get("build_config") or {}
+            differing = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
+            if differing:
+                raise CorpusError(
+                    f"{meta_path}: corpus was built with another build config "
+                    f"(differing keys: {differing})"
+                )
+        return cls(root, meta)  # opening never writes: readers may use read-only media
+
+    @staticmethod
+    def _initialise(root: Path, build_config: Mapping[str, Any]) -> None:
+        (root / SHARDS).mkdir(exist_ok=True)
+        for name, schema in (
+            (GENES, GENES_SCHEMA), (SECTIONS, SECTION_CORE_SCHEMA), (MANIFEST, MANIFEST_SCHEMA)
+        ):
+            if not (root / name).exists():
+                atomic_write_parquet(root / name, schema.empty_table())
+        atomic_write_json(root / CORPUS_JSON, {  # last: its presence means "a corpus"
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "histmol_version": histmol.__version__,
+            "build_config": _canonical(dict(build_config)),
+        })
+
+    @property
+    def build_config(self) -> dict[str, Any]:
+        """The build config recorded in corpus.json."""
+        return dict(self.meta.get("build_config") or {})
+
+    @contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the corpus' exclusive inter-process lock (re-entrant within this object)."""
+        with self._lock.hold():
+            yield
+
+    # ------------------------------------------------------------------ readers
+    def read_table(self, name: TableName) -> pa.Table:
+        """``genes``, ``sections`` or ``manifest`` as a pyarrow Table (empty, typed, if absent)."""
+        if name not in _TABLES:
+            raise ValueError(f"unknown corpus table {name!r}; one of {sorted(_TABLES)}")
+        file_name, schema = _TABLES[name]
+        return _read(self.root / file_name, schema)
+
+    def genes(self) -> pd.DataFrame:
+        """The gene vocabulary as a DataFrame (empty, with its columns, when absent)."""
+        return self.read_table("genes").to_pandas()
+
+    def sections(self) -> pd.DataFrame:
+        """The section table as a DataFrame (``panel`` holds int32 arrays)."""
+        return self.read_table("sections").to_pandas()
+
+    def manifest(self) -> pd.DataFrame:
+        """The manifest of committed parts as a DataFrame."""
+        return self.read_table("manifest").to_pandas()
+
+    def section_dir(self, section_id: str) -> Path:
+        """Where a committed section's parts live."""
+        return self.shards_dir / validate_section_id(section_id)
+
+    def section_status(self, section_id: str) -> dict[str, Any] | None:
+        """The section's row as a dict, or None when the corpus has no row for it.
+
+        ``status`` is ``committed`` only when the manifest holds exactly the row's ``n_parts``
+        parts and the folder exists; a committed row without them reads ``incomplete`` (an
+        interrupted commit or removal: rebuild the section).
+        """
+        validate_section_id(section_id)
+        with self.lock():
+            return self._status(section_id, self._rows(), self._manifest_rows())
+
+    def _status(
+        self, section_id: str, rows: list[dict[str, Any]], manifest: list[dict[str, Any]]
+    ) -> dict[str, Any] | None:
+        row = next((r for r in rows if r["section_id"] == section_id), None)
+        if row is None:
+            return None
+        row = dict(row)
+        if row["status"] == COMMITTED:
+            n_parts = sum(1 for m in manifest if m["section_id"] == section_id)
+            expected = row.get("n_parts") or 0
+            if n_parts != expected or (expected and not self.section_dir(section_id).is_dir()):
+                row["status"] = INCOMPLETE
+        return row
+
+    def _rows(self) -> list[dict[str, Any]]:
+        return self.read_table("sections").to_pylist()
+
+    def _manifest_rows(self) -> list[dict[str, Any]]:
+        return self.read_table("manifest").to_pylist()
+
+    # ------------------------------------------------------------------ vocabulary
+    def map_genes(self, genes: pd.DataFrame, species: str) -> np.ndarray:
+        """Global vocabulary indices (int32) of `genes`, adding unknown ones in the given order.
+
+        `genes` has columns gene_id, symbol, ensembl_id; a gene's key is ``(gene_id, species)``.
+        New entries are written to genes.parquet at once (under the lock), before any shard can
+        refer to them; see the module docstring.
+        """
+        with self.lock():
+            indices, extended = extend_vocabulary(self.read_table("genes"), genes, species)
+            if extended is not None:
+                atomic_write_parquet(self.root / GENES, extended)
+        return indices
+
+    # ------------------------------------------------------------------ staging
+    def staging_dir(self, section_id: str) -> Path:
+        """A fresh ``shards/.staging-<id>.tmp-<token>`` folder for a section's parts.
+
+        A sibling ``.lock`` file is flocked while this Corpus object lives (until `close`), so
+        `cleanup_staging` elsewhere leaves it alone; it becomes stale when this process dies.
+        """
+        path, fd = create_staging(self.shards_dir, validate_section_id(section_id))
+        self._staging_locks[path] = fd
+        return path
+
+    def discard_staging(self, staging_dir: str | os.PathLike[str]) -> None:
+        """Delete a staging folder that will not be committed (e.g. its section failed)."""
+        path = self._check_staging(Path(staging_dir), must_exist=False)
+        remove_path(path)
+        release_staging(path, self._staging_locks.pop(path, None))
+
+    def _check_staging(self, path: Path, *, must_exist: bool = True) -> Path:
+        inside = path.parent.resolve() == self.shards_dir.resolve()
+        if not inside or not path.name.startswith(STAGING_PREFIX):
+            raise CorpusError(f"{path}: not a staging folder of corpus {self.root}")
+        path = self.shards_dir / path.name
+        if must_exist and not path.is_dir():
+            raise CorpusError(f"{path}: staging folder is missing")
+        return path
+
+    def cleanup_staging(self) -> list[str]:
+        """Remove debris of crashed runs; return the removed names (relative to the root).
+
+        Removes staging folders whose owner lock no process holds, trash folders, and temporary
+        files of interrupted atomic writes at the root and in ``shards/``.
+        """
+        with self.lock():
+            return clean_debris(self.root, self.shards_dir, set(self._staging_locks))
+
+    # ------------------------------------------------------------------ commits
+    def commit_section(
+        self,
+        section_id: str,
+        staging_dir: str | os.PathLike[str],
+        *,
+        records: Sequence[ShardRecord],
+        row: Mapping[str, Any],
+        force: bool = False,
+    ) -> dict[str, Any]:
+        """Move a staged section into place and add its rows (protocol in the module docstring).
+
+        `row` holds the section's columns: ``platform`` (required), ``n_genes``, ``panel``
+        (vocabulary indices), ``config_hash``, ``input_fingerprint`` and free scalar metadata/QC
+        columns. ``n_pairs``, ``n_units`` and ``n_parts`` come from `records`. A section that is
+        already committed is a CorpusError unless ``force=True`` (its staging folder is then
+        left to the caller). Returns the stored row.
+        """
+        validate_section_id(section_id)
+        staging = self._check_staging(Path(staging_dir))
+        new_row = section_row(
+            section_id, row, status=COMMITTED, reason=None,
+            n_pairs=sum(r.n_pairs for r in records), n_units=sum(r.n_units for r in records),
+            n_parts=len(records),
+        )
+        self._check_staged_parts(staging, records)
+        with self.lock():
+            rows, manifest = self._rows(), self._manifest_rows()
+            current = self._status(section_id, rows, manifest)
+            if current is not None and current["status"] == COMMITTED and not force:
+                raise CorpusError(
+                    f"{self.section_dir(section_id)}: section is already committed "
+                    "(pass force=True to replace it)"
+                )
+            # Build every table first: a bad value fails here, before anything on disk changes.
+            others = [m for m in manifest if m["section_id"] != section_id]
+            without = manifest_table(others) if len(others) != len(manifest) else None
+            new_sections = sections_table(
+                [r for r in rows if r["section_id"] != section_id] + [new_row]
+            )
+            new_manifest = manifest_table(
+                others + [self._manifest_row(section_id, r) for r in records]
+            )
+            if without is not None:  # 1. the loader stops reading the old parts
+                atomic_write_parquet(self.root / MANIFEST, without)
+            trash = move_to_trash(self.section_dir(section_id))  # 2.
+            os.rename(staging, self.section_dir(section_id))  # 3.
+            fsync_dir(self.shards_dir)
+            release_staging(staging, self._staging_locks.pop(staging, None))
+            atomic_write_parquet(self.root / SECTIONS, new_sections)  # 4.
+            atomic_write_parquet(self.root / MANIFEST, new_manifest)  # 5. last
+            if trash is not None:
+                remove_path(trash)  # 6.
+        return new_row
+
+    @staticmethod
+    def _manifest_row(section_id: str, record: ShardRecord) -> dict[str, Any]:
+        return {
+            "section_id": section_id,
+            "part": record.part,
+            "images_path": f"{SHARDS}/{section_id}/{record.images_path}",
+            "units_path": f"{SHARDS}/{section_id}/{record.units_path}",
+            "n_pairs": record.n_pairs,
+            "n_units": record.n_units,
+            "images_bytes": record.images_bytes,
+            "units_bytes": record.units_bytes,
+            "images_sha256": record.images_sha256,
+            "units_sha256": record.units_sha256,
+        }
+
+    def _check_staged_parts(self, staging: Path, records: Sequence[ShardRecord]) -> None:
+        expected: set[str] = set()
+        for i, record in enumerate(records):
+            names = (f"{part_stem(i)}.zarr", f"{part_stem(i)}.parquet")
+            if record.part != i or (record.images_path, record.units_path) != names:
+                raise CorpusError(f"{staging}: record {i} is {record}, expected part {i} {names}")
+            expected.update(names)
+        present = {p.name for p in staging.iterdir()}
+        if present != expected:
+            raise CorpusError(
+                f"{staging}: staged files {sorted(present)} do not match the records "
+                f"{sorted(expected)}"
+            )
+
+    def record_failure(self, section_id: str, row: Mapping[str, Any], reason: str) -> bool:
+        """Record that building a section failed; False (nothing written) if it is committed.
+
+        A committed section keeps its data and row. Otherwise its row becomes ``failed`` with
+        `reason`, and any folder of that section (unreferenced by the manifest) is deleted.
+        """
+        validate_section_id(section_id)
+        failed = section_row(section_id, row, status=FAILED, reason=str(reason),
+                             n_pairs=0, n_units=0, n_parts=0)
+        with self.lock():
+            rows, manifest = self._rows(), self._manifest_rows()
+            current = self._status(section_id, rows, manifest)
+            if current is not None and current["status"] == COMMITTED:
+                return False
+            others = [m for m in manifest if m["section_id"] != section_id]
+            new_sections = sections_table(
+                [r for r in rows if r["section_id"] != section_id] + [failed]
+            )
+            if len(others) != len(manifest):
+                atomic_write_parquet(self.root / MANIFEST, manifest_table(others))
+            trash = move_to_trash(self.section_dir(section_id))
+            atomic_write_parquet(self.root / SECTIONS, new_sections)
+            if trash is not None:
+                remove_path(trash)
+        return True
+
+    def remove_section(self, section_id: str) -> bool:
+        """Delete a section (e.g. consent withdrawn): manifest rows, then its row, then files.
+
+        Returns False when the corpus held nothing of it. The vocabulary is kept (indices of
+        other sections must not move).
+        """
+        validate_section_id(section_id)
+        with self.lock():
+            rows, manifest = self._rows(), self._manifest_rows()
+            others = [m for m in manifest if m["section_id"] != section_id]
+            kept = [r for r in rows if r["section_id"] != section_id]
+            if len(others) != len(manifest):
+                atomic_write_parquet(self.root / MANIFEST, manifest_table(others))
+            if len(kept) != len(rows):
+                atomic_write_parquet(self.root / SECTIONS, sections_table(kept))
+            trash = move_to_trash(self.section_dir(section_id))
+            if trash is not None:
+                remove_path(trash)
+        return len(others) != len(manifest) or len(kept) != len(rows) or trash is not None
+
+    def close(self) -> None:
+        """Release the staging locks this object holds (their folders become stale debris)."""
+        while self._staging_locks:
+            _, fd = self._staging_locks.popitem()
+            os.close(fd)
+
+    def __enter__(self) -> Corpus:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except (AttributeError, OSError):  # half-initialised, or fds already closed at exit
+            pass

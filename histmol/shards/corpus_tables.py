@@ -1,0 +1,198 @@
+"""Schemas of the corpus tables and their deterministic construction from rows.
+
+Tables are rebuilt from plain rows on every rewrite, sorted by key and with a fixed column order,
+so their bytes depend on content only, never on build order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+GENES_SCHEMA = pa.schema([
+    pa.field("index", pa.int32(), nullable=False),
+    pa.field("gene_id", pa.string(), nullable=False),
+    pa.field("symbol", pa.string()),
+    pa.field("ensembl_id", pa.string()),
+    pa.field("species", pa.string(), nullable=False),
+    pa.field("kind", pa.string(), nullable=False),
+])
+
+MANIFEST_SCHEMA = pa.schema([
+    pa.field("section_id", pa.string(), nullable=False),
+    pa.field("part", pa.int32(), nullable=False),
+    pa.field("images_path", pa.string(), nullable=False),
+    pa.field("units_path", pa.string(), nullable=False),
+    pa.field("n_pairs", pa.int64(), nullable=False),
+    pa.field("n_units", pa.int64(), nullable=False),
+    pa.field("images_bytes", pa.int64(), nullable=False),
+    pa.field("units_bytes", pa.int64(), nullable=False),
+    pa.field("images_sha256", pa.string(), nullable=False),
+    pa.field("units_sha256", pa.string(), nullable=False),
+])
+
+# Fixed leading columns of sections.parquet; free metadata/QC columns follow, sorted by name.
+SECTION_CORE_SCHEMA = pa.schema([
+    pa.field("section_id", pa.string(), nullable=False),
+    pa.field("platform", pa.string()),
+    pa.field("status", pa.string(), nullable=False),
+    pa.field("reason", pa.string()),
+    pa.field("n_pairs", pa.int64()),
+    pa.field("n_units", pa.int64()),
+    pa.field("n_parts", pa.int64()),
+    pa.field("n_genes", pa.int64()),
+    pa.field("panel", pa.list_(pa.int32())),
+    pa.field("config_hash", pa.string()),
+    pa.field("input_fingerprint", pa.string()),
+])
+CORE_NAMES = frozenset(SECTION_CORE_SCHEMA.names)
+RESERVED_ROW_KEYS = ("section_id", "status", "reason", "n_parts")
+
+
+def _scalar(name: str, value: Any) -> Any:
+    """A plain str/int/float/bool/None, or a flat list of numbers or strings."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, list | tuple | np.ndarray):
+        items = [v.item() if isinstance(v, np.generic) else v for v in np.asarray(value).ravel()]
+        if all(isinstance(v, int | float) and not isinstance(v, bool) for v in items) or all(
+            isinstance(v, str) for v in items
+        ):
+            return items
+    raise ValueError(
+        f"sections column {name!r}: metadata/QC values must be str, int, float, bool, None or a "
+        f"flat list of numbers or strings, got {value!r}"
+    )
+
+
+def normalize_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A section row with plain Python values: panel a list of ints, extras scalars."""
+    out: dict[str, Any] = {}
+    for name, value in row.items():
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"sections column names must be non-empty strings, got {name!r}")
+        if name == "panel":
+            out[name] = None if value is None else [int(v) for v in np.asarray(value).ravel()]
+        else:
+            out[name] = _scalar(name, value)
+    if out.get("panel") is not None and out.get("n_genes") is None:
+        out["n_genes"] = len(out["panel"])
+    return out
+
+
+def _extra_type(name: str, values: Iterable[Any]) -> pa.DataType:
+    values = [v for v in values if v is not None]
+    kinds = {type(v) for v in values}
+    if kinds == {list}:
+        items = {type(x) for v in values for x in v}
+        if items == {str}:
+            return pa.list_(pa.string())
+        return pa.list_(pa.int64() if items == {int} else pa.float64())
+    if not kinds:
+        return pa.null()
+    if kinds == {bool}:
+        return pa.bool_()
+    if kinds == {int}:
+        return pa.int64()
+    if kinds <= {int, float}:
+        return pa.float64()
+    if kinds == {str}:
+        return pa.string()
+    names = sorted(k.__name__ for k in kinds)
+    raise ValueError(f"sections column {name!r} mixes value types {names} across sections")
+
+
+def sections_table(rows: Iterable[Mapping[str, Any]]) -> pa.Table:
+    """sections.parquet content: rows sorted by section_id, core columns then sorted extras."""
+    ordered = sorted((dict(r) for r in rows), key=lambda r: r["section_id"])
+    extras = sorted({k for r in ordered for k in r} - CORE_NAMES)
+    fields = list(SECTION_CORE_SCHEMA) + [
+        pa.field(name, _extra_type(name, (r.get(name) for r in ordered))) for name in extras
+    ]
+    return pa.Table.from_pylist(ordered, schema=pa.schema(fields))
+
+
+def manifest_table(rows: Iterable[Mapping[str, Any]]) -> pa.Table:
+    """manifest.parquet content: rows sorted by (section_id, part)."""
+    ordered = sorted(rows, key=lambda r: (r["section_id"], r["part"]))
+    return pa.Table.from_pylist(list(ordered), schema=MANIFEST_SCHEMA)
+
+
+def _text(value: Any) -> str | None:
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return None
+    return str(value)
+
+
+def extend_vocabulary(
+    vocabulary: pa.Table, genes: pd.DataFrame, species: str
+) -> tuple[np.ndarray, pa.Table | None]:
+    """Indices (int32) of `genes` in `vocabulary`, appending unknown (gene_id, species) keys.
+
+    Returns the indices and the extended vocabulary, or None when nothing was added. New indices
+    follow the order of `genes`, so the result is a pure function of the inputs.
+    """
+    missing = [c for c in ("gene_id", "symbol", "ensembl_id") if c not in genes.columns]
+    if missing:
+        raise ValueError(f"gene table lacks columns {missing}")
+    if not isinstance(species, str) or not species:
+        raise ValueError(f"species must be a non-empty string, got {species!r}")
+    ids = [str(v) for v in genes["gene_id"].tolist()]
+    seen: set[str] = set()
+    for gene_id in ids:
+        if gene_id in seen:
+            raise ValueError(f"gene ids are not unique (e.g. {gene_id!r})")
+        seen.add(gene_id)
+    keys = zip(vocabulary.column("gene_id").to_pylist(), vocabulary.column("species").to_pylist(),
+               strict=True)
+    known = dict(zip(keys, vocabulary.column("index").to_pylist(), strict=True))
+    if sorted(known.values()) != list(range(len(known))):
+        raise ValueError("vocabulary indices are not 0..n-1 with unique (gene_id, species) keys")
+    out = np.empty(len(ids), dtype=np.int32)
+    new: list[dict[str, Any]] = []
+    symbols, ensembl = genes["symbol"].tolist(), genes["ensembl_id"].tolist()
+    for i, gene_id in enumerate(ids):
+        index = known.get((gene_id, species))
+        if index is None:
+            index = known[(gene_id, species)] = len(known)
+            new.append({"index": index, "gene_id": gene_id, "symbol": _text(symbols[i]),
+                        "ensembl_id": _text(ensembl[i]), "species": species, "kind": "gene"})
+        out[i] = index
+    if not new:
+        return out, None
+    if len(known) > np.iinfo(np.int32).max:
+        raise ValueError("gene vocabulary exceeds int32")
+    added = pa.Table.from_pylist(new, schema=GENES_SCHEMA)
+    return out, pa.concat_tables([vocabulary.cast(GENES_SCHEMA), added])
+
+
+def section_row(
+    section_id: str,
+    row: Mapping[str, Any],
+    *,
+    status: str,
+    reason: str | None,
+    n_pairs: int,
+    n_units: int,
+    n_parts: int,
+) -> dict[str, Any]:
+    """A sections.parquet row from the builder's `row` plus the fields the corpus owns."""
+    clash = [k for k in RESERVED_ROW_KEYS if k in row]
+    if clash:
+        raise ValueError(f"section row must not set {clash}: the corpus sets them")
+    if not row.get("platform"):
+        raise ValueError("section row needs a 'platform'")
+    if status == "committed":
+        for key, value in (("n_pairs", n_pairs), ("n_units", n_units)):
+            if key in row and row[key] != value:
+                raise ValueError(f"section row says {key}={row[key]}, the records hold {value}")
+    out = normalize_row(dict(row))
+    out.update(section_id=section_id, status=status, reason=reason, n_pairs=n_pairs,
+               n_units=n_units, n_parts=n_parts)
+    return out

@@ -1,0 +1,55 @@
+"""JPEG encoding of one RGB patch, shared by the zarr codec, the shard writer and the reader.
+
+This module imports no zarr-python, so the hot read path (ShardReader, the loader's workers) stays
+light. libjpeg-turbo (through imagecodecs) is deterministic: one input, quality and subsampling
+always give the same bytes, which keeps corpus rebuilds byte-identical.
+"""
+
+from __future__ import annotations
+
+import imagecodecs
+import numpy as np
+
+CODEC_NAME = "histmol.jpeg"
+SUBSAMPLINGS = ("444", "422", "420")
+DEFAULT_QUALITY = 90
+DEFAULT_SUBSAMPLING = "420"
+
+
+def check_quality(quality: object) -> int:
+    """`quality` as an int in 1..100, else ValueError."""
+    if isinstance(quality, bool) or not isinstance(quality, int | np.integer):
+        raise ValueError(f"JPEG quality must be an integer in 1..100, got {quality!r}")
+    if not 1 <= int(quality) <= 100:
+        raise ValueError(f"JPEG quality must be in 1..100, got {quality}")
+    return int(quality)
+
+
+def check_subsampling(subsampling: object) -> str:
+    """`subsampling` if it is one of SUBSAMPLINGS, else ValueError."""
+    if subsampling not in SUBSAMPLINGS:
+        raise ValueError(f"JPEG subsampling must be one of {SUBSAMPLINGS}, got {subsampling!r}")
+    return str(subsampling)
+
+
+def encode_patch(
+    patch: np.ndarray, quality: int = DEFAULT_QUALITY, subsampling: str = DEFAULT_SUBSAMPLING
+) -> bytes:
+    """Encode one (H, W, 3) uint8 RGB patch as baseline JPEG bytes (YCbCr, no optimisation)."""
+    if patch.dtype != np.uint8 or patch.ndim != 3 or patch.shape[2] != 3:
+        raise ValueError(
+            f"a patch must be a (H, W, 3) uint8 array, got shape {patch.shape} dtype {patch.dtype}"
+        )
+    return bytes(
+        imagecodecs.jpeg8_encode(
+            np.ascontiguousarray(patch), level=quality, subsampling=subsampling
+        )
+    )
+
+
+def decode_patch(data: bytes | bytearray | memoryview) -> np.ndarray:
+    """Decode JPEG bytes to an (H, W, 3) uint8 array."""
+    image = imagecodecs.jpeg8_decode(data)
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"JPEG decoded to shape {image.shape} {image.dtype}, not (H, W, 3) uint8")
+    return image
