@@ -1,0 +1,3 @@
+from histmol.cli import main
+
+main()

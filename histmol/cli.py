@@ -1,0 +1,219 @@
+"""The `histmol` command line: thin wrappers over library functions (STYLE.md rule 5)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from histmol import __version__
+from histmol.errors import HistmolError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+console = Console(stderr=True)
+out_console = Console()
+
+
+def quiet_prefect() -> None:
+    """Offline-friendly Prefect defaults (no telemetry, warnings only) unless the user set them."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("PREFECT_LOGGING_TO_API_ENABLED", "false")
+
+
+def parse_options(values: list[str]) -> dict[str, Any]:
+    """Turn `key=value` adapter options into keyword arguments (numbers and booleans parsed)."""
+    options: dict[str, Any] = {}
+    for item in values:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"adapter option {item!r} is not key=value")
+        try:
+            options[key.replace("-", "_")] = json.loads(raw)
+        except json.JSONDecodeError:
+            options[key.replace("-", "_")] = raw
+    return options
+
+
+@contextmanager
+def progress_display() -> Iterator[None]:
+    """A live bar per section fed by histmol.progress."""
+    from histmol.progress import reporting
+
+    with Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("pairs"), TimeRemainingColumn(), console=console, transient=False,
+    ) as bar:
+        tasks: dict[str, Any] = {}
+
+        def on_report(section_id: str, done: int, total: int) -> None:
+            if section_id not in tasks:
+                tasks[section_id] = bar.add_task(section_id, total=total)
+            bar.update(tasks[section_id], completed=done, total=total)
+
+        with reporting(on_report):
+            yield
+
+
+def fail(err: Exception) -> None:
+    """Print a histmol error without a traceback and exit 1."""
+    console.print(f"[red]error:[/red] {err}", highlight=False)
+    raise typer.Exit(1)
+
+
+@app.command()
+def build(
+    platform: Annotated[str, typer.Option(help="Platform name (see `histmol platforms`).")],
+    bundle: Annotated[Path, typer.Option(help="The platform's output folder (e.g. Space Ranger outs/).")],
+    wsi: Annotated[Path, typer.Option(help="The paired H&E image (svs, ndpi, tiff, ome.tif, jpg, png...).")],
+    out: Annotated[Path, typer.Option(help="Corpus folder; created, or added to.")],
+    section_id: Annotated[Optional[str], typer.Option(help="Slug id; default: the bundle folder name.")] = None,
+    tissue: Annotated[str, typer.Option(help="Tissue type, e.g. colon.")] = "",
+    species: Annotated[str, typer.Option(help="Species; default: inferred from Ensembl ids.")] = "",
+    patient_id: Annotated[str, typer.Option(help="Patient or donor id (evaluation splits by it).")] = "",
+    licence: Annotated[str, typer.Option(help="Licence of the source data.")] = "",
+    transform: Annotated[Optional[Path], typer.Option(help="3x3 native->WSI affine CSV.")] = None,
+    mpp: Annotated[Optional[float], typer.Option(help="Override the WSI's um/px (skips the pitch check).")] = None,
+    target_mpp: Annotated[Optional[float], typer.Option(help="Patch resolution in um/px [0.5].")] = None,
+    patch_px: Annotated[Optional[int], typer.Option(help="Patch side in pixels [224].")] = None,
+    mode: Annotated[Optional[str], typer.Option(help="Tiling mode: spot or grid [platform default].")] = None,
+    min_tissue: Annotated[Optional[float], typer.Option(help="Drop patches under this tissue fraction [0.1].")] = None,
+    jpeg_quality: Annotated[Optional[int], typer.Option(help="JPEG quality of stored patches [90].")] = None,
+    pairs_per_shard: Annotated[Optional[int], typer.Option(help="Pairs per shard part [2048].")] = None,
+    min_match_rate: Annotated[Optional[float], typer.Option(help="Minimum barcode match rate [0.9].")] = None,
+    option: Annotated[Optional[list[str]], typer.Option(help="Adapter option key=value (repeatable).")] = None,
+    force: Annotated[bool, typer.Option(help="Rebuild a section already in the corpus.")] = False,
+    threads: Annotated[int, typer.Option(help="Tile-reading threads.")] = 2,
+) -> None:
+    """Build one section from a platform bundle and its H&E into a corpus."""
+    quiet_prefect()
+    from flows.build import build_sections
+    from histmol.build import SectionRequest
+    from histmol.config import BuildConfig
+
+    metadata = {k: v for k, v in {"tissue": tissue, "species": species, "patient_id": patient_id,
+                                  "licence": licence}.items() if v}
+    try:
+        config = BuildConfig().with_overrides(
+            mpp=mpp, target_mpp=target_mpp, patch_px=patch_px, mode=mode,
+            min_tissue_fraction=min_tissue, jpeg_quality=jpeg_quality,
+            pairs_per_shard=pairs_per_shard, min_match_rate=min_match_rate,
+        )
+        request = SectionRequest(platform, bundle, wsi, section_id, transform, metadata,
+                                 parse_options(option or []))
+        with progress_display():
+            [result] = build_sections([request], str(out), config, force=force, threads=threads)
+    except HistmolError as err:
+        fail(err)
+    verb = "already in the corpus, skipped" if result.status == "skipped" else "committed"
+    out_console.print(
+        f"{result.section_id}: {verb}: {result.n_pairs:,} pairs, {result.n_units:,} units, "
+        f"{result.n_genes:,} genes" + (f", {result.bytes / 1e6:.1f} MB in {result.seconds:.1f} s"
+                                        if result.status == "committed" else "")
+    )
+
+
+@app.command()
+def inspect(
+    corpus: Annotated[Path, typer.Argument(help="Corpus folder.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Sections, platforms, pairs, units, genes, bytes and QC flags of a corpus."""
+    from histmol.summary import summarise
+
+    try:
+        summary = summarise(corpus)
+    except HistmolError as err:
+        fail(err)
+    columns = ["section_id", "platform", "status", "n_pairs", "n_units", "n_genes", "mpp",
+               "mpp_source", "bytes", "qc_flags", "reason"]
+    rows = summary.sections.reindex(columns=columns)
+    if as_json:
+        payload = {"corpus": str(corpus), "genes": summary.n_genes, "totals": summary.totals,
+                   "sections": json.loads(rows.to_json(orient="records"))}
+        out_console.print_json(json.dumps(payload))
+        return
+    table = Table(title=f"{corpus}: {summary.totals['sections']} sections, {summary.n_genes:,} genes")
+    for column in columns:
+        table.add_column(column, overflow="fold")
+    for record in rows.itertuples(index=False):
+        table.add_row(*[format_cell(value) for value in record])
+    out_console.print(table)
+    totals = summary.totals
+    out_console.print(
+        f"total: {totals['pairs']:,} pairs, {totals['units']:,} units, {totals['shards']} shards, "
+        f"{totals['bytes'] / 1e6:.1f} MB; {totals['failed']} failed"
+    )
+
+
+def format_cell(value: Any) -> str:
+    """Render a table cell compactly."""
+    if value is None or (isinstance(value, float) and value != value):
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+@app.command()
+def platforms(
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Each platform, the files its adapter expects and its default tiling mode."""
+    from platform_adapters import PLATFORMS
+
+    if as_json:
+        out_console.print_json(json.dumps([spec.to_dict() for spec in PLATFORMS.values()]))
+        return
+    table = Table(title="histmol platforms")
+    for column in ("platform", "implemented", "mode", "unit", "expected files"):
+        table.add_column(column, overflow="fold")
+    for spec in PLATFORMS.values():
+        unit = f"{spec.unit_shape} {spec.unit_size_um:g} um"
+        table.add_row(spec.name, "yes" if spec.implemented else "not yet", spec.default_mode, unit,
+                      "\n".join(spec.expected_files))
+    out_console.print(table)
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="Folder for the generated bundles and the corpus.")] = Path("demo"),
+    seed: Annotated[int, typer.Option(help="Generator seed.")] = 0,
+    threads: Annotated[int, typer.Option(help="Tile-reading threads.")] = 2,
+) -> None:
+    """Generate sample bundles and a synthetic WSI, build them into a corpus, summarise it."""
+    quiet_prefect()
+    from histmol.demo import run_demo
+
+    try:
+        with progress_display():
+            corpus = run_demo(out, seed=seed, threads=threads, log=lambda m: console.print(m))
+    except HistmolError as err:
+        fail(err)
+    inspect(corpus, as_json=False)
+
+
+@app.command()
+def version() -> None:
+    """Print the histmol version."""
+    out_console.print(__version__)
+
+
+def main() -> None:
+    """Entry point for `python -m histmol`."""
+    app(prog_name="histmol")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""Turn a registered, planned section into per-pair unit tables (what the shard writer stores)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import pyarrow as pa
+import scipy.sparse as sp
+
+from histmol.config import BuildConfig
+from histmol.registration import Registration
+from histmol.section import Section
+from histmol.tiling import PatchPlan
+
+
+def global_counts(counts: sp.csr_matrix, gene_index: np.ndarray) -> sp.csr_matrix:
+    """Counts with columns renumbered to vocabulary indices and sorted within each row."""
+    counts = sp.csr_matrix(counts)
+    vocabulary_size = int(gene_index.max()) + 1 if len(gene_index) else 0
+    renumbered = sp.csr_matrix(
+        (counts.data.astype(np.int32), gene_index[counts.indices].astype(np.int32), counts.indptr),
+        shape=(counts.shape[0], vocabulary_size),
+    )
+    renumbered.eliminate_zeros()
+    renumbered.sort_indices()
+    return renumbered
+
+
+def unit_tables(
+    section: Section,
+    registration: Registration,
+    plan: PatchPlan,
+    pair_tissue: np.ndarray,
+    gene_index: np.ndarray,
+    config: BuildConfig,
+) -> Iterator[pa.Table]:
+    """Yield, for each pair in order, the Arrow table of the units it holds.
+
+    Columns say their frame (DESIGN.md): unit centre in WSI level-0 px and in um, the patch's
+    top-left in level-0 px, the centre inside the patch in patch px; raw counts as sparse lists
+    indexed into the corpus vocabulary; control-probe totals kept as QC columns.
+    """
+    kept = np.flatnonzero(plan.unit_pair >= 0)
+    order = kept[np.argsort(plan.unit_pair[kept], kind="stable")]
+    pair_of = plan.unit_pair[order]
+    bounds = np.searchsorted(pair_of, np.arange(plan.n_pairs + 1))
+    scale = registration.mpp / config.target_mpp
+    patch_x0 = plan.x0[pair_of]
+    patch_y0 = plan.y0[pair_of]
+    x_wsi = registration.x_wsi_px[order]
+    y_wsi = registration.y_wsi_px[order]
+    counts = global_counts(section.counts, gene_index)[order]
+    columns: dict[str, np.ndarray] = {
+        "unit_id": section.units["unit_id"].astype(str).to_numpy()[order],
+        "x_wsi_px": x_wsi,
+        "y_wsi_px": y_wsi,
+        "x_um": x_wsi * registration.mpp,
+        "y_um": y_wsi * registration.mpp,
+        "patch_x0_wsi_px": patch_x0,
+        "patch_y0_wsi_px": patch_y0,
+        "x_in_patch_px": ((x_wsi - patch_x0) * scale).astype(np.float32),
+        "y_in_patch_px": ((y_wsi - patch_y0) * scale).astype(np.float32),
+        "tissue_fraction": pair_tissue[pair_of].astype(np.float32),
+        "total_counts": np.asarray(counts.sum(axis=1)).ravel().astype(np.int64),
+    }
+    for category in section.control_counts.columns:
+        columns[f"control_{category}"] = section.control_counts[category].to_numpy(np.int64)[order]
+    offsets = counts.indptr.astype(np.int32)
+    for pair in range(plan.n_pairs):
+        start, stop = int(bounds[pair]), int(bounds[pair + 1])
+        arrays = {name: pa.array(values[start:stop]) for name, values in columns.items()}
+        row_offsets = offsets[start : stop + 1] - offsets[start]
+        lo, hi = int(offsets[start]), int(offsets[stop])
+        arrays["gene_idx"] = pa.ListArray.from_arrays(pa.array(row_offsets), pa.array(counts.indices[lo:hi]))
+        arrays["counts"] = pa.ListArray.from_arrays(pa.array(row_offsets), pa.array(counts.data[lo:hi]))
+        yield pa.table(arrays)
