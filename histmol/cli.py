@@ -10,6 +10,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
+import numpy as np
+import pandas as pd
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -18,6 +20,8 @@ from rich.table import Table
 from histmol import __version__
 from histmol.errors import HistmolError
 
+MPP_SOURCE_SHORT = {"embedded": "file", "scalefactors": "bundle", "estimated_from_pitch": "pitch",
+                    "user": "user"}
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 console = Console(stderr=True)
 out_console = Console()
@@ -143,10 +147,16 @@ def inspect(
         out_console.print_json(json.dumps(payload))
         return
     table = Table(title=f"{corpus}: {summary.totals['sections']} sections, {summary.n_genes:,} genes")
-    for column in columns:
-        table.add_column(column, overflow="fold")
-    for record in rows.itertuples(index=False):
-        table.add_row(*[format_cell(value) for value in record])
+    headers = ["section", "platform", "status", "pairs", "units", "genes", "um/px (source)", "MB",
+               "QC flags / reason"]
+    for header in headers:
+        table.add_column(header, overflow="fold", justify="right" if header in ("pairs", "units", "genes", "MB") else "left")
+    for record in rows.to_dict("records"):
+        mpp = "" if pd.isna(record["mpp"]) else f"{record['mpp']:.4g} ({MPP_SOURCE_SHORT.get(record['mpp_source'], record['mpp_source'])})"
+        notes = "; ".join(str(v) for v in (record["qc_flags"], record["reason"]) if isinstance(v, str) and v)
+        table.add_row(record["section_id"], record["platform"], record["status"],
+                      format_cell(record["n_pairs"]), format_cell(record["n_units"]),
+                      format_cell(record["n_genes"]), mpp, f"{record['bytes'] / 1e6:.1f}", notes)
     out_console.print(table)
     totals = summary.totals
     out_console.print(
@@ -161,8 +171,8 @@ def format_cell(value: Any) -> str:
         return ""
     if isinstance(value, float):
         return f"{value:.4g}"
-    if isinstance(value, int):
-        return f"{value:,}"
+    if isinstance(value, (int, np.integer)):
+        return f"{int(value):,}"
     return str(value)
 
 

@@ -93,7 +93,13 @@ def apply_affine(matrix: np.ndarray, x: np.ndarray, y: np.ndarray) -> tuple[np.n
 
 
 def median_neighbour_distance(x: np.ndarray, y: np.ndarray) -> float | None:
-    """Median nearest-neighbour distance between unit centres; None with fewer than 2 units."""
+    """Typical centre-to-centre distance between adjacent units; None with fewer than 2 units.
+
+    The nearest neighbour alone is biased low when positions are noisy (a spot detector's
+    output): the minimum of 4-6 noisy distances. So take every neighbour within 1.3x the median
+    nearest distance (the 4 of a square grid, the 6 of a hexagonal one, not the diagonals) and
+    return the median of those.
+    """
     if len(x) < 2:
         return None
     points = np.column_stack([x, y])
@@ -102,10 +108,15 @@ def median_neighbour_distance(x: np.ndarray, y: np.ndarray) -> float | None:
         query = points[rng.choice(len(points), MAX_SAMPLE_FOR_PITCH, replace=False)]
     else:
         query = points
-    distances, _ = cKDTree(points).query(query, k=2)
-    nearest = distances[:, 1]
-    nearest = nearest[nearest > 0]
-    return float(np.median(nearest)) if len(nearest) else None
+    k = min(7, len(points))
+    distances, _ = cKDTree(points).query(query, k=k)
+    neighbours = distances[:, 1:]
+    nearest = neighbours[:, 0][neighbours[:, 0] > 0]
+    if not len(nearest):
+        return None
+    first = float(np.median(nearest))
+    close = neighbours[(neighbours > 0) & (neighbours < 1.3 * first)]
+    return float(np.median(close))
 
 
 def register(

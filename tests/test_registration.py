@@ -130,3 +130,13 @@ def test_transform_csv_round_trip(tmp_path: Path) -> None:
     (tmp_path / "bad.csv").write_text("1,0\n0,1\n")
     with pytest.raises(RegistrationError, match=r"bad.csv: transform must be 3 rows of 3 numbers"):
         read_transform_csv(tmp_path / "bad.csv")
+
+
+def test_pitch_estimate_is_unbiased_on_noisy_positions() -> None:
+    rng = np.random.default_rng(0)
+    gx, gy = np.meshgrid(np.arange(30), np.arange(30))
+    x = gx.ravel() * 400.0 + rng.normal(0, 8, gx.size) + 500
+    y = gy.ravel() * 400.0 + rng.normal(0, 8, gx.size) + 500
+    slide = SlideGeometry(Path("he.jpg"), 13_000, 13_000, embedded_mpp=None)
+    reg = register(make_section(x, y, pitch_um=200.0), slide)
+    assert reg.mpp == pytest.approx(0.5, rel=0.005)
