@@ -1,0 +1,133 @@
+"""Square binning of points (transcripts) and of fine bins (Visium HD 2 um) into coarser bins.
+
+Streaming: callers feed chunks (a row group of a transcripts parquet, a slice of a 2 um
+matrix) to a `BinAccumulator`, whose memory follows the number of non-empty (bin, gene)
+pairs, not the number of input points. Bins are half-open squares `[origin + k*bin, origin +
+(k+1)*bin)`, so a point on a border belongs to exactly one bin.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+
+_INDEX_BITS = 21  # bin row/col each within +-2^20 bins: 2 m of tissue at 1 um bins
+_INDEX_OFFSET = 1 << (_INDEX_BITS - 1)
+_COMPACT_FACTOR = 4  # compact partial sums once they exceed 4x the last compacted size
+
+
+@dataclass(frozen=True)
+class BinnedCounts:
+    """Non-empty bins, sorted by (row, col), with their summed counts."""
+
+    col: np.ndarray
+    row: np.ndarray
+    counts: sp.csr_matrix
+    bin_um: float
+    origin_um: tuple[float, float]
+
+    @property
+    def n_bins(self) -> int:
+        """Number of non-empty bins."""
+        return len(self.col)
+
+    def centres_um(self) -> tuple[np.ndarray, np.ndarray]:
+        """Bin centres in the input frame's micrometres."""
+        x = self.origin_um[0] + (self.col + 0.5) * self.bin_um
+        y = self.origin_um[1] + (self.row + 0.5) * self.bin_um
+        return x, y
+
+
+def bin_of(
+    x_um: np.ndarray, y_um: np.ndarray, bin_um: float, origin_um: tuple[float, float] = (0.0, 0.0)
+) -> tuple[np.ndarray, np.ndarray]:
+    """(col, row) of the bin holding each point."""
+    col = np.floor((np.asarray(x_um, dtype=np.float64) - origin_um[0]) / bin_um).astype(np.int64)
+    row = np.floor((np.asarray(y_um, dtype=np.float64) - origin_um[1]) / bin_um).astype(np.int64)
+    return col, row
+
+
+class BinAccumulator:
+    """Sum counts per (bin, gene) over chunks of points or of finer bins."""
+
+    def __init__(self, n_genes: int, bin_um: float, origin_um: tuple[float, float] = (0.0, 0.0)) -> None:
+        if n_genes < 1:
+            raise ValueError("n_genes must be >= 1")
+        if not bin_um > 0:
+            raise ValueError(f"bin size must be > 0 um, got {bin_um}")
+        self.n_genes = int(n_genes)
+        self.bin_um = float(bin_um)
+        self.origin_um = (float(origin_um[0]), float(origin_um[1]))
+        self._keys: list[np.ndarray] = []
+        self._values: list[np.ndarray] = []
+        self._pending = 0
+        self._compacted = 0
+
+    def add_points(
+        self, x_um: np.ndarray, y_um: np.ndarray, gene: np.ndarray, counts: np.ndarray | None = None
+    ) -> None:
+        """Add points (one molecule each unless `counts` says how many) in micrometres."""
+        col, row = bin_of(x_um, y_um, self.bin_um, self.origin_um)
+        values = np.ones(len(col), dtype=np.int64) if counts is None else np.asarray(counts, np.int64)
+        self._add(col, row, np.asarray(gene, dtype=np.int64), values)
+
+    def add_bins(self, col: np.ndarray, row: np.ndarray, counts: sp.spmatrix, factor: int) -> None:
+        """Add fine bins given by integer (col, row) on a grid `factor` times finer than ours.
+
+        The fine grid must share our origin; fine bin (c, r) falls in coarse bin (c//f, r//f).
+        """
+        coo = sp.coo_matrix(counts)
+        fine_col = np.asarray(col, dtype=np.int64)[coo.row]
+        fine_row = np.asarray(row, dtype=np.int64)[coo.row]
+        self._add(fine_col // factor, fine_row // factor, coo.col.astype(np.int64),
+                  coo.data.astype(np.int64))
+
+    def _add(self, col: np.ndarray, row: np.ndarray, gene: np.ndarray, values: np.ndarray) -> None:
+        if len(col) == 0:
+            return
+        if (np.abs(col) >= _INDEX_OFFSET).any() or (np.abs(row) >= _INDEX_OFFSET).any():
+            raise ValueError(
+                f"bin index beyond +-{_INDEX_OFFSET} bins: coordinates are not micrometres, or the "
+                "origin is far from the tissue"
+            )
+        if (gene < 0).any() or (gene >= self.n_genes).any():
+            raise ValueError(f"gene index outside 0..{self.n_genes - 1}")
+        bin_key = ((row + _INDEX_OFFSET) << _INDEX_BITS) | (col + _INDEX_OFFSET)
+        keys, values = _reduce(bin_key * self.n_genes + gene, values)
+        self._keys.append(keys)
+        self._values.append(values)
+        self._pending += len(keys)
+        if self._pending > _COMPACT_FACTOR * max(self._compacted, 1_000_000):
+            self._compact()
+
+    def _compact(self) -> None:
+        keys, values = _reduce(np.concatenate(self._keys), np.concatenate(self._values))
+        self._keys, self._values = [keys], [values]
+        self._pending = self._compacted = len(keys)
+
+    def result(self) -> BinnedCounts:
+        """The non-empty bins sorted by (row, col) and their counts (int32)."""
+        if self._keys:
+            self._compact()
+            keys, values = self._keys[0], self._values[0]
+        else:
+            keys, values = np.zeros(0, np.int64), np.zeros(0, np.int64)
+        if len(values) and values.max() > np.iinfo(np.int32).max:
+            raise ValueError("a bin's count exceeds int32")
+        bin_key, gene = np.divmod(keys, self.n_genes)
+        bins, bin_row = np.unique(bin_key, return_inverse=True)
+        matrix = sp.csr_matrix(
+            (values.astype(np.int32), (bin_row.ravel(), gene)), shape=(len(bins), self.n_genes)
+        )
+        mask = (1 << _INDEX_BITS) - 1
+        col = (bins & mask) - _INDEX_OFFSET
+        row = (bins >> _INDEX_BITS) - _INDEX_OFFSET
+        return BinnedCounts(col, row, matrix, self.bin_um, self.origin_um)
+
+
+def _reduce(keys: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sum values per distinct key; keys come back sorted."""
+    unique, inverse = np.unique(keys, return_inverse=True)
+    return unique, np.bincount(inverse.ravel(), weights=values, minlength=len(unique)).astype(np.int64)
