@@ -6,6 +6,7 @@ wires them, and tests can call any stage alone. `build_section` chains them for 
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import time
@@ -17,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from histmol.config import CORPUS_LEVEL_FIELDS, BuildConfig
-from histmol.errors import CorpusError, HistmolError, QCError
+from histmol.errors import ConfigError, CorpusError, HistmolError, QCError
 from histmol.fingerprint import input_fingerprint
 from histmol.genes import infer_species
 from histmol.pairs import unit_tables
@@ -78,8 +79,18 @@ class BuildResult:
 
 
 def read_stage(request: SectionRequest, config: BuildConfig) -> Section:
-    """Run the platform adapter on the bundle."""
+    """Run the platform adapter on the bundle (unknown adapter options are refused by name)."""
     read = load_reader(request.platform)
+    accepted = {
+        name for name, parameter in inspect.signature(read).parameters.items()
+        if parameter.kind is inspect.Parameter.KEYWORD_ONLY
+    } - {"wsi", "section_id", "metadata", "min_match_rate"}
+    unknown = sorted(set(request.options) - accepted)
+    if unknown:
+        raise ConfigError(
+            f"platform {request.platform!r} has no option {', '.join(unknown)}; its options are: "
+            f"{', '.join(sorted(accepted)) or 'none'}"
+        )
     return read(
         request.bundle,
         wsi=request.wsi,

@@ -94,6 +94,9 @@ def build(
     jpeg_quality: Annotated[Optional[int], typer.Option(help="JPEG quality of stored patches [90].")] = None,
     pairs_per_shard: Annotated[Optional[int], typer.Option(help="Pairs per shard part [2048].")] = None,
     min_match_rate: Annotated[Optional[float], typer.Option(help="Minimum barcode match rate [0.9].")] = None,
+    bin_um: Annotated[Optional[float], typer.Option(help="Bin size in um for binned platforms.")] = None,
+    units: Annotated[Optional[str], typer.Option(help="Unit kind for platforms offering several: bins or cells.")] = None,
+    alignment: Annotated[Optional[Path], typer.Option(help="Platform alignment file (e.g. Xenium *_he_imagealignment.csv).")] = None,
     option: Annotated[Optional[list[str]], typer.Option(help="Adapter option key=value (repeatable).")] = None,
     force: Annotated[bool, typer.Option(help="Rebuild a section already in the corpus.")] = False,
     threads: Annotated[int, typer.Option(help="Tile-reading threads.")] = 2,
@@ -112,8 +115,10 @@ def build(
             min_tissue_fraction=min_tissue, jpeg_quality=jpeg_quality,
             pairs_per_shard=pairs_per_shard, min_match_rate=min_match_rate,
         )
-        request = SectionRequest(platform, bundle, wsi, section_id, transform, metadata,
-                                 parse_options(option or []))
+        options = {k: v for k, v in {"bin_um": bin_um, "units": units,
+                                     "alignment": alignment}.items() if v is not None}
+        options.update(parse_options(option or []))
+        request = SectionRequest(platform, bundle, wsi, section_id, transform, metadata, options)
         with progress_display():
             [result] = build_sections([request], str(out), config, force=force, threads=threads)
     except HistmolError as err:
