@@ -29,7 +29,7 @@ from histmol.shards.corpus import Corpus
 from histmol.shards.shard_writer import SectionShardWriter
 from histmol.tiling import ExtractionTimes, PatchPlan, extract_patches, footprint_px, keep_pairs
 from histmol.tiling import plan_grid, plan_spot
-from histmol.tissue import TissueMask, tissue_mask
+from histmol.tissue import TissueMask, mask_at, tissue_mask
 from histmol.wsi import SlideReader, open_wsi
 from platform_adapters import get_platform, load_reader
 
@@ -147,12 +147,21 @@ def plan_stage(
     footprint = footprint_px(config.patch_px, config.target_mpp, registration.mpp)
     planner = plan_spot if mode == "spot" else plan_grid
     plan = planner(registration.x_wsi_px, registration.y_wsi_px, footprint)
+    on_tissue = float(mask_at(mask, registration.x_wsi_px, registration.y_wsi_px).mean())
+    if on_tissue < config.min_units_on_tissue:
+        raise QCError(
+            f"section {section.section_id}: only {on_tissue:.0%} of unit centres lie on the tissue "
+            f"found in {section.wsi_path} (threshold {config.min_units_on_tissue:.0%}): the "
+            "transform is probably wrong (axes swapped, flip missing) or the image is not this "
+            "section's"
+        )
     fractions = mask.box_fractions(plan.x0, plan.y0, footprint)
     keep = fractions >= config.min_tissue_fraction
     kept = keep_pairs(plan, keep)
     qc = {
         "mode": mode,
         "footprint_px": footprint,
+        "units_on_tissue_fraction": on_tissue,
         "tissue_fraction_slide": mask.fraction,
         "tissue_threshold": mask.threshold,
         "n_pairs_planned": plan.n_pairs,

@@ -30,7 +30,9 @@ out_console = Console()
 def quiet_prefect() -> None:
     """Offline-friendly Prefect defaults (no telemetry, warnings only) unless the user set them."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    # histmol reports failures itself, once and without a traceback; PREFECT_LOGGING_LEVEL=INFO
+    # brings Prefect's own task-run log lines back.
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "CRITICAL")
     os.environ.setdefault("PREFECT_LOGGING_TO_API_ENABLED", "false")
 
 
@@ -90,7 +92,11 @@ def build(
     target_mpp: Annotated[Optional[float], typer.Option(help="Patch resolution in um/px [0.5].")] = None,
     patch_px: Annotated[Optional[int], typer.Option(help="Patch side in pixels [224].")] = None,
     mode: Annotated[Optional[str], typer.Option(help="Tiling mode: spot or grid [platform default].")] = None,
-    min_tissue: Annotated[Optional[float], typer.Option(help="Drop patches under this tissue fraction [0.1].")] = None,
+    min_tissue_fraction: Annotated[Optional[float], typer.Option(help="Drop patches under this tissue fraction [0.1].")] = None,
+    min_units_on_tissue: Annotated[Optional[float], typer.Option(help="Fail when fewer unit centres lie on tissue [0.5].")] = None,
+    mpp_tolerance: Annotated[Optional[float], typer.Option(help="Allowed mpp disagreement with the unit pitch [0.05].")] = None,
+    tissue_mpp: Annotated[Optional[float], typer.Option(help="Resolution of the tissue mask in um/px [8].")] = None,
+    resample: Annotated[Optional[str], typer.Option(help="Resampling filter: lanczos, bilinear or box [lanczos].")] = None,
     jpeg_quality: Annotated[Optional[int], typer.Option(help="JPEG quality of stored patches [90].")] = None,
     pairs_per_shard: Annotated[Optional[int], typer.Option(help="Pairs per shard part [2048].")] = None,
     min_match_rate: Annotated[Optional[float], typer.Option(help="Minimum barcode match rate [0.9].")] = None,
@@ -106,19 +112,24 @@ def build(
     from flows.build import build_sections
     from histmol.build import SectionRequest
     from histmol.config import BuildConfig
+    from platform_adapters import get_platform
 
     metadata = {k: v for k, v in {"tissue": tissue, "species": species, "patient_id": patient_id,
                                   "licence": licence}.items() if v}
     try:
         config = BuildConfig().with_overrides(
             mpp=mpp, target_mpp=target_mpp, patch_px=patch_px, mode=mode,
-            min_tissue_fraction=min_tissue, jpeg_quality=jpeg_quality,
+            min_tissue_fraction=min_tissue_fraction, min_units_on_tissue=min_units_on_tissue,
+            mpp_tolerance=mpp_tolerance, tissue_mpp=tissue_mpp, resample=resample,
+            jpeg_quality=jpeg_quality,
             pairs_per_shard=pairs_per_shard, min_match_rate=min_match_rate,
         )
         options = {k: v for k, v in {"bin_um": bin_um, "units": units,
                                      "alignment": alignment}.items() if v is not None}
         options.update(parse_options(option or []))
         request = SectionRequest(platform, bundle, wsi, section_id, transform, metadata, options)
+        get_platform(platform)
+        request.resolved_section_id()  # refuse an unsafe id before any work starts
         with progress_display():
             [result] = build_sections([request], str(out), config, force=force, threads=threads)
     except HistmolError as err:

@@ -11,6 +11,7 @@ from histmol.errors import ConfigError
 from histmol.section import TilingMode
 
 Resample = Literal["lanczos", "bilinear", "box"]
+CORPUS_LEVEL_FIELDS = ("patch_px", "target_mpp", "resample", "jpeg_quality")
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,7 @@ class BuildConfig:
     mpp: float | None = None
     mpp_tolerance: float = 0.05
     min_tissue_fraction: float = 0.1
+    min_units_on_tissue: float = 0.5
     tissue_mpp: float = 8.0
     resample: Resample = "lanczos"
     jpeg_quality: int = 90
@@ -44,6 +46,8 @@ class BuildConfig:
             raise ConfigError(f"mode must be 'spot' or 'grid', got {self.mode!r}")
         if not 0 <= self.min_tissue_fraction <= 1:
             raise ConfigError("min_tissue_fraction must be in 0..1")
+        if not 0 <= self.min_units_on_tissue <= 1:
+            raise ConfigError("min_units_on_tissue must be in 0..1")
         if not 0 < self.mpp_tolerance < 1:
             raise ConfigError("mpp_tolerance must be in (0, 1)")
         if self.resample not in ("lanczos", "bilinear", "box"):
@@ -54,6 +58,13 @@ class BuildConfig:
             raise ConfigError("pairs_per_shard must be >= 1")
         if not 0 < self.min_match_rate <= 1:
             raise ConfigError("min_match_rate must be in (0, 1]")
+
+    def corpus_fields(self) -> dict[str, Any]:
+        """The options every section of one corpus must share: the patch geometry and codec.
+
+        Per-section options (mode, mpp, tissue threshold, ...) live in each section's row.
+        """
+        return {key: getattr(self, key) for key in CORPUS_LEVEL_FIELDS}
 
     def with_overrides(self, **changes: Any) -> BuildConfig:
         """A copy with the given fields changed; None values are ignored."""

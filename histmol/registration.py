@@ -160,7 +160,11 @@ def register(
     if slide.mpp_discard_reason:
         qc["mpp_embedded_discarded"] = slide.mpp_discard_reason
 
-    resolved, source = _resolve_mpp(candidates, mpp, slide)
+    if section.pitch_um is None:
+        pitch_problem = f"{section.platform} states no unit pitch for this array layout"
+    else:
+        pitch_problem = "fewer than 2 units to measure the unit pitch on"
+    resolved, source = _resolve_mpp(candidates, mpp, slide, pitch_problem)
     qc["mpp"] = resolved
     qc["mpp_source"] = source
     pitch_estimate = candidates.get("estimated_from_pitch")
@@ -196,7 +200,7 @@ def _check_inside(
 
 
 def _resolve_mpp(
-    candidates: dict[str, float], user_mpp: float | None, slide: SlideGeometry
+    candidates: dict[str, float], user_mpp: float | None, slide: SlideGeometry, pitch_problem: str
 ) -> tuple[float, MppSource]:
     if user_mpp is not None:
         return float(user_mpp), "user"
@@ -206,6 +210,6 @@ def _resolve_mpp(
     reason = slide.mpp_discard_reason or "it records no pixel size"
     raise WSIError(
         slide.path,
-        f"no usable pixel size: {reason}, the bundle states no scale and the unit pitch cannot "
-        "be measured (fewer than 2 units or unknown pitch); pass --mpp",
+        f"no usable pixel size: {reason}, the bundle states no scale, and {pitch_problem}; "
+        "pass --mpp",
     )

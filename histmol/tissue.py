@@ -51,6 +51,17 @@ class TissueMask:
         return fractions
 
 
+def mask_at(mask: TissueMask, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Mask value under level-0 points (False outside the slide)."""
+    height, width = mask.mask.shape
+    col = np.floor(np.asarray(x) / mask.downsample_x).astype(np.int64)
+    row = np.floor(np.asarray(y) / mask.downsample_y).astype(np.int64)
+    inside = (col >= 0) & (row >= 0) & (col < width) & (row < height)
+    values = np.zeros(len(col), dtype=bool)
+    values[inside] = mask.mask[row[inside], col[inside]]
+    return values
+
+
 def tissue_mask(thumbnail: np.ndarray, *, downsample_x: float, downsample_y: float) -> TissueMask:
     """Segment tissue in an RGB uint8 thumbnail taken at `downsample` level-0 px per pixel."""
     rgb = thumbnail[..., :3].astype(np.float32) / 255.0
