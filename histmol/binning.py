@@ -52,7 +52,9 @@ def bin_of(
 class BinAccumulator:
     """Sum counts per (bin, gene) over chunks of points or of finer bins."""
 
-    def __init__(self, n_genes: int, bin_um: float, origin_um: tuple[float, float] = (0.0, 0.0)) -> None:
+    def __init__(
+        self, n_genes: int, bin_um: float, origin_um: tuple[float, float] = (0.0, 0.0)
+    ) -> None:
         if n_genes < 1:
             raise ValueError("n_genes must be >= 1")
         if not bin_um > 0:
@@ -70,7 +72,9 @@ class BinAccumulator:
     ) -> None:
         """Add points (one molecule each unless `counts` says how many) in micrometres."""
         col, row = bin_of(x_um, y_um, self.bin_um, self.origin_um)
-        values = np.ones(len(col), dtype=np.int64) if counts is None else np.asarray(counts, np.int64)
+        values = (
+            np.ones(len(col), dtype=np.int64) if counts is None else np.asarray(counts, np.int64)
+        )
         self._add(col, row, np.asarray(gene, dtype=np.int64), values)
 
     def add_bins(self, col: np.ndarray, row: np.ndarray, counts: sp.spmatrix, factor: int) -> None:
@@ -81,8 +85,12 @@ class BinAccumulator:
         coo = sp.coo_matrix(counts)
         fine_col = np.asarray(col, dtype=np.int64)[coo.row]
         fine_row = np.asarray(row, dtype=np.int64)[coo.row]
-        self._add(fine_col // factor, fine_row // factor, coo.col.astype(np.int64),
-                  coo.data.astype(np.int64))
+        self._add(
+            fine_col // factor,
+            fine_row // factor,
+            coo.col.astype(np.int64),
+            coo.data.astype(np.int64),
+        )
 
     def _add(self, col: np.ndarray, row: np.ndarray, gene: np.ndarray, values: np.ndarray) -> None:
         if len(col) == 0:
@@ -130,4 +138,6 @@ class BinAccumulator:
 def _reduce(keys: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Sum values per distinct key; keys come back sorted."""
     unique, inverse = np.unique(keys, return_inverse=True)
-    return unique, np.bincount(inverse.ravel(), weights=values, minlength=len(unique)).astype(np.int64)
+    return unique, np.bincount(inverse.ravel(), weights=values, minlength=len(unique)).astype(
+        np.int64
+    )

@@ -27,8 +27,15 @@ from histmol.registration import Registration, SlideGeometry, read_transform_csv
 from histmol.section import Section, slugify, validate_section_id
 from histmol.shards.corpus import Corpus
 from histmol.shards.shard_writer import SectionShardWriter
-from histmol.tiling import ExtractionTimes, PatchPlan, extract_patches, footprint_px, keep_pairs
-from histmol.tiling import plan_grid, plan_spot
+from histmol.tiling import (
+    ExtractionTimes,
+    PatchPlan,
+    extract_patches,
+    footprint_px,
+    keep_pairs,
+    plan_grid,
+    plan_spot,
+)
 from histmol.tissue import TissueMask, mask_at, tissue_mask
 from histmol.wsi import SlideReader, open_wsi
 from platform_adapters import get_platform, load_reader
@@ -82,7 +89,8 @@ def read_stage(request: SectionRequest, config: BuildConfig) -> Section:
     """Run the platform adapter on the bundle (unknown adapter options are refused by name)."""
     read = load_reader(request.platform)
     accepted = {
-        name for name, parameter in inspect.signature(read).parameters.items()
+        name
+        for name, parameter in inspect.signature(read).parameters.items()
         if parameter.kind is inspect.Parameter.KEYWORD_ONLY
     } - {"wsi", "section_id", "metadata", "min_match_rate"}
     unknown = sorted(set(request.options) - accepted)
@@ -195,7 +203,9 @@ def write_stage(
     times = ExtractionTimes()
     started = time.perf_counter()
     writer_s = 0.0
-    patches = extract_patches(slide, plan, config.patch_px, config.resample, threads=threads, times=times)
+    patches = extract_patches(
+        slide, plan, config.patch_px, config.resample, threads=threads, times=times
+    )
     with SectionShardWriter(
         staging,
         patch_px=config.patch_px,
@@ -245,7 +255,9 @@ def build_section(
     # Open (never create) first: a config clash or an already-built section is known before any
     # work, and a failing build leaves no corpus behind where there was none.
     corpus_fields = config.corpus_fields()
-    corpus = Corpus.open(out, build_config=corpus_fields) if (out / "corpus.json").exists() else None
+    corpus = (
+        Corpus.open(out, build_config=corpus_fields) if (out / "corpus.json").exists() else None
+    )
     fingerprint = request.fingerprint()
     if corpus is not None:
         skipped = check_existing(corpus, section_id, request.platform, config, fingerprint, force)
@@ -263,11 +275,29 @@ def build_section(
             gene_index = corpus.map_genes(section.genes, species=species)
             staging = corpus.staging_dir(section_id)
             records, timings = write_stage(
-                staging, section, registration, plan, pair_tissue, gene_index, slide, config,
-                threads=threads, progress=progress,
+                staging,
+                section,
+                registration,
+                plan,
+                pair_tissue,
+                gene_index,
+                slide,
+                config,
+                threads=threads,
+                progress=progress,
             )
-            row = section_row(section, request, registration, plan, config, fingerprint, species,
-                              gene_index, slide, {**plan_qc, **registration.qc, **section.qc})
+            row = section_row(
+                section,
+                request,
+                registration,
+                plan,
+                config,
+                fingerprint,
+                species,
+                gene_index,
+                slide,
+                {**plan_qc, **registration.qc, **section.qc},
+            )
         corpus.commit_section(section_id, staging, records=records, row=row, force=force)
         staging = None
     except HistmolError as err:
@@ -280,24 +310,45 @@ def build_section(
             corpus.discard_staging(staging)
     n_units = int((plan.unit_pair >= 0).sum())
     return BuildResult(
-        section_id, request.platform, "committed", "", plan.n_pairs, n_units, section.n_genes,
-        sum(r.images_bytes + r.units_bytes for r in records), time.perf_counter() - started,
-        {k: v for k, v in row.items() if k != "panel"}, timings,
+        section_id,
+        request.platform,
+        "committed",
+        "",
+        plan.n_pairs,
+        n_units,
+        section.n_genes,
+        sum(r.images_bytes + r.units_bytes for r in records),
+        time.perf_counter() - started,
+        {k: v for k, v in row.items() if k != "panel"},
+        timings,
     )
 
 
 def check_existing(
-    corpus: Corpus, section_id: str, platform: str, config: BuildConfig, fingerprint: str, force: bool
+    corpus: Corpus,
+    section_id: str,
+    platform: str,
+    config: BuildConfig,
+    fingerprint: str,
+    force: bool,
 ) -> BuildResult | None:
     """A 'skipped' result for an unchanged committed section; an error for a changed one."""
     existing = corpus.section_status(section_id)
     if existing is None or existing.get("status") != "committed" or force:
         return None
-    if existing.get("config_hash") == config.fingerprint() and existing.get(
-        "input_fingerprint"
-    ) == fingerprint:
-        return BuildResult(section_id, platform, "skipped", "already committed",
-                           int(existing["n_pairs"]), int(existing["n_units"]), int(existing["n_genes"]))
+    if (
+        existing.get("config_hash") == config.fingerprint()
+        and existing.get("input_fingerprint") == fingerprint
+    ):
+        return BuildResult(
+            section_id,
+            platform,
+            "skipped",
+            "already committed",
+            int(existing["n_pairs"]),
+            int(existing["n_units"]),
+            int(existing["n_genes"]),
+        )
     raise CorpusError(
         f"{corpus.root}: section {section_id!r} is already in the corpus, built from other "
         "inputs or with another config; pass --force to rebuild it"
@@ -344,8 +395,10 @@ def section_row(
         "patch_px": config.patch_px,
         "target_mpp": config.target_mpp,
         "native_to_wsi": registration.native_to_wsi.ravel().tolist(),
-        "section_options": json.dumps({k: v for k, v in config.to_dict().items()
-                                   if k not in CORPUS_LEVEL_FIELDS}, sort_keys=True),
+        "section_options": json.dumps(
+            {k: v for k, v in config.to_dict().items() if k not in CORPUS_LEVEL_FIELDS},
+            sort_keys=True,
+        ),
         "adjacent_section": request.metadata.get("adjacent_section", "false") == "true",
     }
     for column in section.control_counts.columns:
@@ -353,6 +406,8 @@ def section_row(
     row["mpp"] = registration.mpp
     row["mpp_source"] = registration.mpp_source
     for key, value in qc.items():
-        if key not in ("mpp", "mpp_source") and isinstance(value, (bool, int, float, str, np.generic)):
+        if key not in ("mpp", "mpp_source") and isinstance(
+            value, (bool, int, float, str, np.generic)
+        ):
             row[f"qc_{key}"] = value.item() if isinstance(value, np.generic) else value
     return row

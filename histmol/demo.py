@@ -32,24 +32,42 @@ def generate_demo_inputs(root: Path, *, seed: int = 0) -> list[SectionRequest]:
     crc = bundles / "visium-crc-01"
     if not (crc / "outs").exists():
         write_visium_bundle(crc, slide_a, layout="spaceranger2", matrix="h5", seed=seed)
-    requests.append(SectionRequest(
-        "visium", crc / "outs", slide_a.path, "crc-01", crc / "native_to_wsi.csv",
-        {"tissue": "colon", "species": "human", "patient_id": "p1"},
-    ))
+    requests.append(
+        SectionRequest(
+            "visium",
+            crc / "outs",
+            slide_a.path,
+            "crc-01",
+            crc / "native_to_wsi.csv",
+            {"tissue": "colon", "species": "human", "patient_id": "p1"},
+        )
+    )
     crc2 = bundles / "visium-crc-02"
     if not (crc2 / "outs").exists():
         write_visium_bundle(crc2, slide_b, layout="spaceranger1", matrix="mtx", seed=seed + 1)
-    requests.append(SectionRequest(
-        "visium", crc2 / "outs", slide_b.path, "crc-02", crc2 / "native_to_wsi.csv",
-        {"tissue": "colon", "species": "human", "patient_id": "p2"},
-    ))
+    requests.append(
+        SectionRequest(
+            "visium",
+            crc2 / "outs",
+            slide_b.path,
+            "crc-02",
+            crc2 / "native_to_wsi.csv",
+            {"tissue": "colon", "species": "human", "patient_id": "p2"},
+        )
+    )
     st_dir = bundles / "st-breast-01"
     if not st_dir.exists():
         write_st_bundle(st_dir, slide_a, image_mpp=0.5, seed=seed + 2, sample="breast01")
-    requests.append(SectionRequest(
-        "st", st_dir, st_dir / "breast01.jpg", "st-breast-01", None,
-        {"tissue": "breast", "species": "human", "patient_id": "p3"},
-    ))
+    requests.append(
+        SectionRequest(
+            "st",
+            st_dir,
+            st_dir / "breast01.jpg",
+            "st-breast-01",
+            None,
+            {"tissue": "breast", "species": "human", "patient_id": "p3"},
+        )
+    )
     return requests
 
 
@@ -69,7 +87,11 @@ def run_demo(
     requests = generate_demo_inputs(out, seed=seed)
     corpus = out / "corpus"
     log(f"building {len(requests)} sections into {corpus}/ (in-process Prefect) ...")
-    results: list[BuildResult] = build_sections(requests, str(corpus), BuildConfig(), threads=threads)
+    results: list[BuildResult] = build_sections(
+        requests, str(corpus), BuildConfig(), threads=threads
+    )
     for result in results:
-        log(f"  {result.section_id}: {result.status}, {result.n_pairs} pairs, {result.n_units} units")
+        log(
+            f"  {result.section_id}: {result.status}, {result.n_pairs} pairs, {result.n_units} units"
+        )
     return corpus

@@ -1,4 +1,4 @@
-"""Fingerprints of a build's inputs, so an unchanged section is skipped and a changed one rebuilt."""
+"""Fingerprints of build inputs: an unchanged section is skipped and a changed one rebuilt."""
 
 from __future__ import annotations
 
@@ -24,4 +24,3 @@ def input_fingerprint(*paths: Path | None) -> str:
             relative = file.relative_to(root).as_posix() if root.is_dir() else file.name
             digest.update(f"{relative}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()[:32]
-

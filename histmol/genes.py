@@ -26,15 +26,27 @@ CONTROL_PATTERNS: dict[str, re.Pattern[str]] = {
     "system_control": re.compile(r"^(SystemControl|FalseCode|Intergenic_Region_)", re.I),
 }
 # Feature types in 10x feature tables that are not gene expression.
-NON_GENE_FEATURE_TYPES = {"Antibody Capture", "CRISPR Guide Capture", "Custom", "Multiplexing Capture"}
+NON_GENE_FEATURE_TYPES = {
+    "Antibody Capture",
+    "CRISPR Guide Capture",
+    "Custom",
+    "Multiplexing Capture",
+}
 
 
-ENSEMBL_SPECIES_PREFIX = {"ENSG": "human", "ENSMUSG": "mouse", "ENSRNOG": "rat", "ENSDARG": "zebrafish"}
+ENSEMBL_SPECIES_PREFIX = {
+    "ENSG": "human",
+    "ENSMUSG": "mouse",
+    "ENSRNOG": "rat",
+    "ENSDARG": "zebrafish",
+}
 
 
 def infer_species(genes: pd.DataFrame) -> str | None:
     """The species most of the panel's Ensembl ids belong to, or None when ids are absent."""
-    prefixes = genes["ensembl_id"].dropna().astype(str).str.extract(r"^(ENS[A-Z]*G)\d", expand=False)
+    prefixes = (
+        genes["ensembl_id"].dropna().astype(str).str.extract(r"^(ENS[A-Z]*G)\d", expand=False)
+    )
     counts = prefixes.map(ENSEMBL_SPECIES_PREFIX).value_counts()
     if counts.empty or counts.iloc[0] < 0.5 * len(genes):
         return None
@@ -61,8 +73,11 @@ def gene_table(ids: list[str] | np.ndarray, symbols: list[str] | np.ndarray) -> 
     ensembl = ids_s.where(ids_s.map(is_ensembl_id), None).str.replace(r"\.\d+$", "", regex=True)
     gene_id = ensembl.where(ensembl.notna(), symbols_s)
     return pd.DataFrame(
-        {"gene_id": gene_id.to_numpy(object), "symbol": symbols_s.to_numpy(object),
-         "ensembl_id": ensembl.to_numpy(object)}
+        {
+            "gene_id": gene_id.to_numpy(object),
+            "symbol": symbols_s.to_numpy(object),
+            "ensembl_id": ensembl.to_numpy(object),
+        }
     )
 
 
@@ -86,7 +101,9 @@ def split_controls(
     return kept_genes, kept_counts, pd.DataFrame(controls)
 
 
-def merge_duplicate_genes(genes: pd.DataFrame, counts: sp.csr_matrix) -> tuple[pd.DataFrame, sp.csr_matrix]:
+def merge_duplicate_genes(
+    genes: pd.DataFrame, counts: sp.csr_matrix
+) -> tuple[pd.DataFrame, sp.csr_matrix]:
     """Sum the columns of features that share a gene_id (e.g. a symbol listed twice)."""
     codes, uniques = pd.factorize(genes["gene_id"], sort=False)
     if len(uniques) == len(genes):

@@ -72,6 +72,10 @@ def unit_tables(
         arrays = {name: pa.array(values[start:stop]) for name, values in columns.items()}
         row_offsets = offsets[start : stop + 1] - offsets[start]
         lo, hi = int(offsets[start]), int(offsets[stop])
-        arrays["gene_idx"] = pa.ListArray.from_arrays(pa.array(row_offsets), pa.array(counts.indices[lo:hi]))
-        arrays["counts"] = pa.ListArray.from_arrays(pa.array(row_offsets), pa.array(counts.data[lo:hi]))
+        arrays["gene_idx"] = pa.ListArray.from_arrays(
+            pa.array(row_offsets), pa.array(counts.indices[lo:hi])
+        )
+        arrays["counts"] = pa.ListArray.from_arrays(
+            pa.array(row_offsets), pa.array(counts.data[lo:hi])
+        )
         yield pa.table(arrays)

@@ -65,7 +65,9 @@ def read_transform_csv(path: str | Path) -> np.ndarray:
     except ValueError as err:
         raise RegistrationError(f"{path}: transform holds a non-number: {err}") from err
     if matrix.shape != (3, 3):
-        raise RegistrationError(f"{path}: transform must be 3 rows of 3 numbers, got {matrix.shape}")
+        raise RegistrationError(
+            f"{path}: transform must be 3 rows of 3 numbers, got {matrix.shape}"
+        )
     return matrix
 
 
@@ -185,7 +187,10 @@ def register(
 
 
 def _check_inside(
-    x_wsi: np.ndarray, y_wsi: np.ndarray, slide: SlideGeometry, qc: dict[str, float | int | str | bool]
+    x_wsi: np.ndarray,
+    y_wsi: np.ndarray,
+    slide: SlideGeometry,
+    qc: dict[str, float | int | str | bool],
 ) -> None:
     outside = (x_wsi < 0) | (y_wsi < 0) | (x_wsi >= slide.width) | (y_wsi >= slide.height)
     qc["n_units_outside_image"] = int(outside.sum())

@@ -54,8 +54,10 @@ def summarise(root: str | Path) -> CorpusSummary:
     manifest = corpus.manifest()
     sizes = (
         manifest.assign(bytes=manifest["images_bytes"] + manifest["units_bytes"])
-        .groupby("section_id")["bytes"].sum()
-        if len(manifest) else pd.Series(dtype="int64")
+        .groupby("section_id")["bytes"]
+        .sum()
+        if len(manifest)
+        else pd.Series(dtype="int64")
     )
     sections["bytes"] = sections["section_id"].map(sizes).fillna(0).astype("int64")
     sections["qc_flags"] = sections.apply(qc_flags, axis=1) if len(sections) else []
@@ -70,9 +72,14 @@ def summarise(root: str | Path) -> CorpusSummary:
     }
     by_platform = (
         committed.groupby("platform")
-        .agg(sections=("section_id", "count"), pairs=("n_pairs", "sum"), units=("n_units", "sum"),
-             bytes=("bytes", "sum"))
+        .agg(
+            sections=("section_id", "count"),
+            pairs=("n_pairs", "sum"),
+            units=("n_units", "sum"),
+            bytes=("bytes", "sum"),
+        )
         .reset_index()
-        if len(committed) else pd.DataFrame(columns=["platform", "sections", "pairs", "units", "bytes"])
+        if len(committed)
+        else pd.DataFrame(columns=["platform", "sections", "pairs", "units", "bytes"])
     )
     return CorpusSummary(Path(root), sections, len(corpus.genes()), totals, by_platform)

@@ -157,8 +157,13 @@ class PatchWindow:
 
 
 def patch_window(
-    x0: float, y0: float, footprint: float, patch_px: int, resample: Resample,
-    level: int, downsample: float,
+    x0: float,
+    y0: float,
+    footprint: float,
+    patch_px: int,
+    resample: Resample,
+    level: int,
+    downsample: float,
 ) -> PatchWindow:
     """The level window (with a margin covering the filter support) and the box inside it."""
     bx0, by0, side = x0 / downsample, y0 / downsample, footprint / downsample
@@ -182,7 +187,9 @@ def extract_patch(
 ) -> np.ndarray:
     """Pixels of one patch: read a window of the best level, then resample the box exactly."""
     level = slide.best_level_for_downsample(footprint / patch_px)
-    window = patch_window(x0, y0, footprint, patch_px, resample, level, slide.level_downsamples[level])
+    window = patch_window(
+        x0, y0, footprint, patch_px, resample, level, slide.level_downsamples[level]
+    )
     start = time.perf_counter()
     region = slide.read_region(level, window.x, window.y, window.width, window.height)
     read_done = time.perf_counter()
@@ -211,7 +218,13 @@ def extract_patches(
 
     def one(index: int) -> np.ndarray:
         return extract_patch(
-            slide, float(plan.x0[index]), float(plan.y0[index]), plan.footprint, patch_px, resample, times
+            slide,
+            float(plan.x0[index]),
+            float(plan.y0[index]),
+            plan.footprint,
+            patch_px,
+            resample,
+            times,
         )
 
     with ThreadPoolExecutor(max_workers=max(threads, 1), thread_name_prefix="histmol-tile") as pool:

@@ -36,17 +36,25 @@ class TissueMask:
         table[1:, 1:] = self.mask.cumsum(0).cumsum(1)
         height, width = self.mask.shape
         c0 = np.clip(np.ceil(np.asarray(x0) / self.downsample_x - 0.5), 0, width).astype(np.int64)
-        c1 = np.clip(np.ceil((np.asarray(x0) + size) / self.downsample_x - 0.5), 0, width).astype(np.int64)
+        c1 = np.clip(np.ceil((np.asarray(x0) + size) / self.downsample_x - 0.5), 0, width).astype(
+            np.int64
+        )
         r0 = np.clip(np.ceil(np.asarray(y0) / self.downsample_y - 0.5), 0, height).astype(np.int64)
-        r1 = np.clip(np.ceil((np.asarray(y0) + size) / self.downsample_y - 0.5), 0, height).astype(np.int64)
+        r1 = np.clip(np.ceil((np.asarray(y0) + size) / self.downsample_y - 0.5), 0, height).astype(
+            np.int64
+        )
         inside = table[r1, c1] - table[r0, c1] - table[r1, c0] + table[r0, c0]
         area = np.maximum((r1 - r0) * (c1 - c0), 0)
         # A box smaller than a mask pixel: take the pixel under its centre.
         tiny = area == 0
         fractions = np.divide(inside, area, out=np.zeros(len(area), dtype=np.float64), where=~tiny)
         if tiny.any():
-            cx = np.clip(((np.asarray(x0)[tiny] + size / 2) / self.downsample_x).astype(int), 0, width - 1)
-            cy = np.clip(((np.asarray(y0)[tiny] + size / 2) / self.downsample_y).astype(int), 0, height - 1)
+            cx = np.clip(
+                ((np.asarray(x0)[tiny] + size / 2) / self.downsample_x).astype(int), 0, width - 1
+            )
+            cy = np.clip(
+                ((np.asarray(y0)[tiny] + size / 2) / self.downsample_y).astype(int), 0, height - 1
+            )
             fractions[tiny] = self.mask[cy, cx]
         return fractions
 
