@@ -23,7 +23,14 @@ from histmol.fingerprint import input_fingerprint
 from histmol.genes import infer_species
 from histmol.pairs import unit_tables
 from histmol.progress import report
-from histmol.registration import Registration, SlideGeometry, read_transform_csv, register
+from histmol.landmarks import check_residuals, fit_affine
+from histmol.registration import (
+    Registration,
+    SlideGeometry,
+    read_landmarks_csv,
+    read_transform_csv,
+    register,
+)
 from histmol.section import Section, slugify, validate_section_id
 from histmol.shards.corpus import Corpus
 from histmol.shards.shard_writer import SectionShardWriter
@@ -55,6 +62,7 @@ class SectionRequest:
     transform: Path | None = None
     metadata: Mapping[str, str] = field(default_factory=dict)
     options: Mapping[str, Any] = field(default_factory=dict)
+    landmarks: Path | None = None
 
     def resolved_section_id(self) -> str:
         """The given id (validated) or a slug of the bundle's folder name."""
@@ -64,8 +72,8 @@ class SectionRequest:
         return slugify(name)
 
     def fingerprint(self) -> str:
-        """Stat fingerprint of the bundle, the image and the transform file."""
-        return input_fingerprint(self.bundle, self.wsi, self.transform)
+        """Stat fingerprint of the bundle, the image and the transform or landmarks file."""
+        return input_fingerprint(self.bundle, self.wsi, self.transform, self.landmarks)
 
 
 @dataclass
@@ -110,17 +118,41 @@ def read_stage(request: SectionRequest, config: BuildConfig) -> Section:
 
 
 def register_stage(
-    section: Section, slide: SlideReader, config: BuildConfig, transform: Path | None
+    section: Section,
+    slide: SlideReader,
+    config: BuildConfig,
+    transform: Path | None,
+    landmarks: Path | None = None,
 ) -> Registration:
-    """Place units on the slide, resolve mpp, and refuse images too coarse for the target."""
+    """Place units on the slide, resolve mpp, and refuse images too coarse for the target.
+
+    The transform comes from a matrix file, or is fitted to landmark pairs (least squares over
+    all of them; the worst residual, in um, must stay under the configured limit).
+    """
     width, height = slide.dimensions
     geometry = SlideGeometry(
         slide.path, width, height, slide.embedded_mpp, getattr(slide, "mpp_discard_reason", None)
     )
+    if transform is not None and landmarks is not None:
+        raise ConfigError("give either a transform or landmarks, not both")
     matrix = read_transform_csv(transform) if transform is not None else None
+    fit = None
+    if landmarks is not None:
+        native, wsi = read_landmarks_csv(landmarks)
+        fit = fit_affine(native, wsi, allow_mirror=True)  # recorded as qc_transform_mirrored
+        matrix = fit.matrix
+    known_mpp = config.mpp or slide.embedded_mpp
+    if fit is not None and known_mpp is not None:  # a bad pair explains more than what follows
+        check_residuals(fit, config.max_landmark_residual_um, known_mpp)
     registration = register(
         section, geometry, native_to_wsi=matrix, mpp=config.mpp, mpp_tolerance=config.mpp_tolerance
     )
+    if fit is not None:
+        registration.qc["landmark_pairs"] = fit.n_pairs
+        registration.qc["landmark_rms_um"] = fit.rms * registration.mpp
+        registration.qc["landmark_max_um"] = check_residuals(
+            fit, config.max_landmark_residual_um, registration.mpp
+        )
     if registration.mpp > config.target_mpp * (1 + config.mpp_tolerance):
         raise QCError(
             f"{slide.path}: the image is too coarse for {config.target_mpp:g} um/px patches: it has "
@@ -267,7 +299,9 @@ def build_section(
     try:
         section = read_stage(request, config)
         with open_wsi(request.wsi) as slide:
-            registration = register_stage(section, slide, config, request.transform)
+            registration = register_stage(
+                section, slide, config, request.transform, request.landmarks
+            )
             mask = tissue_stage(slide, registration.mpp, config)
             plan, plan_qc, pair_tissue = plan_stage(section, registration, mask, config)
             species = request.metadata.get("species") or infer_species(section.genes) or "unknown"

@@ -34,6 +34,7 @@ class BuildConfig:
     jpeg_quality: int = 90
     pairs_per_shard: int = 2048
     min_match_rate: float = 0.9
+    max_landmark_residual_um: float = 50.0
 
     def __post_init__(self) -> None:
         if not 16 <= self.patch_px <= 4096:
@@ -56,6 +57,8 @@ class BuildConfig:
             raise ConfigError("jpeg_quality must be in 1..100")
         if self.pairs_per_shard < 1:
             raise ConfigError("pairs_per_shard must be >= 1")
+        if not self.max_landmark_residual_um > 0:
+            raise ConfigError("max_landmark_residual_um must be > 0")
         if not 0 < self.min_match_rate <= 1:
             raise ConfigError("min_match_rate must be in (0, 1]")
 

@@ -71,6 +71,34 @@ def read_transform_csv(path: str | Path) -> np.ndarray:
     return matrix
 
 
+LANDMARK_COLUMNS = ("native_x", "native_y", "wsi_x", "wsi_y")
+
+
+def read_landmarks_csv(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """Read landmark pairs: a CSV with columns native_x, native_y, wsi_x, wsi_y (WSI level-0 px).
+
+    Native points are in the platform's native frame (the one its adapter reports units in).
+    """
+    import pandas as pd
+
+    path = Path(path)
+    try:
+        table = pd.read_csv(path)
+    except (OSError, ValueError) as err:
+        raise RegistrationError(f"{path}: cannot read landmarks: {err}") from err
+    missing = [c for c in LANDMARK_COLUMNS if c not in table.columns]
+    if missing:
+        raise RegistrationError(
+            f"{path}: landmarks lack columns {missing}; expected {list(LANDMARK_COLUMNS)}, "
+            f"found {list(table.columns)}"
+        )
+    values = table[list(LANDMARK_COLUMNS)].apply(pd.to_numeric, errors="coerce").to_numpy(float)
+    if not np.isfinite(values).all():
+        bad = int(np.flatnonzero(~np.isfinite(values).all(axis=1))[0]) + 2
+        raise RegistrationError(f"{path}: line {bad} holds a missing or non-numeric coordinate")
+    return values[:, :2], values[:, 2:]
+
+
 def check_affine(matrix: np.ndarray, *, what: str = "native_to_wsi") -> float:
     """Validate a 3x3 affine and return its linear part's determinant (sign = handedness)."""
     matrix = np.asarray(matrix, dtype=np.float64)

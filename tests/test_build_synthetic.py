@@ -136,3 +136,38 @@ def test_missing_scalefactors_names_the_file(visium: tuple[SyntheticSlide, Groun
     with pytest.raises(Exception, match="scalefactors_json.json"):
         build_section(request, tmp_path / "c", CONFIG)
     assert not (tmp_path / "c").exists()
+
+
+def write_landmarks(path: Path, truth: GroundTruth, rows: list[int], shift_px: float = 0.0) -> Path:
+    table = pd.DataFrame({
+        "native_x": truth.x_native[rows], "native_y": truth.y_native[rows],
+        "wsi_x": truth.x_wsi_px[rows], "wsi_y": truth.y_wsi_px[rows],
+    })
+    table.loc[0, "wsi_x"] += shift_px
+    table.to_csv(path, index=False)
+    return path
+
+
+def test_landmarks_fit_the_transform(visium: tuple[SyntheticSlide, GroundTruth], tmp_path: Path) -> None:
+    slide, truth = visium
+    rows = list(np.linspace(0, len(truth.unit_ids) - 1, 6).astype(int))
+    landmarks = write_landmarks(tmp_path / "pairs.csv", truth, rows)
+    request = SectionRequest("visium", truth.bundle, slide.path, "lm", landmarks=landmarks)
+    out = tmp_path / "c"
+    build_section(request, out, CONFIG)
+    units = units_of(out).set_index("unit_id")
+    index = pd.Series(np.arange(len(truth.unit_ids)), index=truth.unit_ids.astype(str))
+    np.testing.assert_allclose(units["x_wsi_px"], truth.x_wsi_px[index.loc[units.index]], atol=1e-6)
+    section = pd.read_parquet(out / "sections.parquet").iloc[0]
+    assert section["qc_landmark_pairs"] == 6 and section["qc_landmark_max_um"] < 1e-6
+
+
+def test_a_misplaced_landmark_fails_with_its_residual(
+    visium: tuple[SyntheticSlide, GroundTruth], tmp_path: Path
+) -> None:
+    slide, truth = visium
+    rows = list(np.linspace(0, len(truth.unit_ids) - 1, 6).astype(int))
+    landmarks = write_landmarks(tmp_path / "pairs.csv", truth, rows, shift_px=800.0)  # 200 um off
+    request = SectionRequest("visium", truth.bundle, slide.path, "lm", landmarks=landmarks)
+    with pytest.raises(RegistrationError, match=r"landmark pair \d lies [\d.]+ um from where"):
+        build_section(request, tmp_path / "c", CONFIG)
