@@ -15,7 +15,7 @@ import scipy.sparse as sp
 
 _INDEX_BITS = 21  # bin row/col each within +-2^20 bins: 2 m of tissue at 1 um bins
 _INDEX_OFFSET = 1 << (_INDEX_BITS - 1)
-_COMPACT_FACTOR = 4  # compact partial sums once they exceed 4x the last compacted size
+_COMPACT_FACTOR = 2  # compact partial sums once they exceed 2x the last compacted size
 
 
 @dataclass(frozen=True)
@@ -124,10 +124,15 @@ class BinAccumulator:
             keys, values = np.zeros(0, np.int64), np.zeros(0, np.int64)
         if len(values) and values.max() > np.iinfo(np.int32).max:
             raise ValueError("a bin's count exceeds int32")
+        # Keys are sorted and unique after compaction, so bins come out in order: build the CSR
+        # straight from the run boundaries instead of a second unique + COO conversion.
         bin_key, gene = np.divmod(keys, self.n_genes)
-        bins, bin_row = np.unique(bin_key, return_inverse=True)
+        del keys
+        starts = np.flatnonzero(np.diff(bin_key, prepend=-1)) if len(bin_key) else np.zeros(0, int)
+        bins = bin_key[starts]
+        indptr = np.append(starts, len(bin_key)).astype(np.int64)
         matrix = sp.csr_matrix(
-            (values.astype(np.int32), (bin_row.ravel(), gene)), shape=(len(bins), self.n_genes)
+            (values.astype(np.int32), gene.astype(np.int32), indptr), shape=(len(bins), self.n_genes)
         )
         mask = (1 << _INDEX_BITS) - 1
         col = (bins & mask) - _INDEX_OFFSET

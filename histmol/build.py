@@ -107,13 +107,21 @@ def read_stage(request: SectionRequest, config: BuildConfig) -> Section:
             f"platform {request.platform!r} has no option {', '.join(unknown)}; its options are: "
             f"{', '.join(sorted(accepted)) or 'none'}"
         )
+    options = dict(request.options)
+    if request.transform is not None or request.landmarks is not None:
+        # The user places the section: the adapter must not demand its own alignment file. The
+        # identity stands in for landmarks until register_stage replaces it with their fit.
+        options.setdefault(
+            "native_to_wsi",
+            read_transform_csv(request.transform) if request.transform is not None else np.eye(3),
+        )
     return read(
         request.bundle,
         wsi=request.wsi,
         section_id=request.resolved_section_id(),
         metadata=dict(request.metadata),
         min_match_rate=config.min_match_rate,
-        **dict(request.options),
+        **options,
     )
 
 

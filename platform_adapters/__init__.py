@@ -70,37 +70,44 @@ _SPECS = (
     PlatformSpec(
         name="visium-hd",
         module="platform_adapters.visium_hd",
-        description="10x Genomics Visium HD (Space Ranger >= 3.0), 2 um bins aggregated to 8 um",
+        description="10x Genomics Visium HD (Space Ranger >= 3.0), 8 um bins (any even size "
+        "summed from 2 um, or Space Ranger 4 segmented cells)",
         expected_files=(
-            "binned_outputs/square_008um/filtered_feature_bc_matrix.h5 (or square_002um, "
-            "square_016um)",
-            "binned_outputs/square_008um/spatial/tissue_positions.parquet",
-            "binned_outputs/square_008um/spatial/scalefactors_json.json (microns_per_pixel, "
-            "bin_size_um)",
-            "spatial/tissue_hires_image.png, spatial/cytassist_image.tiff",
+            "binned_outputs/square_XXXum/filtered_feature_bc_matrix.h5 for the requested bin "
+            "size, else the finest folder dividing it (usually square_002um, summed while "
+            "streaming)",
+            "binned_outputs/square_XXXum/spatial/tissue_positions.parquet (barcode, in_tissue, "
+            "array_row, array_col, pxl_row_in_fullres, pxl_col_in_fullres)",
+            "binned_outputs/square_XXXum/spatial/scalefactors_json.json (bin_size_um, "
+            "microns_per_pixel, spot_diameter_fullres)",
+            "cells (units=cells): segmented_outputs/filtered_feature_cell_matrix.h5, "
+            "cell_segmentations.geojson, spatial/scalefactors_json.json",
         ),
         default_mode="grid",
         unit_shape="square",
         unit_size_um=8.0,
         pitch_um=8.0,
+        implemented=True,
     ),
     PlatformSpec(
         name="xenium",
         module="platform_adapters.xenium",
-        description="10x Genomics Xenium in situ; transcripts binned on an 8 um grid",
+        description="10x Genomics Xenium in situ; segmented cells (default) or transcripts "
+        "binned on a square grid (units=bins, 8 um)",
         expected_files=(
-            "experiment.xenium (pixel_size, panel, software version)",
-            "transcripts.parquet (x_location, y_location in um; qv; feature_name)",
-            "cell_feature_matrix.h5 (or cell_feature_matrix/ MEX)",
-            "cells.parquet (or cells.csv.gz)",
-            "morphology_focus/ (XOA >= 2.0; morphology_focus.ome.tif / morphology_mip.ome.tif "
-            "before)",
-            "H&E alignment: *_he_imagealignment.csv (3x3 affine from Xenium Explorer)",
+            "cells: cell_feature_matrix.h5 (or cell_feature_matrix/ MEX) + cells.parquet (or "
+            "cells.csv.gz: cell_id, x_centroid, y_centroid, cell_area in um)",
+            "bins: transcripts.parquet (or transcripts.csv.gz: feature_name, x_location, "
+            "y_location in um, qv)",
+            "H&E placement: *he_imagealignment.csv (3x3 H&E px -> morphology px, Xenium "
+            "Explorer) or a keypoints CSV (fixedX, fixedY, alignmentX, alignmentY)",
+            "experiment.xenium (pixel_size: um per morphology px, to read the alignment)",
         ),
         default_mode="grid",
         unit_shape="square",
         unit_size_um=8.0,
         pitch_um=8.0,
+        implemented=True,
     ),
     PlatformSpec(
         name="st",
@@ -121,117 +128,140 @@ _SPECS = (
     PlatformSpec(
         name="stereo-seq",
         module="platform_adapters.stereo_seq",
-        description="BGI/STOmics Stereo-seq (SAW), 0.5 um DNB pitch binned to bin16 (8 um)",
+        description="BGI/STOmics Stereo-seq (SAW v7/v8), 0.5 um DNBs binned to bin50 (25 um) "
+        "by default, or cellbin cells (units=cells)",
         expected_files=(
-            "*.gem.gz / *.tissue.gem.gz (geneID, x, y, MIDCount[s]; bin1 DNB coordinates)",
-            "or *.raw.gef / *.tissue.gef (HDF5)",
-            "*_regist.tif (image registered to the chip) or a separate H&E with a transform",
+            "bins: *.tissue.gef / *.gef / *.raw.gef (HDF5 geneExp/bin1) or *.gem[.gz] "
+            "(#OffsetX/#OffsetY header; geneID, [geneName,] x, y, MIDCount[s]) anywhere in the "
+            "bundle",
+            "cells: *.cellbin.gef (cellBin/cell, cellBin/cellExp, cellBin/gene)",
+            "*_HE_regist.tif (H&E registered to the chip, one px per DNB); ssDNA/DAPI images "
+            "are refused unless allow_fluorescence",
         ),
         default_mode="grid",
         unit_shape="square",
-        unit_size_um=8.0,
-        pitch_um=8.0,
+        unit_size_um=25.0,
+        pitch_um=25.0,
+        implemented=True,
     ),
     PlatformSpec(
         name="slide-seq",
         module="platform_adapters.slide_seq",
-        description="Slide-seq / Slide-seqV2 (Curio Seeker), 10 um beads",
+        description="Slide-seq / Slide-seqV2 (Curio Seeker), 10 um beads; H&E of an adjacent "
+        "section, placed by --landmarks",
         expected_files=(
-            "bead locations: *BeadLocations*.csv / *_barcode_xy.txt.gz (barcode, xcoord, ycoord)",
-            "counts: *MappedDGEForR.csv / *.digital_expression.txt.gz (genes x beads) or "
-            "Curio *_anndata.h5ad",
+            "*BeadLocationsForR.csv (barcodes, xcoord, ycoord; puck pixels, 0.65 um each)",
+            "*MappedDGEForR.csv or *.digital_expression.txt[.gz] (genes x beads, raw counts)",
+            "or Curio Seeker *_anndata.h5ad (raw counts in layers['counts'] or X; "
+            "obsm['spatial'] in um)",
         ),
         default_mode="grid",
         unit_shape="circle",
         unit_size_um=10.0,
         pitch_um=10.0,
+        implemented=True,
     ),
     PlatformSpec(
         name="cosmx",
         module="platform_adapters.cosmx",
-        description="NanoString/Bruker CosMx SMI flat files; transcripts binned on an 8 um grid",
+        description="NanoString/Bruker CosMx SMI flat files (legacy and AtoMx); segmented cells "
+        "(default) or transcripts binned on a square grid (units=bins, 8 um)",
         expected_files=(
-            "*_exprMat_file.csv (fov, cell_ID, one column per target incl. NegPrb*)",
-            "*_metadata_file.csv (fov, cell_ID, CenterX/Y_global_px)",
-            "*_fov_positions_file.csv (x_global_px, y_global_px per fov)",
-            "*_tx_file.csv (x/y_global_px, target)",
-            "CellComposite/ and CellLabels/ images",
+            "cells: *_exprMat_file.csv[.gz] (fov, cell_ID, one column per target incl. "
+            "NegPrb*/Negative*/SystemControl*) + *_metadata_file.csv[.gz] (fov, cell_ID, "
+            "CenterX/Y_global_px, CenterX/Y_local_px, Area)",
+            "bins: *_tx_file.csv[.gz] (x_global_px, y_global_px, x_local_px, target)",
+            "optional: *_fov_positions_file.csv[.gz] (fov|FOV, x_global_px, y_global_px"
+            "[, x_global_mm, y_global_mm])",
         ),
         default_mode="grid",
         unit_shape="square",
         unit_size_um=8.0,
         pitch_um=8.0,
+        implemented=True,
     ),
     PlatformSpec(
         name="merscope",
         module="platform_adapters.merscope",
-        description="Vizgen MERSCOPE; transcripts binned on an 8 um grid",
+        description="Vizgen MERSCOPE; segmented cells (default) or detected transcripts binned "
+        "on a square grid (units=bins, 8 um)",
         expected_files=(
-            "cell_by_gene.csv (incl. Blank-* probes)",
-            "cell_metadata.csv (center_x, center_y in um)",
-            "detected_transcripts.csv (global_x, global_y in um, gene, global_z)",
-            "images/micron_to_mosaic_pixel_transform.csv (3x3)",
-            "images/mosaic_<stain>_z<i>.tif, cell_boundaries.parquet",
+            "cells: cell_by_gene.csv (cell, genes, Blank-* barcodes) + cell_metadata.csv "
+            "(EntityID, fov, volume, center_x, center_y, min/max_x/y in um)",
+            "bins: detected_transcripts.csv (global_x, global_y in um, gene)",
+            "optional: images/micron_to_mosaic_pixel_transform.csv (3x3 um -> mosaic px; QC)",
         ),
         default_mode="grid",
         unit_shape="square",
         unit_size_um=8.0,
         pitch_um=8.0,
+        implemented=True,
     ),
     PlatformSpec(
         name="dbit-seq",
         module="platform_adapters.dbit_seq",
         description="DBiT-seq microfluidic barcoding, 10 um channels (20 um pitch)",
         expected_files=(
-            "counts *.h5ad (or a pixels x genes table with AxB barcode ids)",
-            "barcode_list* (barcode A/B index to array row/column)",
-            "tissue image (e.g. tissue_lowres_image.png) and its alignment",
+            "counts: ST Pipeline *_stdata.tsv[.gz] (AxB pixel rows) or *.h5ad (obs = 8-nt "
+            "barcode B + 8-nt barcode A) with barcode_list* (A1<TAB>barcode, B1...)",
+            "position*.txt (optional; on-tissue AxB pixels from Pixel_identification.m)",
+            "corners.csv (spot,x,y: corner pixels in WSI px) or transform= (AxB index -> px)",
         ),
         default_mode="spot",
         unit_shape="square",
         unit_size_um=10.0,
         pitch_um=20.0,
+        implemented=True,
     ),
     PlatformSpec(
         name="seq-scope",
         module="platform_adapters.seq_scope",
         description="Seq-Scope (Illumina flow-cell HDMI array, ~0.6 um), binned to 8 um",
         expected_files=(
-            "STARsolo Solo.out/GeneFull/raw/{matrix.mtx,barcodes.tsv,features.tsv}",
-            "spatial coordinates of HDMI barcodes (barcode, lane, tile, x, y)",
-            "H&E image and its transform to tile coordinates",
+            "NovaScope SGE folder (sge/ or the folder itself): barcodes.tsv.gz (barcode, index, "
+            "STARsolo index, lane, tile, X, Y in nm, 5 totals)",
+            "sge/features.tsv.gz (gene id, symbol, index, 5 totals)",
+            "sge/matrix.mtx.gz (MatrixMarket; feature, barcode, Gene, GeneFull, Spliced, "
+            "Unspliced, Ambiguous)",
+            "transform=: 3x3 affine, SGE coordinates -> H&E level-0 px (or --transform)",
         ),
         default_mode="grid",
         unit_shape="square",
         unit_size_um=8.0,
         pitch_um=8.0,
+        implemented=True,
     ),
     PlatformSpec(
         name="hdst",
         module="platform_adapters.hdst",
         description="High-definition ST (Vickovic 2019), 2 um beads binned to 8 um",
         expected_files=(
-            "counts table (bead barcode or bead x, y; gene; count), e.g. *_stdata*.tsv",
-            "bead position table (barcode, x, y in array units)",
-            "H&E image with its alignment to bead coordinates",
+            "*red_ut*.tsv[.gz] (SCP420 long counts: bc XxY, spot_px_x, spot_px_y, gene, count)",
+            "*barcodes_under_tissue*.tsv[.gz] (bc, spot_px_x, spot_px_y[, annotation_region])",
+            "the H&E the pixels refer to (its mpp, or um_per_px=, sizes the bins)",
         ),
         default_mode="grid",
         unit_shape="square",
         unit_size_um=8.0,
         pitch_um=8.0,
+        implemented=True,
     ),
     PlatformSpec(
         name="open-st",
         module="platform_adapters.open_st",
         description="Open-ST (spacemake + openst), 0.6 um capture spots binned to 8 um",
         expected_files=(
-            "spacemake/openst *.h5ad (obsm spatial in um; per-tile or stitched puck collection)",
-            "H&E image and the openst pairwise alignment (coarse + fine) into it",
+            "one aligned spacemake/openst *.h5ad (puck collection): X or layers/counts, var "
+            "gene names, obsm/spatial (um)",
+            "obsm/spatial_pairwise_aligned_fine (else _coarse): (row, col) in aligned image px",
+            "uns/spatial_pairwise_aligned/staining_image_transformed (optional; the WSI must be "
+            "that image)",
         ),
         default_mode="grid",
         unit_shape="square",
         unit_size_um=8.0,
         pitch_um=8.0,
+        implemented=True,
     ),
 )
 
