@@ -14,13 +14,16 @@ from histmol.section import Section
 from histmol.tiling import PatchPlan
 
 
-def global_counts(counts: sp.csr_matrix, gene_index: np.ndarray) -> sp.csr_matrix:
-    """Counts with columns renumbered to vocabulary indices and sorted within each row."""
-    counts = sp.csr_matrix(counts)
-    vocabulary_size = int(gene_index.max()) + 1 if len(gene_index) else 0
+def pair_counts(counts: sp.csr_matrix, rows: np.ndarray, gene_index: np.ndarray) -> sp.csr_matrix:
+    """The given rows of `counts`, columns renumbered to vocabulary indices, sorted per row.
+
+    Done per pair rather than for the whole matrix so that no full-size copy of a dense
+    platform's counts is ever made (the section's own matrix is the only one held).
+    """
+    block = counts[rows]
     renumbered = sp.csr_matrix(
-        (counts.data.astype(np.int32), gene_index[counts.indices].astype(np.int32), counts.indptr),
-        shape=(counts.shape[0], vocabulary_size),
+        (block.data.astype(np.int32), gene_index[block.indices].astype(np.int32), block.indptr),
+        shape=(len(rows), int(gene_index.max()) + 1 if len(gene_index) else 0),
     )
     renumbered.eliminate_zeros()
     renumbered.sort_indices()
@@ -50,7 +53,7 @@ def unit_tables(
     patch_y0 = plan.y0[pair_of]
     x_wsi = registration.x_wsi_px[order]
     y_wsi = registration.y_wsi_px[order]
-    counts = global_counts(section.counts, gene_index)[order]
+    counts = sp.csr_matrix(section.counts)
     columns: dict[str, np.ndarray] = {
         "unit_id": section.units["unit_id"].astype(str).to_numpy()[order],
         "x_wsi_px": x_wsi,
@@ -62,20 +65,15 @@ def unit_tables(
         "x_in_patch_px": ((x_wsi - patch_x0) * scale).astype(np.float32),
         "y_in_patch_px": ((y_wsi - patch_y0) * scale).astype(np.float32),
         "tissue_fraction": pair_tissue[pair_of].astype(np.float32),
-        "total_counts": np.asarray(counts.sum(axis=1)).ravel().astype(np.int64),
+        "total_counts": np.asarray(counts.sum(axis=1)).ravel().astype(np.int64)[order],
     }
     for category in section.control_counts.columns:
         columns[f"control_{category}"] = section.control_counts[category].to_numpy(np.int64)[order]
-    offsets = counts.indptr.astype(np.int32)
     for pair in range(plan.n_pairs):
         start, stop = int(bounds[pair]), int(bounds[pair + 1])
         arrays = {name: pa.array(values[start:stop]) for name, values in columns.items()}
-        row_offsets = offsets[start : stop + 1] - offsets[start]
-        lo, hi = int(offsets[start]), int(offsets[stop])
-        arrays["gene_idx"] = pa.ListArray.from_arrays(
-            pa.array(row_offsets), pa.array(counts.indices[lo:hi])
-        )
-        arrays["counts"] = pa.ListArray.from_arrays(
-            pa.array(row_offsets), pa.array(counts.data[lo:hi])
-        )
+        block = pair_counts(counts, order[start:stop], gene_index)
+        offsets = pa.array(block.indptr.astype(np.int32))
+        arrays["gene_idx"] = pa.ListArray.from_arrays(offsets, pa.array(block.indices))
+        arrays["counts"] = pa.ListArray.from_arrays(offsets, pa.array(block.data))
         yield pa.table(arrays)

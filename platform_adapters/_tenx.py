@@ -261,3 +261,125 @@ def read_10x_matrix(path: Path) -> FeatureBarcodeMatrix:
     if path.is_dir():
         return read_10x_mex(path)
     return read_10x_h5(path)
+
+
+class TenxH5Chunks:
+    """A Cell Ranger >= 3 feature-barcode HDF5 read by barcode ranges, with bounded memory.
+
+    Why: a 2 um Visium HD matrix holds ~11 M barcodes; reading it whole (as `read_10x_h5` does)
+    would hold every 2 um bin in memory at once. The file is CSC over barcodes, so the counts of
+    barcodes [start, stop) are the contiguous slice `indptr[start]:indptr[stop]` of `data` and
+    `indices`, which h5py reads without touching the rest. Use as a context manager.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            self._file = h5py.File(path, "r")
+        except OSError as err:
+            raise BundleError(
+                path, f"cannot open as HDF5 (truncated or not an HDF5 file): {err}"
+            ) from err
+        try:
+            self._open_matrix()
+        except BundleError:
+            self._file.close()
+            raise
+        except (OSError, KeyError, ValueError, TypeError) as err:
+            self._file.close()
+            raise BundleError(
+                path, f"cannot read the 10x matrix (truncated or malformed): {err}"
+            ) from err
+
+    def _open_matrix(self) -> None:
+        keys = TenxH5Keys
+        if keys.MATRIX_GROUP not in self._file:
+            raise BundleError(
+                self.path,
+                f"not a Cell Ranger >= 3 feature-barcode matrix: no group 'matrix'; found "
+                f"{sorted(self._file.keys())}",
+            )
+        group = self._file[keys.MATRIX_GROUP]
+        required = [keys.DATA, keys.INDICES, keys.INDPTR, keys.SHAPE, keys.BARCODES,
+                    keys.FEATURES_GROUP]
+        missing = [k.value for k in required if k not in group]
+        if missing:
+            raise BundleError(
+                self.path, f"10x matrix group lacks {missing}; found {sorted(group.keys())}"
+            )
+        features = group[keys.FEATURES_GROUP]
+        self.feature_ids = _strings(features[keys.FEATURE_ID])
+        self.feature_names = _strings(features[keys.FEATURE_NAME])
+        self.feature_types = (
+            _strings(features[keys.FEATURE_TYPE])
+            if keys.FEATURE_TYPE in features
+            else np.full(len(self.feature_ids), GENE_EXPRESSION, dtype=object)
+        )
+        self.n_features, self.n_barcodes = (int(v) for v in group[keys.SHAPE][()])
+        self._data, self._indices = group[keys.DATA], group[keys.INDICES]
+        self._indptr, self._barcodes = group[keys.INDPTR], group[keys.BARCODES]
+        self.nnz = len(self._data)
+        problems = []
+        if len(self.feature_ids) != self.n_features:
+            problems.append(f"{len(self.feature_ids)} feature ids for {self.n_features} features")
+        if len(self._barcodes) != self.n_barcodes:
+            problems.append(f"{len(self._barcodes)} barcodes for {self.n_barcodes} columns")
+        if len(self._indptr) != self.n_barcodes + 1:
+            problems.append(
+                f"indptr has {len(self._indptr)} entries, expected {self.n_barcodes + 1}"
+            )
+        elif int(self._indptr[-1]) != len(self._data) or len(self._indices) != len(self._data):
+            problems.append(
+                f"indptr ends at {int(self._indptr[-1])} but data has {len(self._data)} and "
+                f"indices {len(self._indices)}"
+            )
+        if problems:
+            raise BundleError(self.path, "inconsistent 10x matrix: " + "; ".join(problems))
+
+    def __enter__(self) -> TenxH5Chunks:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the file."""
+        self._file.close()
+
+    def ranges(self, chunk: int) -> list[tuple[int, int]]:
+        """Barcode ranges [start, stop) of at most `chunk` barcodes covering the matrix."""
+        return [(s, min(s + chunk, self.n_barcodes)) for s in range(0, self.n_barcodes, chunk)]
+
+    def barcodes(self, start: int, stop: int) -> np.ndarray:
+        """Barcodes [start, stop) as fixed-width bytes (no Python string per barcode)."""
+        try:
+            values = self._barcodes[start:stop]
+        except (OSError, ValueError, TypeError) as err:
+            raise BundleError(self.path, f"cannot read barcodes {start}..{stop}: {err}") from err
+        if values.dtype.kind == "S":
+            return values
+        return np.array([v if isinstance(v, bytes) else str(v).encode() for v in values], "S")
+
+    def counts(self, start: int, stop: int) -> sp.csr_matrix:
+        """Read the counts of barcodes [start, stop): CSR int32, barcodes x features, checked."""
+        try:
+            indptr = self._indptr[start : stop + 1].astype(np.int64)
+            lo, hi = int(indptr[0]), int(indptr[-1])
+            if np.any(np.diff(indptr) < 0) or lo < 0 or hi > len(self._data):
+                raise BundleError(
+                    self.path, f"indptr is not non-decreasing at barcodes {start}..{stop}"
+                )
+            data = self._data[lo:hi]
+            indices = self._indices[lo:hi].astype(np.int64)
+        except (OSError, ValueError, TypeError) as err:
+            raise BundleError(
+                self.path, f"cannot read the counts of barcodes {start}..{stop} (truncated?): {err}"
+            ) from err
+        if len(indices) and (indices.min() < 0 or indices.max() >= self.n_features):
+            raise BundleError(
+                self.path, f"feature indices out of range at barcodes {start}..{stop}"
+            )
+        matrix = sp.csr_matrix(
+            (data, indices, indptr - lo), shape=(stop - start, self.n_features)
+        )
+        return as_int32_counts(matrix, self.path)
