@@ -1,45 +1,242 @@
-"""The Prefect flow behind `histmol build` and `histmol demo`: build sections into one corpus.
+"""Prefect tasks for the stages of one section, and the flow behind `histmol build`/`histmol demo`.
 
-Thin on purpose (STYLE.md): the task calls `histmol.build.build_section`; the flow passes
-parameters. It runs in-process on Prefect's ephemeral API, so no server has to be started.
+Thin on purpose (STYLE.md): each task calls one stage function of `histmol.build`; flows wire
+them. Stages: read (adapter) -> register (registration, tissue mask, patch plan) -> gene keys
+-> tile/write (extract patches into a staging folder) -> commit (nested in tile/write, so the
+staging folder's owner lock is held by one process from creation to commit).
+
+The vocabulary is the one order-dependent table of a corpus (`Corpus.map_genes` appends new genes
+in call order), so the flows map genes section by section in request order, never from inside
+parallel tasks: that is what makes parallel and distributed builds byte-identical to serial ones.
+
+Errors: a `HistmolError` leaving a task is re-raised as `SectionFailed`, which pickles (the
+`FileProblem` errors do not: their two-argument constructor breaks unpickling on Dask workers)
+and carries the original type and message. Retries happen on transient I/O errors only.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import numpy as np
+import pandas as pd
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.states import State
 
-from histmol.build import BuildResult, SectionRequest, build_section
+import histmol
+from histmol.build import (
+    BuildResult,
+    SectionRequest,
+    check_existing,
+    plan_stage,
+    read_stage,
+    register_stage,
+    section_row,
+    tissue_stage,
+    write_stage,
+)
 from histmol.config import BuildConfig
+from histmol.errors import HistmolError
+from histmol.fingerprint import input_fingerprint
+from histmol.genes import infer_species
+from histmol.registration import Registration
+from histmol.section import Section
+from histmol.shards.corpus import Corpus
+from histmol.tiling import PatchPlan
+from histmol.wsi import open_wsi
+
+FILE_OPTIONS = ("alignment", "counts", "positions", "transform")
+TRANSIENT_ERRORS = (TimeoutError, ConnectionError, BlockingIOError, InterruptedError)
+
+
+class SectionFailed(HistmolError):
+    """A section's stage failed; `kind` is the original error type, `reason` its message."""
+
+    def __init__(self, kind: str, reason: str) -> None:
+        self.kind = kind
+        self.reason = reason
+        super().__init__(kind, reason)
+
+    def __str__(self) -> str:
+        return self.reason
+
+
+@contextmanager
+def section_errors() -> Iterator[None]:
+    """Re-raise histmol errors as picklable `SectionFailed` (see the module docstring)."""
+    try:
+        yield
+    except SectionFailed:
+        raise
+    except HistmolError as err:
+        raise SectionFailed(type(err).__name__, str(err)) from None
 
 
 def retry_on_io_error(task_: object, task_run: object, state: State) -> bool:
     """Retry only transient I/O failures; a bad bundle stays bad however often it is read."""
     try:
         state.result()
-    except (TimeoutError, ConnectionError, BlockingIOError, InterruptedError):
+    except TRANSIENT_ERRORS:
         return True
     except Exception:  # noqa: BLE001 - any other failure is final
         return False
     return False
 
 
-@task(
-    name="build-section",
-    retries=2,
-    retry_delay_seconds=2,
-    retry_condition_fn=retry_on_io_error,
-    cache_policy=NO_CACHE,
-    task_run_name="build-{request.platform}",
-)
-def build_section_task(
-    request: SectionRequest, out: str, config: BuildConfig, force: bool, threads: int
+def cache_key(request: SectionRequest, config: BuildConfig) -> str:
+    """Hash what decides a section's bytes: inputs (stat), histmol version, config, request.
+
+    Adapter options naming files (alignment, ...) are fingerprinted by stat and hashed by name
+    only, so a moved source tree keeps its key (as `SectionRequest.fingerprint` does).
+    """
+    files = [Path(v) for k, v in sorted(request.options.items()) if k in FILE_OPTIONS
+             and isinstance(v, str | Path) and Path(v).exists()]
+    options = {k: Path(v).name if k in FILE_OPTIONS and isinstance(v, str | Path) else v
+               for k, v in request.options.items()}
+    payload = {
+        "histmol": histmol.__version__,
+        "config": config.fingerprint(),
+        "inputs": [request.fingerprint(), input_fingerprint(*files)],
+        "platform": request.platform,
+        "section_id": request.resolved_section_id(),
+        "options": options,
+        "metadata": {k: v for k, v in request.metadata.items() if v},
+    }
+    text = json.dumps(payload, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+@dataclass
+class Placement:
+    """The register stage's output: units on the slide, the kept patch plan and its QC."""
+
+    registration: Registration
+    plan: PatchPlan
+    plan_qc: dict[str, Any]
+    pair_tissue: np.ndarray
+
+
+@dataclass(frozen=True)
+class GeneKeys:
+    """What the flow needs to extend the vocabulary: the gene table and the species."""
+
+    genes: pd.DataFrame
+    species: str
+
+
+_STAGE = {"retries": 2, "retry_delay_seconds": 2, "retry_condition_fn": retry_on_io_error,
+          "cache_policy": NO_CACHE}
+
+
+@task(name="read", task_run_name="read-{section_id}", **_STAGE)
+def read_section(section_id: str, request: SectionRequest, config: BuildConfig) -> Section:
+    """Run the platform adapter on the bundle."""
+    with section_errors():
+        return read_stage(request, config)
+
+
+@task(name="register", task_run_name="register-{section_id}", **_STAGE)
+def register_section(
+    section_id: str, request: SectionRequest, section: Section, config: BuildConfig
+) -> Placement:
+    """Place units on the slide, mask tissue and plan patches (QC failures raise here)."""
+    with section_errors(), open_wsi(request.wsi) as slide:
+        registration = register_stage(section, slide, config, request.transform,
+                                      request.landmarks)
+        mask = tissue_stage(slide, registration.mpp, config)
+        plan, plan_qc, pair_tissue = plan_stage(section, registration, mask, config)
+    return Placement(registration, plan, plan_qc, pair_tissue)
+
+
+@task(name="gene-keys", task_run_name="genes-{section_id}", cache_policy=NO_CACHE)
+def gene_keys(section_id: str, request: SectionRequest, section: Section,
+              placement: Placement) -> GeneKeys:
+    """Return the gene table and species once registration passed (failures add no genes)."""
+    species = request.metadata.get("species") or infer_species(section.genes) or "unknown"
+    return GeneKeys(section.genes[["gene_id", "symbol", "ensembl_id"]].copy(), species)
+
+
+def map_genes(out: str, config: BuildConfig, keys: GeneKeys) -> np.ndarray:
+    """Vocabulary indices of a section's genes, creating the corpus if needed (call in order)."""
+    with section_errors():
+        corpus = Corpus.open(out, create=True, build_config=config.corpus_fields())
+        return corpus.map_genes(keys.genes, species=keys.species)
+
+
+@task(name="tile-write", task_run_name="write-{section_id}", **_STAGE)
+def write_section(
+    section_id: str, out: str, request: SectionRequest, section: Section, placement: Placement,
+    gene_index: np.ndarray, species: str, config: BuildConfig, key: str, force: bool,
+    threads: int,
 ) -> BuildResult:
-    """Build one section (read, register, tile, write, commit)."""
-    return build_section(request, Path(out), config, force=force, threads=threads)
+    """Extract and write every kept patch into a staging folder, then commit it."""
+    started = time.perf_counter()
+    with section_errors(), Corpus.open(out, build_config=config.corpus_fields()) as corpus:
+        staging = corpus.staging_dir(section_id)
+        committed = False
+        try:
+            with open_wsi(request.wsi) as slide:
+                reg, plan = placement.registration, placement.plan
+                records, timings = write_stage(
+                    staging, section, reg, plan, placement.pair_tissue, gene_index, slide,
+                    config, threads=threads,
+                )
+                qc = {**placement.plan_qc, **reg.qc, **section.qc}
+                row = section_row(section, request, reg, plan, config, request.fingerprint(),
+                                  species, gene_index, slide, qc)
+            row["cache_key"] = key
+            commit_section(section_id, out, str(staging), records, row, force)
+            committed = True
+        finally:
+            if not committed:
+                corpus.discard_staging(staging)
+    n_units = int((plan.unit_pair >= 0).sum())
+    return BuildResult(
+        section_id, request.platform, "committed", "", plan.n_pairs, n_units, section.n_genes,
+        sum(r.images_bytes + r.units_bytes for r in records), time.perf_counter() - started,
+        {k: v for k, v in row.items() if k != "panel"}, timings,
+    )
+
+
+@task(name="commit", task_run_name="commit-{section_id}", **_STAGE)
+def commit_section(section_id: str, out: str, staging: str, records: list[Any],
+                   row: dict[str, Any], force: bool) -> None:
+    """Publish the staged section: rename into place, then rewrite the tables (manifest last)."""
+    with section_errors(), Corpus.open(out) as corpus:
+        corpus.commit_section(section_id, staging, records=records, row=row, force=force)
+
+
+def record_failure(out: str, config: BuildConfig, section_id: str, platform: str,
+                   reason: str) -> None:
+    """Write a `failed` row with the reason (a committed section keeps its last good data)."""
+    corpus = Corpus.open(out, create=True, build_config=config.corpus_fields())
+    corpus.record_failure(section_id, {"platform": platform}, reason)
+
+
+def build_one(request: SectionRequest, out: str, config: BuildConfig, force: bool,
+              threads: int) -> BuildResult:
+    """Run the stages of one section in this process, as task runs; errors propagate."""
+    section_id = request.resolved_section_id()
+    if (Path(out) / "corpus.json").exists():
+        corpus = Corpus.open(out, build_config=config.corpus_fields())
+        skipped = check_existing(corpus, section_id, request.platform, config,
+                                 request.fingerprint(), force)
+        if skipped is not None:
+            return skipped
+    section = read_section(section_id, request, config)
+    placement = register_section(section_id, request, section, config)
+    keys = gene_keys(section_id, request, section, placement)
+    gene_index = map_genes(out, config, keys)
+    return write_section(section_id, out, request, section, placement, gene_index, keys.species,
+                         config, cache_key(request, config), force, threads)
 
 
 @flow(name="build-sections", log_prints=False)
@@ -50,6 +247,9 @@ def build_sections(
     force: bool = False,
     threads: int = 2,
 ) -> list[BuildResult]:
-    """Build the given sections one after another into the corpus at `out`; first failure raises."""
+    """Build the given sections one after another into the corpus at `out`; first failure raises.
+
+    An unchanged committed section is skipped; a changed one is refused unless `force`.
+    """
     config = config or BuildConfig()
-    return [build_section_task(request, out, config, force, threads) for request in requests]
+    return [build_one(request, out, config, force, threads) for request in requests]

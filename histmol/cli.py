@@ -88,6 +88,8 @@ def build(
     patient_id: Annotated[str, typer.Option(help="Patient or donor id (evaluation splits by it).")] = "",
     licence: Annotated[str, typer.Option(help="Licence of the source data.")] = "",
     transform: Annotated[Optional[Path], typer.Option(help="3x3 native->WSI affine CSV.")] = None,
+    landmarks: Annotated[Optional[Path], typer.Option(help="CSV of point pairs native_x,native_y,wsi_x,wsi_y; an affine is fitted.")] = None,
+    max_landmark_residual_um: Annotated[Optional[float], typer.Option(help="Fail when a landmark misses by more [50].")] = None,
     mpp: Annotated[Optional[float], typer.Option(help="Override the WSI's um/px (skips the pitch check).")] = None,
     target_mpp: Annotated[Optional[float], typer.Option(help="Patch resolution in um/px [0.5].")] = None,
     patch_px: Annotated[Optional[int], typer.Option(help="Patch side in pixels [224].")] = None,
@@ -121,13 +123,15 @@ def build(
             mpp=mpp, target_mpp=target_mpp, patch_px=patch_px, mode=mode,
             min_tissue_fraction=min_tissue_fraction, min_units_on_tissue=min_units_on_tissue,
             mpp_tolerance=mpp_tolerance, tissue_mpp=tissue_mpp, resample=resample,
+            max_landmark_residual_um=max_landmark_residual_um,
             jpeg_quality=jpeg_quality,
             pairs_per_shard=pairs_per_shard, min_match_rate=min_match_rate,
         )
         options = {k: v for k, v in {"bin_um": bin_um, "units": units,
                                      "alignment": alignment}.items() if v is not None}
         options.update(parse_options(option or []))
-        request = SectionRequest(platform, bundle, wsi, section_id, transform, metadata, options)
+        request = SectionRequest(platform, bundle, wsi, section_id, transform, metadata, options,
+                                 landmarks)
         get_platform(platform)
         request.resolved_section_id()  # refuse an unsafe id before any work starts
         with progress_display():
@@ -234,6 +238,122 @@ def demo(
 def version() -> None:
     """Print the histmol version."""
     out_console.print(__version__)
+
+
+@app.command()
+def qc(
+    corpus: Annotated[Path, typer.Argument(help="Corpus folder.")],
+    section: Annotated[Optional[list[str]], typer.Option(help="Section id (repeatable) [every committed section].")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Folder for the figures, one subfolder per section [<corpus>/qc].")] = None,
+    wsi: Annotated[Optional[Path], typer.Option(help="The section's H&E (with one --section): draws the slide and tissue contour.")] = None,
+) -> None:
+    """Write each section's QC figures (PNG): overview, zoom, metrics, thumbnail."""
+    from histmol.qc.figures import write_section_figures
+    from histmol.shards.corpus import COMMITTED, Corpus
+
+    try:
+        ids = section or [s for s, status in Corpus.open(corpus).sections()[["section_id", "status"]]
+                          .itertuples(index=False) if status == COMMITTED]
+        if wsi is not None and len(ids) != 1:
+            raise typer.BadParameter("--wsi needs exactly one --section (the image it was built on)")
+        for section_id in ids:
+            paths = write_section_figures(corpus, section_id, out or corpus / "qc", slide=wsi)
+            out_console.print(f"{section_id}: {', '.join(str(p) for p in paths)}", soft_wrap=True)
+    except HistmolError as err:
+        fail(err)
+
+
+@app.command()
+def report(
+    corpus: Annotated[Path, typer.Argument(help="Corpus folder.")],
+    out: Annotated[Path, typer.Option(help="The HTML file to write.")] = Path("report.html"),
+    figures: Annotated[Optional[Path], typer.Option(help="Where `histmol qc` wrote the figures [<corpus>/qc].")] = None,
+) -> None:
+    """Write one self-contained HTML page about the corpus (no server, no network)."""
+    from histmol.qc.report import write_report
+
+    try:
+        out_console.print(str(write_report(corpus, out, figures_dir=figures)))
+    except HistmolError as err:
+        fail(err)
+
+
+@app.command()
+def validate(
+    corpus: Annotated[Path, typer.Argument(help="Corpus folder.")],
+    checksums: Annotated[bool, typer.Option(help="Recompute every shard's sha256 (off: sizes only).")] = True,
+) -> None:
+    """Check checksums, schemas and references; list every problem and exit 1 if any."""
+    from histmol.validate import validate_corpus
+
+    problems = validate_corpus(corpus, checksums=checksums)
+    for problem in problems:
+        out_console.print(str(problem), highlight=False, soft_wrap=True)
+    if problems:
+        console.print(f"[red]{len(problems)} problem(s)[/red] in {corpus}", highlight=False)
+        raise typer.Exit(1)
+    out_console.print(f"{corpus}: no problems found")
+
+
+@app.command()
+def export(
+    corpus: Annotated[Path, typer.Argument(help="Corpus folder.")],
+    section: Annotated[str, typer.Option(help="Section id.")],
+    out: Annotated[Path, typer.Option(help="Output: a .zarr store (spatialdata) or .h5ad file (anndata).")],
+    fmt: Annotated[str, typer.Option("--format", help="spatialdata or anndata.")] = "spatialdata",
+    wsi: Annotated[Optional[Path], typer.Option(help="The section's H&E [without: a mosaic of the stored patches].")] = None,
+    image_mpp: Annotated[float, typer.Option(help="um/px of the SpatialData image's finest level.")] = 2.0,
+    force: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
+) -> None:
+    """Export one section as SpatialData (zarr) or AnnData (h5ad) for the scverse tools."""
+    from histmol.export import export_section
+
+    try:
+        path = export_section(corpus, section, out, format=fmt, slide=wsi, image_mpp=image_mpp,
+                              overwrite=force)
+    except HistmolError as err:
+        fail(err)
+    out_console.print(str(path))
+
+
+@app.command()
+def ingest(
+    manifest: Annotated[Path, typer.Argument(help="Manifest (.yaml or .csv): one entry per section.")],
+    out: Annotated[Path, typer.Option(help="Corpus folder; created, or added to.")],
+    dask_address: Annotated[Optional[str], typer.Option(help="Scheduler of a running Dask cluster, e.g. tcp://scheduler:8786 (needs PREFECT_API_URL).")] = None,
+    max_parallel: Annotated[Optional[int], typer.Option(help="Sections built at once [cores / threads; with Dask, its threads].")] = None,
+    threads: Annotated[int, typer.Option(help="Tile-reading threads per section.")] = 1,
+    force: Annotated[bool, typer.Option(help="Rebuild sections even when unchanged.")] = False,
+) -> None:
+    """Build every section of a manifest into one corpus: resumable, failures isolated."""
+    quiet_prefect()
+    from flows.ingest import IngestFailed, ingest_corpus
+    from histmol.ingest_view import ingest_display, outcome_table
+
+    with ingest_display(console):
+        state = ingest_corpus(str(manifest), str(out), dask_address=dask_address,
+                              max_parallel=max_parallel, threads=threads, force=force,
+                              return_state=True)
+    result = state.result(raise_on_failure=False)
+    if isinstance(result, IngestFailed):
+        out_console.print(outcome_table(result.outcomes, f"{manifest} -> {out}"))
+        raise typer.Exit(1)
+    if isinstance(result, HistmolError):
+        fail(result)
+    if isinstance(result, BaseException):
+        raise result
+    out_console.print(outcome_table(result, f"{manifest} -> {out}"))
+
+
+@app.command()
+def serve(
+    name: Annotated[str, typer.Option(help="Deployment name.")] = "default",
+) -> None:
+    """Serve the ingest-corpus flow for `prefect deployment run 'ingest-corpus/NAME'`."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from flows.ingest import ingest_corpus
+
+    ingest_corpus.serve(name=name)
 
 
 def main() -> None:

@@ -9,56 +9,60 @@ and the builds use it, as a user would pass `--transform`.
 
 from __future__ import annotations
 
+import json
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 from histmol.build import BuildResult, SectionRequest
 from histmol.config import BuildConfig
-from histmol.synth import make_slide, write_st_bundle, write_visium_bundle
+from histmol.synth import SyntheticSlide, make_slide, write_st_bundle, write_visium_bundle
 
 SLIDE_MPP = 0.25  # a 40x-like scan, so patches at 0.5 um/px come from pyramid level 1
 DEMO_SLIDE_UM = (3200.0, 2800.0)
 
 
 def generate_demo_inputs(root: Path, *, seed: int = 0) -> list[SectionRequest]:
-    """Write slides and bundles under `root` (skipping ones already there); return the requests."""
-    slides = root / "slides"
-    bundles = root / "bundles"
-    slides.mkdir(parents=True, exist_ok=True)
-    requests: list[SectionRequest] = []
-    slide_a = _slide(slides / "slide-a.tif", seed)
-    slide_b = _slide(slides / "slide-b.tif", seed + 1)
+    """Write slides and bundles under `root`; return the requests that build them.
 
-    crc = bundles / "visium-crc-01"
-    if not (crc / "outs").exists():
+    A marker written last records the seed: a later call with the same seed reuses the inputs
+    untouched (so their fingerprints, and a re-run's skipping, hold); anything else, including
+    debris of an interrupted generation, is generated afresh.
+    """
+    slides, bundles = root / "slides", root / "bundles"
+    crc, crc2, st_dir = (
+        bundles / name for name in ("visium-crc-01", "visium-crc-02", "st-breast-01")
+    )
+    marker = root / "inputs.json"
+    wanted = json.dumps({"generator": "histmol demo", "seed": seed})
+    if not (marker.exists() and marker.read_text() == wanted):
+        marker.unlink(missing_ok=True)
+        for stale in (slides, bundles):
+            shutil.rmtree(stale, ignore_errors=True)
+        slides.mkdir(parents=True)
+        slide_a = _slide(slides / "slide-a.tif", seed)
+        slide_b = _slide(slides / "slide-b.tif", seed + 1)
         write_visium_bundle(crc, slide_a, layout="spaceranger2", matrix="h5", seed=seed)
-    requests.append(
+        write_visium_bundle(crc2, slide_b, layout="spaceranger1", matrix="mtx", seed=seed + 1)
+        write_st_bundle(st_dir, slide_a, image_mpp=0.5, seed=seed + 2, sample="breast01")
+        marker.write_text(wanted)
+    return [
         SectionRequest(
             "visium",
             crc / "outs",
-            slide_a.path,
+            slides / "slide-a.tif",
             "crc-01",
             crc / "native_to_wsi.csv",
             {"tissue": "colon", "species": "human", "patient_id": "p1"},
-        )
-    )
-    crc2 = bundles / "visium-crc-02"
-    if not (crc2 / "outs").exists():
-        write_visium_bundle(crc2, slide_b, layout="spaceranger1", matrix="mtx", seed=seed + 1)
-    requests.append(
+        ),
         SectionRequest(
             "visium",
             crc2 / "outs",
-            slide_b.path,
+            slides / "slide-b.tif",
             "crc-02",
             crc2 / "native_to_wsi.csv",
             {"tissue": "colon", "species": "human", "patient_id": "p2"},
-        )
-    )
-    st_dir = bundles / "st-breast-01"
-    if not st_dir.exists():
-        write_st_bundle(st_dir, slide_a, image_mpp=0.5, seed=seed + 2, sample="breast01")
-    requests.append(
+        ),
         SectionRequest(
             "st",
             st_dir,
@@ -66,12 +70,11 @@ def generate_demo_inputs(root: Path, *, seed: int = 0) -> list[SectionRequest]:
             "st-breast-01",
             None,
             {"tissue": "breast", "species": "human", "patient_id": "p3"},
-        )
-    )
-    return requests
+        ),
+    ]
 
 
-def _slide(path: Path, seed: int):  # noqa: ANN202 - SyntheticSlide, re-made cheaply if present
+def _slide(path: Path, seed: int) -> SyntheticSlide:
     width_um, height_um = DEMO_SLIDE_UM
     return make_slide(path, width_um=width_um, height_um=height_um, mpp=SLIDE_MPP, seed=seed)
 

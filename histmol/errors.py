@@ -17,6 +17,10 @@ class FileProblem(HistmolError):
         self.problem = problem
         super().__init__(f"{self.path}: {problem}")
 
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:
+        # Two-argument constructor: pickle (for Dask workers, process pools) must call it so.
+        return (type(self), (self.path, self.problem))
+
 
 class BundleError(FileProblem):
     """A platform output bundle is missing a file or holds malformed data."""

@@ -80,3 +80,13 @@ def test_gene_keys_controls_and_duplicates() -> None:
     np.testing.assert_array_equal(merged_counts.toarray(), [[1, 7], [0, 2]])
     assert infer_species(merged) == "mouse"  # half the panel has mouse Ensembl ids
     assert infer_species(gene_table(["ENSMUSG00000064339", "A", "B"], ["x", "A", "B"])) is None
+
+
+def test_file_errors_survive_pickling() -> None:
+    import pickle
+
+    from histmol.errors import BundleError
+
+    error = pickle.loads(pickle.dumps(BundleError("/data/outs/x.h5", "truncated")))
+    assert isinstance(error, BundleError) and str(error) == "/data/outs/x.h5: truncated"
+    assert (error.path, error.problem) == ("/data/outs/x.h5", "truncated")

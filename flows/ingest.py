@@ -1,0 +1,309 @@
+"""The `ingest-corpus` flow: every section of a manifest into one corpus, resumably, in parallel.
+
+`ingest_corpus(manifest, out, ...)` loads the manifest (histmol/manifest.py), skips sections whose
+cache key (input file fingerprints, histmol version, config, request: `flows.build.cache_key`)
+matches their committed row, and runs the stage tasks of the others: read -> register -> gene
+keys -> tile/write -> commit. The corpus is the cache: it holds each section's key, so deleting or
+moving a corpus can never leave a stale Prefect result behind (Prefect's own result cache is off).
+
+Scheduling. Sections run `max_parallel` at a time (a window over the manifest; memory holds at
+most that many sections' data). Each section's stages run one after another, so at most
+`max_parallel` stages compete for cores. Genes enter the vocabulary in manifest order (the flow
+maps them as each section, in order, passes registration), which keeps the corpus byte-identical
+whatever the runner, the worker count or the interruption history. Runners: Prefect's thread
+pool in this process, or an existing dask.distributed cluster (`dask_address`) through
+prefect-dask's DaskTaskRunner. Dask workers are separate processes and cannot reach this
+process's ephemeral Prefect API, so a Dask run needs a real API (`PREFECT_API_URL`, e.g.
+`prefect server start`); Prefect hands its URL to the workers with each task.
+
+Failures are isolated: a section that fails (bad input, adapter error, QC) gets a `failed` row
+with its reason and the others commit; the flow run then fails with `IngestFailed`, which holds
+the per-section outcomes, so `prefect deployment run --watch` and `histmol ingest` both exit
+non-zero. A killed run leaves only debris that the next run removes before it starts.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.futures import PrefectFuture
+from prefect.settings import get_current_settings
+from prefect.states import State
+from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
+
+from flows.build import (
+    SectionFailed,
+    cache_key,
+    gene_keys,
+    map_genes,
+    read_section,
+    record_failure,
+    register_section,
+    write_section,
+)
+from histmol.build import BuildResult, SectionRequest
+from histmol.config import BuildConfig
+from histmol.errors import ConfigError, HistmolError
+from histmol.manifest import IngestPlan, load_manifest
+from histmol.shards.corpus import COMMITTED, Corpus
+
+POLL_S = 0.02
+
+
+@dataclass
+class SectionOutcome:
+    """One manifest entry's fate in one run."""
+
+    section_id: str
+    platform: str
+    status: str  # committed | skipped | failed
+    reason: str = ""
+    n_pairs: int = 0
+    n_units: int = 0
+    seconds: float = 0.0
+
+
+class IngestFailed(HistmolError):
+    """Some sections failed; `outcomes` holds every section's outcome (the others committed)."""
+
+    def __init__(self, outcomes: list[dict[str, Any]]) -> None:
+        self.outcomes = outcomes
+        super().__init__(outcomes)
+
+    def __str__(self) -> str:
+        failed = [o for o in self.outcomes if o["status"] == "failed"]
+        return f"{len(failed)} of {len(self.outcomes)} sections failed: " + "; ".join(
+            f"{o['section_id']}: {o['reason']}" for o in failed
+        )
+
+
+Listener = Callable[[str, dict[str, Any]], None]
+_listeners: list[Listener] = []
+_listeners_lock = threading.Lock()
+
+
+@contextmanager
+def ingest_events(listener: Listener) -> Iterator[None]:
+    """Send this process' ingest events to `listener` while the block runs.
+
+    Events: ("start", {"total", "to_build"}) once, then ("section", outcome dict) per section.
+    Flow parameters must be JSON, so a display subscribes here instead (as histmol.progress).
+    """
+    with _listeners_lock:
+        _listeners.append(listener)
+    try:
+        yield
+    finally:
+        with _listeners_lock:
+            _listeners.remove(listener)
+
+
+def _emit(event: str, payload: dict[str, Any]) -> None:
+    for listener in list(_listeners):
+        listener(event, payload)
+
+
+@dataclass
+class _Run:
+    """One section in flight: its request, config and stage futures."""
+
+    index: int
+    section_id: str
+    request: SectionRequest
+    config: BuildConfig
+    key: str
+    started: float = field(default_factory=time.perf_counter)
+    stages: list[PrefectFuture[Any]] = field(default_factory=list)
+    write: PrefectFuture[Any] | None = None
+
+
+def _state(future: PrefectFuture[Any]) -> State:
+    """Return the final state of a task run (both runners' wrapped futures return states)."""
+    return future.wrapped_future.result()  # type: ignore[attr-defined]
+
+
+def _done(future: PrefectFuture[Any]) -> bool:
+    return bool(future.wrapped_future.done())  # type: ignore[attr-defined]
+
+
+def _reason(futures: list[PrefectFuture[Any]]) -> str:
+    """Return the error of the first stage that failed (later ones only say 'upstream')."""
+    for future in futures:
+        state = _state(future)
+        if state.is_failed() or state.is_crashed():
+            error = state.result(raise_on_failure=False)
+            if isinstance(error, SectionFailed):
+                return error.reason
+            if isinstance(error, BaseException):
+                return f"{type(error).__name__}: {error}"
+            return state.message or state.name
+    return "did not complete"
+
+
+def _plan_work(plan: IngestPlan, out: str, force: bool) -> tuple[list[_Run], list[SectionOutcome]]:
+    """Split the manifest into sections to build and unchanged committed ones (skipped)."""
+    corpus = Corpus.open(out, create=True, build_config=plan.corpus_fields)
+    corpus.cleanup_staging()  # debris of a killed run: stale staging folders, temporary files
+    rows = {r["section_id"]: r for r in corpus.read_table("sections").to_pylist()}
+    todo, skipped = [], []
+    for index, (request, config) in enumerate(zip(plan.requests, plan.configs, strict=True)):
+        section_id = request.resolved_section_id()
+        key = cache_key(request, config)
+        row = rows.get(section_id)
+        if (not force and row is not None and row.get("cache_key") == key
+                and (corpus.section_status(section_id) or {}).get("status") == COMMITTED):
+            skipped.append(SectionOutcome(section_id, request.platform, "skipped",
+                                          "unchanged since its last commit",
+                                          int(row["n_pairs"]), int(row["n_units"])))
+        else:
+            todo.append(_Run(index, section_id, request, config, key))
+    return todo, skipped
+
+
+def _runner(dask_address: str | None, window: int) -> TaskRunner[Any]:
+    if dask_address is None:
+        # Threads blocked on an upstream stage hold no core; 4 per section lets every stage
+        # of the window be queued without starving the running ones.
+        return ThreadPoolTaskRunner(max_workers=4 * window)
+    if not get_current_settings().api.url:
+        raise ConfigError(
+            "a Dask run needs a Prefect API the workers can reach (Dask worker processes cannot "
+            "use this process' temporary one): start `prefect server start --host <host>` (or "
+            "use Prefect Cloud) and set PREFECT_API_URL=http://<host>:4200/api"
+        )
+    from prefect_dask import DaskTaskRunner
+
+    return DaskTaskRunner(address=dask_address)
+
+
+def default_parallel(threads: int) -> int:
+    """Sections at once on this machine: one per `threads` cores."""
+    return max(1, (os.cpu_count() or 1) // max(1, threads))
+
+
+class _Scheduler:
+    """Feeds the window, maps genes in manifest order, collects outcomes."""
+
+    def __init__(self, runner: TaskRunner[Any], out: str, window: int, threads: int) -> None:
+        self.runner, self.out, self.window, self.threads = runner, out, window, threads
+        self.outcomes: list[SectionOutcome] = []
+
+    def run(self, todo: list[_Run]) -> list[SectionOutcome]:
+        queue, mapping, writing = deque(todo), deque[_Run](), list[_Run]()
+        while queue or mapping or writing:
+            while queue and len(mapping) + len(writing) < self.window:
+                mapping.append(self._start(queue.popleft()))
+            if mapping and _done(mapping[0].stages[-1]):
+                run = mapping.popleft()
+                if self._submit_write(run):
+                    writing.append(run)
+                continue
+            finished = [run for run in writing if _done(run.write)]  # type: ignore[arg-type]
+            for run in finished:
+                writing.remove(run)
+                self._collect(run)
+            if not finished:
+                time.sleep(POLL_S)
+        return self.outcomes
+
+    def _start(self, run: _Run) -> _Run:
+        common = {"section_id": run.section_id, "request": run.request}
+        read = self.runner.submit(read_section, {**common, "config": run.config})
+        register = self.runner.submit(register_section,
+                                      {**common, "section": read, "config": run.config})
+        keys = self.runner.submit(gene_keys, {**common, "section": read, "placement": register})
+        run.stages = [read, register, keys]
+        return run
+
+    def _submit_write(self, run: _Run) -> bool:
+        """Map the section's genes (in manifest order) and submit its write; False if it failed."""
+        state = _state(run.stages[-1])
+        if not state.is_completed():
+            self._fail(run, _reason(run.stages))
+            return False
+        keys = state.result()
+        try:
+            gene_index = map_genes(self.out, run.config, keys)
+        except SectionFailed as err:
+            self._fail(run, err.reason)
+            return False
+        read, register, _ = run.stages
+        run.write = self.runner.submit(write_section, {
+            "section_id": run.section_id, "out": self.out, "request": run.request,
+            "section": read, "placement": register, "gene_index": gene_index,
+            # force: a committed section reaching here changed; the manifest says rebuild it
+            "species": keys.species, "config": run.config, "key": run.key, "force": True,
+            "threads": self.threads,
+        })
+        return True
+
+    def _collect(self, run: _Run) -> None:
+        assert run.write is not None
+        state = _state(run.write)
+        if not state.is_completed():
+            self._fail(run, _reason([run.write]))
+            return
+        result: BuildResult = state.result()
+        self._add(SectionOutcome(run.section_id, run.request.platform, "committed", "",
+                                 result.n_pairs, result.n_units,
+                                 time.perf_counter() - run.started))
+
+    def _fail(self, run: _Run, reason: str) -> None:
+        record_failure(self.out, run.config, run.section_id, run.request.platform, reason)
+        self._add(SectionOutcome(run.section_id, run.request.platform, "failed", reason,
+                                 seconds=time.perf_counter() - run.started))
+
+    def _add(self, outcome: SectionOutcome) -> None:
+        self.outcomes.append(outcome)
+        _emit("section", asdict(outcome))
+
+
+def summary_text(outcomes: list[dict[str, Any]]) -> str:
+    """Render the outcomes as a plain-text table (for the flow run's log)."""
+    lines = [f"{'section':<24} {'platform':<10} {'status':<10} {'pairs':>8} {'units':>9}  reason"]
+    for o in outcomes:
+        lines.append(f"{o['section_id']:<24} {o['platform']:<10} {o['status']:<10} "
+                     f"{o['n_pairs']:>8} {o['n_units']:>9}  {o['reason']}")
+    return "\n".join(lines)
+
+
+@flow(name="ingest-corpus", log_prints=False)
+def ingest_corpus(
+    manifest: str,
+    out: str,
+    dask_address: str | None = None,
+    max_parallel: int | None = None,
+    threads: int = 1,
+    force: bool = False,
+) -> list[dict[str, Any]]:
+    """Build every section of `manifest` into the corpus at `out`; return one outcome per entry.
+
+    `max_parallel` sections run at once (default: the Dask cluster's threads, else one per
+    `threads` cores); `threads` tile-reading threads each. `force` rebuilds unchanged sections.
+    Raises IngestFailed (after every other section committed) when any section failed.
+    """
+    plan = load_manifest(manifest)
+    window = max_parallel or default_parallel(threads)
+    runner = _runner(dask_address, window)  # refuses a Dask run without an API, before any work
+    todo, skipped = _plan_work(plan, out, force)
+    _emit("start", {"total": len(plan.requests), "to_build": len(todo)})
+    for outcome in skipped:
+        _emit("section", asdict(outcome))
+    with runner:
+        if dask_address is not None and max_parallel is None:
+            window = max(1, sum(runner.client.nthreads().values()))  # type: ignore[attr-defined]
+        built = _Scheduler(runner, out, window, threads).run(todo) if todo else []
+    order = {request.resolved_section_id(): i for i, request in enumerate(plan.requests)}
+    outcomes = sorted((asdict(o) for o in skipped + built), key=lambda o: order[o["section_id"]])
+    get_run_logger().info("ingest of %s into %s:\n%s", manifest, out, summary_text(outcomes))
+    if any(o["status"] == "failed" for o in outcomes):
+        raise IngestFailed(outcomes)
+    return outcomes

@@ -1,0 +1,333 @@
+"""Ingest manifests: one entry per section, in YAML or CSV, validated with pydantic.
+
+Why a manifest: `histmol ingest` builds a whole cohort resumably, so the cohort has to be data
+(what to build from which files, with which options), not a shell loop of `histmol build` calls.
+
+YAML layout (paths relative to the manifest's folder)::
+
+    version: 1
+    corpus:            # corpus-level options: one patch geometry and codec per corpus
+      patch_px: 224
+      target_mpp: 0.5
+    defaults:          # per-section build options every entry inherits unless it sets them
+      min_tissue_fraction: 0.1
+    sections:
+      - section_id: crc-01
+        platform: visium
+        bundle: bundles/crc-01/outs
+        wsi: slides/crc-01.svs
+        transform: bundles/crc-01/native_to_wsi.csv
+        tissue: colon
+        species: human
+        patient_id: p1
+        licence: CC-BY-4.0
+        mpp: 0.2527          # per-section override of the WSI's um/px
+        bin_um: 8            # platform options: bin size, unit kind, alignment file
+        options: {positions: spots.tsv}   # any other adapter option, passed through verbatim
+
+CSV: one row per section with the entry fields as columns (empty cell = unset); adapter options
+as `option.<name>` columns; corpus-level columns (`patch_px`, ...) may appear but must hold the
+same value on every row. Every error names the file and the line and entry it concerns.
+The JSON Schema (`manifests/schema.json`, from `python -m histmol.manifest`) lets editors check
+YAML manifests as they are typed. Object-storage URLs are refused for now (local paths only).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from histmol.build import SectionRequest
+from histmol.config import CORPUS_LEVEL_FIELDS, BuildConfig
+from histmol.errors import ConfigError
+from histmol.section import validate_section_id
+from platform_adapters import get_platform
+
+PATH_FIELDS = ("bundle", "wsi", "transform", "landmarks", "alignment")
+PLATFORM_OPTION_FIELDS = ("bin_um", "units", "alignment")
+METADATA_FIELDS = ("tissue", "species", "patient_id", "licence")
+CSV_OPTION_PREFIX = "option."
+
+
+class ManifestError(ConfigError):
+    """A manifest that cannot be read or validated; the message names file, line and entry."""
+
+
+class CorpusOptions(BaseModel):
+    """Options every section of one corpus shares (BuildConfig's corpus-level fields)."""
+
+    model_config = ConfigDict(extra="forbid")
+    patch_px: int = Field(224, ge=16, le=4096, description="Patch side in pixels.")
+    target_mpp: float = Field(0.5, ge=0.05, le=50, description="Patch resolution in um/px.")
+    resample: Literal["lanczos", "bilinear", "box"] = "lanczos"
+    jpeg_quality: int = Field(90, ge=1, le=100, description="JPEG quality of stored patches.")
+
+
+class SectionOptions(BaseModel):
+    """Per-section build options; None inherits the manifest's `defaults`, then BuildConfig's."""
+
+    model_config = ConfigDict(extra="forbid")
+    mode: Literal["spot", "grid"] | None = Field(None, description="Tiling mode [platform's].")
+    mpp: float | None = Field(None, ge=0.05, le=50, description="Override the WSI's um/px.")
+    mpp_tolerance: float | None = Field(None, gt=0, lt=1)
+    min_tissue_fraction: float | None = Field(None, ge=0, le=1)
+    min_units_on_tissue: float | None = Field(None, ge=0, le=1)
+    tissue_mpp: float | None = Field(None, gt=0)
+    pairs_per_shard: int | None = Field(None, ge=1)
+    min_match_rate: float | None = Field(None, gt=0, le=1)
+    max_landmark_residual_um: float | None = Field(None, gt=0)
+
+
+class ManifestEntry(SectionOptions):
+    """One section: which adapter reads which bundle, paired with which H&E, and its metadata."""
+
+    section_id: str = Field(description="Slug, unique in the corpus: [a-z0-9][a-z0-9._-]{0,127}.")
+    platform: str = Field(description="Platform name (see `histmol platforms`).")
+    bundle: str = Field(description="The platform's output folder, relative to the manifest.")
+    wsi: str = Field(description="The paired H&E image, relative to the manifest.")
+    transform: str | None = Field(None, description="3x3 native->WSI affine CSV.")
+    landmarks: str | None = Field(None, description="Landmark pairs CSV (instead of transform).")
+    tissue: str = ""
+    species: str = Field("", description="Species; default inferred from Ensembl ids.")
+    patient_id: str = Field("", description="Patient or donor id (`donor_id` is accepted).")
+    licence: str = ""
+    bin_um: float | None = Field(None, gt=0, description="Bin size in um (binned platforms).")
+    units: str | None = Field(None, description="Unit kind where a platform offers several.")
+    alignment: str | None = Field(None, description="Platform alignment file.")
+    options: dict[str, Any] = Field(default_factory=dict, description="Other adapter options.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _donor_id(cls, data: Any) -> Any:
+        """Accept `donor_id` as the name of `patient_id` (evaluation splits by either)."""
+        if isinstance(data, dict) and "donor_id" in data:
+            data = dict(data)
+            donor = data.pop("donor_id")
+            if data.get("patient_id") not in (None, "", donor):
+                raise ValueError("give patient_id or donor_id, not both")
+            data["patient_id"] = donor
+        return data
+
+    @field_validator("section_id")
+    @classmethod
+    def _slug(cls, value: str) -> str:
+        try:
+            return validate_section_id(value)
+        except ConfigError as err:
+            raise ValueError(str(err)) from None
+
+    @field_validator("platform")
+    @classmethod
+    def _known_platform(cls, value: str) -> str:
+        try:
+            return get_platform(value).name
+        except ConfigError as err:
+            raise ValueError(str(err)) from None
+
+    @field_validator(*PATH_FIELDS)
+    @classmethod
+    def _local_path(cls, value: str | None) -> str | None:
+        if value is not None and "://" in value:
+            raise ValueError(
+                f"{value!r}: object-storage URLs are not supported yet; give a local path")
+        if value is not None and not value.strip():
+            raise ValueError("empty path")
+        return value
+
+
+class Manifest(BaseModel):
+    """A whole ingest: corpus-level options, per-section defaults and the sections."""
+
+    model_config = ConfigDict(extra="forbid")
+    version: Literal[1] = 1
+    corpus: CorpusOptions = Field(default_factory=CorpusOptions)
+    defaults: SectionOptions = Field(default_factory=SectionOptions)
+    sections: list[ManifestEntry] = Field(min_length=1)
+
+
+@dataclass(frozen=True)
+class IngestPlan:
+    """A loaded manifest: its path, the corpus-level fields and one (request, config) per entry."""
+
+    path: Path
+    corpus_fields: dict[str, Any]
+    requests: list[SectionRequest]
+    configs: list[BuildConfig]
+    lines: list[int]
+
+    def where(self, index: int) -> str:
+        """`file:line` of entry `index`, for messages."""
+        return f"{self.path}:{self.lines[index]}"
+
+
+def load_manifest(path: str | Path) -> IngestPlan:
+    """Read and validate a YAML (.yaml/.yml) or CSV manifest; paths resolved against its folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise ManifestError(f"{path}: manifest not found")
+    suffix = path.suffix.lower()
+    if suffix in (".yaml", ".yml"):
+        data, lines = _read_yaml(path)
+    elif suffix == ".csv":
+        data, lines = _read_csv(path)
+    else:
+        raise ManifestError(
+            f"{path}: a manifest is .yaml, .yml or .csv, not {suffix or 'no suffix'!r}")
+    try:
+        manifest = Manifest.model_validate(data)
+    except ValidationError as err:
+        raise ManifestError(_describe(path, err, data, lines)) from None
+    seen: dict[str, int] = {}
+    for index, entry in enumerate(manifest.sections):
+        if entry.section_id in seen:
+            raise ManifestError(
+                f"{path}:{lines[index]}: sections[{index}]: section_id {entry.section_id!r} "
+                f"repeats sections[{seen[entry.section_id]}] (line {lines[seen[entry.section_id]]})"
+            )
+        seen[entry.section_id] = index
+    return _plan(path, manifest, lines)
+
+
+def _plan(path: Path, manifest: Manifest, lines: list[int]) -> IngestPlan:
+    base = path.resolve().parent
+    corpus = manifest.corpus.model_dump()
+    defaults = manifest.defaults.model_dump(exclude_none=True)
+    requests, configs = [], []
+    for index, entry in enumerate(manifest.sections):
+        per_section = {k: getattr(entry, k) for k in SectionOptions.model_fields}
+        overrides = {**defaults, **{k: v for k, v in per_section.items() if v is not None}}
+        try:
+            configs.append(BuildConfig(**corpus, **overrides))
+        except ConfigError as err:
+            raise ManifestError(f"{path}:{lines[index]}: sections[{index}] "
+                                f"({entry.section_id}): {err}") from None
+        resolved = {f: os.path.normpath(base / getattr(entry, f))
+                    for f in PATH_FIELDS if getattr(entry, f)}
+        options: dict[str, Any] = {f: resolved.get(f, getattr(entry, f))
+                                   for f in PLATFORM_OPTION_FIELDS if getattr(entry, f) is not None}
+        clash = sorted(set(options) & set(entry.options))
+        if clash:
+            raise ManifestError(f"{path}:{lines[index]}: sections[{index}] ({entry.section_id}): "
+                                f"{clash} given both as a field and in options")
+        options.update(entry.options)
+        metadata = {k: getattr(entry, k) for k in METADATA_FIELDS if getattr(entry, k)}
+        optional = {f: Path(resolved[f]) if f in resolved else None
+                    for f in ("transform", "landmarks")}
+        requests.append(SectionRequest(
+            entry.platform, Path(resolved["bundle"]), Path(resolved["wsi"]), entry.section_id,
+            optional["transform"], metadata, options, optional["landmarks"],
+        ))
+    return IngestPlan(path, corpus, requests, configs, lines)
+
+
+def _read_yaml(path: Path) -> tuple[Any, list[int]]:
+    """Parse the document; return it and the 1-based line of each `sections` item."""
+    text = path.read_text(encoding="utf-8")
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        raise ManifestError(f"{where}: not valid YAML ({getattr(err, 'problem', err)})") from None
+    if not isinstance(data, dict) or not isinstance(node, yaml.MappingNode):
+        raise ManifestError(f"{path}: a manifest is a mapping with a 'sections' list")
+    lines: list[int] = []
+    for key, value in node.value:
+        if key.value == "sections" and isinstance(value, yaml.SequenceNode):
+            lines = [item.start_mark.line + 1 for item in value.value]
+    return data, lines
+
+
+def _read_csv(path: Path) -> tuple[dict[str, Any], list[int]]:
+    """CSV rows -> the YAML-shaped document, and each row's 1-based line number."""
+    with path.open(newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        rows: list[dict[str, str]] = []
+        lines: list[int] = []
+        for row in reader:
+            if None in row:
+                raise ManifestError(f"{path}:{reader.line_num}: more cells than header columns")
+            rows.append(row)
+            lines.append(reader.line_num)
+    if not rows:
+        raise ManifestError(f"{path}: no sections (a header line and one row per section)")
+    corpus: dict[str, str] = {}
+    sections = []
+    for row, line in zip(rows, lines, strict=True):
+        entry: dict[str, Any] = {}
+        options: dict[str, Any] = {}
+        for column, cell in row.items():
+            cell = (cell or "").strip()
+            if not cell:
+                continue
+            if column in CORPUS_LEVEL_FIELDS:
+                if corpus.setdefault(column, cell) != cell:
+                    raise ManifestError(
+                        f"{path}:{line}: {column}={cell} differs from {corpus[column]} on an "
+                        "earlier row; a corpus has one patch geometry and codec"
+                    )
+            elif column.startswith(CSV_OPTION_PREFIX):
+                options[column[len(CSV_OPTION_PREFIX):]] = _cell_value(cell)
+            else:
+                entry[column] = cell
+        if options:
+            entry["options"] = options
+        sections.append(entry)
+    return {"corpus": corpus, "sections": sections}, lines
+
+
+def _cell_value(cell: str) -> Any:
+    """Parse a CSV option cell: JSON numbers, booleans and lists; anything else a string."""
+    try:
+        return json.loads(cell)
+    except json.JSONDecodeError:
+        return cell
+
+
+def _describe(path: Path, err: ValidationError, data: Any, lines: Sequence[int]) -> str:
+    """One line per problem: `file:line: sections[i] (id): field: message`."""
+    messages = []
+    for problem in err.errors():
+        loc = problem["loc"]
+        where = str(path)
+        if len(loc) >= 2 and loc[0] == "sections" and isinstance(loc[1], int):
+            index = loc[1]
+            if index < len(lines):
+                where = f"{path}:{lines[index]}"
+            entries = data.get("sections") if isinstance(data, Mapping) else None
+            entry = entries[index] if isinstance(entries, list) and index < len(entries) else None
+            section_id = entry.get("section_id") if isinstance(entry, Mapping) else None
+            label = f"sections[{index}]" + (f" ({section_id})" if section_id else "")
+            field = ".".join(str(p) for p in loc[2:]) or "entry"
+        else:
+            label, field = "manifest", ".".join(str(p) for p in loc) or "document"
+        message = problem["msg"].removeprefix("Value error, ")
+        messages.append(f"{where}: {label}: {field}: {message}")
+    return "\n".join(messages)
+
+
+def json_schema() -> dict[str, Any]:
+    """Return the JSON Schema of a YAML manifest, for editors (yaml-language-server)."""
+    schema = Manifest.model_json_schema(by_alias=True)
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "histmol ingest manifest"
+    return schema
+
+
+def write_json_schema(path: str | Path) -> None:
+    """Write `json_schema()` to `path` (sorted keys, trailing newline: stable in git)."""
+    Path(path).write_text(json.dumps(json_schema(), indent=2, sort_keys=True) + "\n")
+
+
+if __name__ == "__main__":
+    write_json_schema(sys.argv[1] if len(sys.argv) > 1 else "manifests/schema.json")
