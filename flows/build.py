@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -136,6 +137,9 @@ _STAGE = {"retries": 2, "retry_delay_seconds": 2, "retry_condition_fn": retry_on
           "cache_policy": NO_CACHE}
 
 
+logger = logging.getLogger(__name__)
+
+
 @task(name="read", task_run_name="read-{section_id}", **_STAGE)
 def read_section(section_id: str, request: SectionRequest, config: BuildConfig) -> Section:
     """Run the platform adapter on the bundle."""
@@ -198,12 +202,26 @@ def write_section(
         finally:
             if not committed:
                 corpus.discard_staging(staging)
+    write_figures(out, section_id, request.wsi)
     n_units = int((plan.unit_pair >= 0).sum())
     return BuildResult(
         section_id, request.platform, "committed", "", plan.n_pairs, n_units, section.n_genes,
         sum(r.images_bytes + r.units_bytes for r in records), time.perf_counter() - started,
         {k: v for k, v in row.items() if k != "panel"}, timings,
     )
+
+
+def write_figures(out: str, section_id: str, wsi: Path) -> None:
+    """QC figures of a committed section under `<out>/qc/<section_id>/` (cheap: ~2 s).
+
+    A drawing failure must not undo a good build: it is logged, and `histmol qc` can redo it.
+    """
+    from histmol.qc.figures import write_section_figures
+
+    try:
+        write_section_figures(out, section_id, Path(out) / "qc", slide=wsi)
+    except Exception as error:  # noqa: BLE001 - figures are a by-product, never a failure
+        logger.warning("%s: QC figures not written: %s", section_id, error)
 
 
 @task(name="commit", task_run_name="commit-{section_id}", **_STAGE)

@@ -215,6 +215,9 @@ def plan_stage(
         "n_pairs_planned": plan.n_pairs,
         "n_pairs_dropped_tissue": int((~keep).sum()),
         "n_units_dropped_tissue": int(((plan.unit_pair >= 0) & (kept.unit_pair < 0)).sum()),
+        # where the dropped patches were, for the QC figures (lists, not scalars)
+        "dropped_patch_x0_wsi_px": plan.x0[~keep].tolist(),
+        "dropped_patch_y0_wsi_px": plan.y0[~keep].tolist(),
     }
     if kept.n_pairs == 0:
         raise QCError(
@@ -441,12 +444,19 @@ def section_row(
             {k: v for k, v in config.to_dict().items() if k not in CORPUS_LEVEL_FIELDS},
             sort_keys=True,
         ),
-        "adjacent_section": request.metadata.get("adjacent_section", "false") == "true",
+        # the adapter's default (slide-seq: usually an adjacent H&E) unless the user said otherwise
+        "adjacent_section": str(
+            request.metadata.get("adjacent_section", section.metadata.get("adjacent_section", "false"))
+        ).lower()
+        == "true",
     }
     for column in section.control_counts.columns:
         row[f"control_{column}_total"] = int(section.control_counts[column].sum())
     row["mpp"] = registration.mpp
     row["mpp_source"] = registration.mpp_source
+    row["pitch_um"] = section.pitch_um if section.pitch_um is not None else float("nan")
+    for key in ("dropped_patch_x0_wsi_px", "dropped_patch_y0_wsi_px"):
+        row[key] = [float(v) for v in qc.get(key, [])]
     for key, value in qc.items():
         if key not in ("mpp", "mpp_source") and isinstance(
             value, (bool, int, float, str, np.generic)
