@@ -1,0 +1,140 @@
+"""Corpus sources for the loader: a local path or any fsspec URL, read through its manifest.
+
+The loader reads ``corpus.json``, ``genes.parquet``, ``sections.parquet`` and ``manifest.parquet``
+(layout: DESIGN.md "Corpus layout", ``histmol.shards.corpus``) and never lists folders: the
+manifest names every committed part. File systems come from ``fsspec.core.url_to_fs``
+(https://filesystem-spec.readthedocs.io/en/latest/api.html#fsspec.core.url_to_fs); a source whose
+file system is the local one is read in place (``os.pread`` on the shard), any other is fetched
+part by part into a local cache folder (`histmol.data.fetch`). Opening a source reads only the
+small tables; shard files are opened lazily, in the process (DataLoader worker) that reads them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from histmol.errors import CorpusError
+from histmol.shards.corpus import CORPUS_JSON, FORMAT, FORMAT_VERSION, GENES, MANIFEST, SECTIONS
+
+LOCAL_PROTOCOLS = frozenset({"file", "local"})
+
+
+@dataclass(frozen=True)
+class PartRef:
+    """One committed part as the manifest lists it; paths are relative to the corpus root."""
+
+    corpus: int
+    section_id: str
+    part: int
+    images_path: str
+    units_path: str
+    n_pairs: int
+    n_units: int
+    images_bytes: int
+    units_bytes: int
+    images_sha256: str
+    units_sha256: str
+
+
+class CorpusSource:
+    """One corpus opened for reading: its file system, root and small tables (picklable)."""
+
+    def __init__(
+        self, url: str | os.PathLike[str], *, index: int = 0,
+        storage_options: dict[str, Any] | None = None,
+    ) -> None:
+        self.url = os.fspath(url)
+        self.index = index
+        self.storage_options = dict(storage_options or {})
+        self.fs, root = fsspec.core.url_to_fs(self.url, **self.storage_options)
+        self.root = root.rstrip("/") or "/"
+        protocols = self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
+        self.local_root: Path | None = Path(self.root) if LOCAL_PROTOCOLS & set(protocols) else None
+        self.meta = self._read_meta()
+        manifest_bytes = self.read_bytes(MANIFEST)
+        self.manifest_sha256 = hashlib.sha256(manifest_bytes).hexdigest()
+        self.manifest = self._parquet(MANIFEST, manifest_bytes)
+        self.genes = self._parquet(GENES, self.read_bytes(GENES))
+        self.sections = self._parquet(SECTIONS, self.read_bytes(SECTIONS))
+
+    def path(self, relative: str) -> str:
+        """The file system path of a file given relative to the corpus root."""
+        return f"{self.root}/{relative}" if self.root != "/" else f"/{relative}"
+
+    def describe(self, relative: str) -> str:
+        """How errors name a corpus file: the source URL joined with the relative path."""
+        return f"{self.url.rstrip('/')}/{relative}"
+
+    def read_bytes(self, relative: str) -> bytes:
+        """A whole (small) corpus file; CorpusError naming it when absent or unreadable."""
+        try:
+            return bytes(self.fs.cat_file(self.path(relative)))
+        except FileNotFoundError:
+            raise CorpusError(f"{self.describe(relative)}: missing") from None
+        except OSError as error:
+            raise CorpusError(f"{self.describe(relative)}: unreadable ({error})") from error
+
+    def _parquet(self, name: str, data: bytes) -> pa.Table:
+        try:
+            return pq.read_table(pa.BufferReader(data))
+        except (OSError, pa.ArrowInvalid) as error:
+            raise CorpusError(f"{self.describe(name)}: not a readable parquet ({error})") from error
+
+    def _read_meta(self) -> dict[str, Any]:
+        try:
+            meta = json.loads(self.read_bytes(CORPUS_JSON))
+        except ValueError as error:
+            raise CorpusError(f"{self.describe(CORPUS_JSON)}: not JSON ({error})") from error
+        except CorpusError as error:
+            raise CorpusError(f"{self.url}: not a histmol corpus ({error})") from error
+        if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
+            raise CorpusError(
+                f"{self.describe(CORPUS_JSON)}: format {meta.get('format')!r} version "
+                f"{meta.get('format_version')!r}; this loader reads {FORMAT!r} {FORMAT_VERSION}"
+            )
+        return meta
+
+    def parts(self) -> list[PartRef]:
+        """The manifest's parts in manifest order (section_id, part)."""
+        return [
+            PartRef(corpus=self.index, **{k: row[k] for k in PartRef.__dataclass_fields__
+                                          if k != "corpus"})
+            for row in self.manifest.to_pylist()
+        ]
+
+    def section_rows(self) -> dict[str, dict[str, Any]]:
+        """Committed sections by id (the manifest decides which sections are live)."""
+        live = set(self.manifest.column("section_id").to_pylist())
+        rows = {}
+        for row in self.sections.to_pylist():
+            if row["section_id"] in live:
+                rows[row["section_id"]] = row
+        missing = sorted(live - set(rows))
+        if missing:
+            raise CorpusError(
+                f"{self.describe(SECTIONS)}: no rows for sections {missing[:5]} of the manifest"
+            )
+        return rows
+
+
+def open_sources(
+    urls: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    storage_options: dict[str, Any] | None = None,
+) -> list[CorpusSource]:
+    """Open each corpus URL (a single URL or a list); ValueError when none is given."""
+    if isinstance(urls, str | os.PathLike):
+        urls = [urls]
+    urls = list(urls)
+    if not urls:
+        raise ValueError("PairDataset needs at least one corpus")
+    return [CorpusSource(u, index=i, storage_options=storage_options) for i, u in enumerate(urls)]
