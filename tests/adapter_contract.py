@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import inspect
 import os
-import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any, ClassVar
