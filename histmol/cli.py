@@ -207,11 +207,11 @@ def platforms(
         out_console.print_json(json.dumps([spec.to_dict() for spec in PLATFORMS.values()]))
         return
     table = Table(title="histmol platforms")
-    for column in ("platform", "implemented", "mode", "unit", "expected files"):
+    for column in ("platform", "mode", "unit", "expected files"):
         table.add_column(column, overflow="fold")
     for spec in PLATFORMS.values():
         unit = f"{spec.unit_shape} {spec.unit_size_um:g} um"
-        table.add_row(spec.name, "yes" if spec.implemented else "not yet", spec.default_mode, unit,
+        table.add_row(spec.name, spec.default_mode, unit,
                       "\n".join(spec.expected_files))
     out_console.print(table)
 

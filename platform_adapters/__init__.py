@@ -34,7 +34,6 @@ class PlatformSpec:
     unit_shape: UnitShape
     unit_size_um: float
     pitch_um: float
-    implemented: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form (for tables and JSON)."""
@@ -65,7 +64,6 @@ _SPECS = (
         unit_shape="circle",
         unit_size_um=55.0,
         pitch_um=100.0,
-        implemented=True,
     ),
     PlatformSpec(
         name="visium-hd",
@@ -87,7 +85,6 @@ _SPECS = (
         unit_shape="square",
         unit_size_um=8.0,
         pitch_um=8.0,
-        implemented=True,
     ),
     PlatformSpec(
         name="xenium",
@@ -107,7 +104,6 @@ _SPECS = (
         unit_shape="square",
         unit_size_um=8.0,
         pitch_um=8.0,
-        implemented=True,
     ),
     PlatformSpec(
         name="st",
@@ -123,7 +119,6 @@ _SPECS = (
         unit_shape="circle",
         unit_size_um=100.0,
         pitch_um=200.0,
-        implemented=True,
     ),
     PlatformSpec(
         name="stereo-seq",
@@ -142,7 +137,6 @@ _SPECS = (
         unit_shape="square",
         unit_size_um=25.0,
         pitch_um=25.0,
-        implemented=True,
     ),
     PlatformSpec(
         name="slide-seq",
@@ -159,7 +153,6 @@ _SPECS = (
         unit_shape="circle",
         unit_size_um=10.0,
         pitch_um=10.0,
-        implemented=True,
     ),
     PlatformSpec(
         name="cosmx",
@@ -178,7 +171,6 @@ _SPECS = (
         unit_shape="square",
         unit_size_um=8.0,
         pitch_um=8.0,
-        implemented=True,
     ),
     PlatformSpec(
         name="merscope",
@@ -195,7 +187,6 @@ _SPECS = (
         unit_shape="square",
         unit_size_um=8.0,
         pitch_um=8.0,
-        implemented=True,
     ),
     PlatformSpec(
         name="dbit-seq",
@@ -211,7 +202,6 @@ _SPECS = (
         unit_shape="square",
         unit_size_um=10.0,
         pitch_um=20.0,
-        implemented=True,
     ),
     PlatformSpec(
         name="seq-scope",
@@ -229,7 +219,6 @@ _SPECS = (
         unit_shape="square",
         unit_size_um=8.0,
         pitch_um=8.0,
-        implemented=True,
     ),
     PlatformSpec(
         name="hdst",
@@ -244,7 +233,6 @@ _SPECS = (
         unit_shape="square",
         unit_size_um=8.0,
         pitch_um=8.0,
-        implemented=True,
     ),
     PlatformSpec(
         name="open-st",
@@ -261,7 +249,6 @@ _SPECS = (
         unit_shape="square",
         unit_size_um=8.0,
         pitch_um=8.0,
-        implemented=True,
     ),
 )
 
@@ -288,11 +275,6 @@ def get_platform(name: str) -> PlatformSpec:
 def load_reader(name: str) -> Reader:
     """The `read` function of platform `name`'s adapter (imported on first use)."""
     spec = get_platform(name)
-    if not spec.implemented:
-        implemented = [s.name for s in _SPECS if s.implemented]
-        raise ConfigError(
-            f"platform {spec.name} is not implemented yet; implemented: {', '.join(implemented)}"
-        )
     module = importlib.import_module(spec.module)
     reader: Reader = module.read
     return reader
