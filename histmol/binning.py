@@ -141,8 +141,16 @@ class BinAccumulator:
 
 
 def _reduce(keys: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Sum values per distinct key; keys come back sorted."""
-    unique, inverse = np.unique(keys, return_inverse=True)
-    return unique, np.bincount(inverse.ravel(), weights=values, minlength=len(unique)).astype(
-        np.int64
-    )
+    """Sum values per distinct key; keys come back sorted.
+
+    Sort + reduceat rather than np.unique(return_inverse) + bincount: no inverse array and no
+    float64 weights, about a third less peak memory on tens of millions of keys.
+    """
+    if len(keys) == 0:
+        return keys, values
+    order = np.argsort(keys, kind="stable")
+    keys = keys[order]
+    values = values[order]
+    del order
+    starts = np.flatnonzero(np.diff(keys, prepend=keys[0] - 1))
+    return keys[starts], np.add.reduceat(values, starts)
