@@ -356,6 +356,79 @@ def serve(
     ingest_corpus.serve(name=name)
 
 
+@app.command()
+def train(
+    corpus: Annotated[list[Path], typer.Argument(help="Corpus folder(s).")],
+    out: Annotated[Path, typer.Option(help="Run folder (checkpoint, metrics, config).")],
+    resume: Annotated[bool, typer.Option(help="Continue exactly from --out's checkpoint.")] = False,
+    epochs: Annotated[int, typer.Option(help="Epochs.")] = 10,
+    batch_size: Annotated[int, typer.Option(help="Pairs per batch per rank.")] = 256,
+    image_encoder: Annotated[str, typer.Option(help="vit-tiny, resnet18 or timm:<name> (no weights downloaded).")] = "vit-tiny",
+    genes: Annotated[str, typer.Option(help="all, hvg:K or a comma-separated gene list.")] = "hvg:50",
+    lr: Annotated[float, typer.Option(help="Peak learning rate (cosine schedule).")] = 1e-3,
+    grad_accum: Annotated[int, typer.Option(help="Micro-batches per optimizer step.")] = 1,
+    num_workers: Annotated[int, typer.Option(help="DataLoader workers.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the model init and the data order.")] = 0,
+    max_steps: Annotated[Optional[int], typer.Option(help="Pause (checkpointed) at this step.")] = None,
+) -> None:
+    """Train the CLIP-style patch/expression model (multi-GPU: torchrun -m histmol.model.train)."""
+    from histmol.model.train import TrainConfig
+    from histmol.model.train import train as train_run
+
+    try:
+        config = TrainConfig(epochs=epochs, batch_size=batch_size, image_encoder=image_encoder,
+                             genes=genes, lr=lr, grad_accum=grad_accum, num_workers=num_workers,
+                             seed=seed, max_steps=max_steps)
+        summary = train_run([str(c) for c in corpus], out, config, resume=resume)
+    except HistmolError as err:
+        fail(err)
+    out_console.print_json(json.dumps(summary))
+
+
+@app.command()
+def embed(
+    run: Annotated[Path, typer.Argument(help="Run folder (from histmol train).")],
+    corpus: Annotated[list[Path], typer.Argument(help="Corpus folder(s).")],
+    out: Annotated[Path, typer.Option(help="Output: .parquet, or .h5ad (AnnData, embeddings in obsm).")],
+    batch_size: Annotated[int, typer.Option(help="Pairs per batch.")] = 128,
+) -> None:
+    """Write per-pair image and expression embeddings of a trained run."""
+    from histmol.model.embed import embed_corpus
+
+    try:
+        path = embed_corpus(run, [str(c) for c in corpus], out, batch_size=batch_size)
+    except HistmolError as err:
+        fail(err)
+    out_console.print(str(path))
+
+
+@app.command(name="eval")
+def evaluate(
+    run: Annotated[Path, typer.Argument(help="Run folder (from histmol train).")],
+    corpus: Annotated[list[Path], typer.Argument(help="Corpus folder(s).")],
+    split_by: Annotated[str, typer.Option(help="Held-out groups: patient or section.")] = "patient",
+    genes: Annotated[str, typer.Option(help="Target genes: hvg:K, all or a comma-separated list.")] = "hvg:50",
+    out: Annotated[Optional[Path], typer.Option(help="Folder for eval.csv + eval_genes.csv [RUN/eval].")] = None,
+) -> None:
+    """HEST-Benchmark protocol: frozen embeddings, PCA 256, ridge, per-gene Pearson; baselines."""
+    from histmol.model.evaluate import evaluate_run
+
+    gene_spec: str | list[str] = (
+        genes if genes == "all" or genes.startswith("hvg:") else genes.split(","))
+    try:
+        summary, _ = evaluate_run(run, [str(c) for c in corpus], split_by=split_by,
+                                  genes=gene_spec, out=out)
+    except HistmolError as err:
+        fail(err)
+    table = Table(title=f"{run} on {', '.join(map(str, corpus))} (held out by {split_by})")
+    for column in ("model", "pearson_mean", "pearson_median", "mse", "n_folds", "n_genes"):
+        table.add_column(column)
+    for row in summary.itertuples(index=False):
+        table.add_row(row.model, f"{row.pearson_mean:.4f}", f"{row.pearson_median:.4f}",
+                      f"{row.mse:.4f}", str(row.n_folds), str(row.n_genes))
+    out_console.print(table)
+
+
 def main() -> None:
     """Entry point for `python -m histmol`."""
     app(prog_name="histmol")
