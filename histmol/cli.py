@@ -20,8 +20,12 @@ from rich.table import Table
 from histmol import __version__
 from histmol.errors import HistmolError
 
-MPP_SOURCE_SHORT = {"embedded": "file", "scalefactors": "bundle", "estimated_from_pitch": "pitch",
-                    "user": "user"}
+MPP_SOURCE_SHORT = {
+    "embedded": "file",
+    "scalefactors": "bundle",
+    "estimated_from_pitch": "pitch",
+    "user": "user",
+}
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 console = Console(stderr=True)
 out_console = Console()
@@ -56,8 +60,13 @@ def progress_display() -> Iterator[None]:
     from histmol.progress import reporting
 
     with Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("pairs"), TimeRemainingColumn(), console=console, transient=False,
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("pairs"),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
     ) as bar:
         tasks: dict[str, Any] = {}
 
@@ -79,33 +88,77 @@ def fail(err: Exception) -> None:
 @app.command()
 def build(
     platform: Annotated[str, typer.Option(help="Platform name (see `histmol platforms`).")],
-    bundle: Annotated[Path, typer.Option(help="The platform's output folder (e.g. Space Ranger outs/).")],
-    wsi: Annotated[Path, typer.Option(help="The paired H&E image (svs, ndpi, tiff, ome.tif, jpg, png...).")],
+    bundle: Annotated[
+        Path, typer.Option(help="The platform's output folder (e.g. Space Ranger outs/).")
+    ],
+    wsi: Annotated[
+        Path, typer.Option(help="The paired H&E image (svs, ndpi, tiff, ome.tif, jpg, png...).")
+    ],
     out: Annotated[Path, typer.Option(help="Corpus folder; created, or added to.")],
-    section_id: Annotated[Optional[str], typer.Option(help="Slug id; default: the bundle folder name.")] = None,
+    section_id: Annotated[
+        Optional[str], typer.Option(help="Slug id; default: the bundle folder name.")
+    ] = None,
     tissue: Annotated[str, typer.Option(help="Tissue type, e.g. colon.")] = "",
     species: Annotated[str, typer.Option(help="Species; default: inferred from Ensembl ids.")] = "",
-    patient_id: Annotated[str, typer.Option(help="Patient or donor id (evaluation splits by it).")] = "",
+    patient_id: Annotated[
+        str, typer.Option(help="Patient or donor id (evaluation splits by it).")
+    ] = "",
     licence: Annotated[str, typer.Option(help="Licence of the source data.")] = "",
     transform: Annotated[Optional[Path], typer.Option(help="3x3 native->WSI affine CSV.")] = None,
-    landmarks: Annotated[Optional[Path], typer.Option(help="CSV of point pairs native_x,native_y,wsi_x,wsi_y; an affine is fitted.")] = None,
-    max_landmark_residual_um: Annotated[Optional[float], typer.Option(help="Fail when a landmark misses by more [50].")] = None,
-    mpp: Annotated[Optional[float], typer.Option(help="Override the WSI's um/px (skips the pitch check).")] = None,
-    target_mpp: Annotated[Optional[float], typer.Option(help="Patch resolution in um/px [0.5].")] = None,
+    landmarks: Annotated[
+        Optional[Path],
+        typer.Option(help="CSV of point pairs native_x,native_y,wsi_x,wsi_y; an affine is fitted."),
+    ] = None,
+    max_landmark_residual_um: Annotated[
+        Optional[float], typer.Option(help="Fail when a landmark misses by more [50].")
+    ] = None,
+    mpp: Annotated[
+        Optional[float], typer.Option(help="Override the WSI's um/px (skips the pitch check).")
+    ] = None,
+    target_mpp: Annotated[
+        Optional[float], typer.Option(help="Patch resolution in um/px [0.5].")
+    ] = None,
     patch_px: Annotated[Optional[int], typer.Option(help="Patch side in pixels [224].")] = None,
-    mode: Annotated[Optional[str], typer.Option(help="Tiling mode: spot or grid [platform default].")] = None,
-    min_tissue_fraction: Annotated[Optional[float], typer.Option(help="Drop patches under this tissue fraction [0.1].")] = None,
-    min_units_on_tissue: Annotated[Optional[float], typer.Option(help="Fail when fewer unit centres lie on tissue [0.5].")] = None,
-    mpp_tolerance: Annotated[Optional[float], typer.Option(help="Allowed mpp disagreement with the unit pitch [0.05].")] = None,
-    tissue_mpp: Annotated[Optional[float], typer.Option(help="Resolution of the tissue mask in um/px [8].")] = None,
-    resample: Annotated[Optional[str], typer.Option(help="Resampling filter: lanczos, bilinear or box [lanczos].")] = None,
-    jpeg_quality: Annotated[Optional[int], typer.Option(help="JPEG quality of stored patches [90].")] = None,
-    pairs_per_shard: Annotated[Optional[int], typer.Option(help="Pairs per shard part [2048].")] = None,
-    min_match_rate: Annotated[Optional[float], typer.Option(help="Minimum barcode match rate [0.9].")] = None,
-    bin_um: Annotated[Optional[float], typer.Option(help="Bin size in um for binned platforms.")] = None,
-    units: Annotated[Optional[str], typer.Option(help="Unit kind for platforms offering several: bins or cells.")] = None,
-    alignment: Annotated[Optional[Path], typer.Option(help="Platform alignment file (e.g. Xenium *_he_imagealignment.csv).")] = None,
-    option: Annotated[Optional[list[str]], typer.Option(help="Adapter option key=value (repeatable).")] = None,
+    mode: Annotated[
+        Optional[str], typer.Option(help="Tiling mode: spot or grid [platform default].")
+    ] = None,
+    min_tissue_fraction: Annotated[
+        Optional[float], typer.Option(help="Drop patches under this tissue fraction [0.1].")
+    ] = None,
+    min_units_on_tissue: Annotated[
+        Optional[float], typer.Option(help="Fail when fewer unit centres lie on tissue [0.5].")
+    ] = None,
+    mpp_tolerance: Annotated[
+        Optional[float], typer.Option(help="Allowed mpp disagreement with the unit pitch [0.05].")
+    ] = None,
+    tissue_mpp: Annotated[
+        Optional[float], typer.Option(help="Resolution of the tissue mask in um/px [8].")
+    ] = None,
+    resample: Annotated[
+        Optional[str], typer.Option(help="Resampling filter: lanczos, bilinear or box [lanczos].")
+    ] = None,
+    jpeg_quality: Annotated[
+        Optional[int], typer.Option(help="JPEG quality of stored patches [90].")
+    ] = None,
+    pairs_per_shard: Annotated[
+        Optional[int], typer.Option(help="Pairs per shard part [2048].")
+    ] = None,
+    min_match_rate: Annotated[
+        Optional[float], typer.Option(help="Minimum barcode match rate [0.9].")
+    ] = None,
+    bin_um: Annotated[
+        Optional[float], typer.Option(help="Bin size in um for binned platforms.")
+    ] = None,
+    units: Annotated[
+        Optional[str], typer.Option(help="Unit kind for platforms offering several: bins or cells.")
+    ] = None,
+    alignment: Annotated[
+        Optional[Path],
+        typer.Option(help="Platform alignment file (e.g. Xenium *_he_imagealignment.csv)."),
+    ] = None,
+    option: Annotated[
+        Optional[list[str]], typer.Option(help="Adapter option key=value (repeatable).")
+    ] = None,
     force: Annotated[bool, typer.Option(help="Rebuild a section already in the corpus.")] = False,
     threads: Annotated[int, typer.Option(help="Tile-reading threads.")] = 2,
 ) -> None:
@@ -116,22 +169,41 @@ def build(
     from histmol.config import BuildConfig
     from platform_adapters import get_platform
 
-    metadata = {k: v for k, v in {"tissue": tissue, "species": species, "patient_id": patient_id,
-                                  "licence": licence}.items() if v}
+    metadata = {
+        k: v
+        for k, v in {
+            "tissue": tissue,
+            "species": species,
+            "patient_id": patient_id,
+            "licence": licence,
+        }.items()
+        if v
+    }
     try:
         config = BuildConfig().with_overrides(
-            mpp=mpp, target_mpp=target_mpp, patch_px=patch_px, mode=mode,
-            min_tissue_fraction=min_tissue_fraction, min_units_on_tissue=min_units_on_tissue,
-            mpp_tolerance=mpp_tolerance, tissue_mpp=tissue_mpp, resample=resample,
+            mpp=mpp,
+            target_mpp=target_mpp,
+            patch_px=patch_px,
+            mode=mode,
+            min_tissue_fraction=min_tissue_fraction,
+            min_units_on_tissue=min_units_on_tissue,
+            mpp_tolerance=mpp_tolerance,
+            tissue_mpp=tissue_mpp,
+            resample=resample,
             max_landmark_residual_um=max_landmark_residual_um,
             jpeg_quality=jpeg_quality,
-            pairs_per_shard=pairs_per_shard, min_match_rate=min_match_rate,
+            pairs_per_shard=pairs_per_shard,
+            min_match_rate=min_match_rate,
         )
-        options = {k: v for k, v in {"bin_um": bin_um, "units": units,
-                                     "alignment": alignment}.items() if v is not None}
+        options = {
+            k: v
+            for k, v in {"bin_um": bin_um, "units": units, "alignment": alignment}.items()
+            if v is not None
+        }
         options.update(parse_options(option or []))
-        request = SectionRequest(platform, bundle, wsi, section_id, transform, metadata, options,
-                                 landmarks)
+        request = SectionRequest(
+            platform, bundle, wsi, section_id, transform, metadata, options, landmarks
+        )
         get_platform(platform)
         request.resolved_section_id()  # refuse an unsafe id before any work starts
         with progress_display():
@@ -141,8 +213,12 @@ def build(
     verb = "already in the corpus, skipped" if result.status == "skipped" else "committed"
     out_console.print(
         f"{result.section_id}: {verb}: {result.n_pairs:,} pairs, {result.n_units:,} units, "
-        f"{result.n_genes:,} genes" + (f", {result.bytes / 1e6:.1f} MB in {result.seconds:.1f} s"
-                                        if result.status == "committed" else "")
+        f"{result.n_genes:,} genes"
+        + (
+            f", {result.bytes / 1e6:.1f} MB in {result.seconds:.1f} s"
+            if result.status == "committed"
+            else ""
+        )
     )
 
 
@@ -158,25 +234,70 @@ def inspect(
         summary = summarise(corpus)
     except HistmolError as err:
         fail(err)
-    columns = ["section_id", "platform", "status", "n_pairs", "n_units", "n_genes", "mpp",
-               "mpp_source", "bytes", "qc_flags", "reason"]
+    columns = [
+        "section_id",
+        "platform",
+        "status",
+        "n_pairs",
+        "n_units",
+        "n_genes",
+        "mpp",
+        "mpp_source",
+        "bytes",
+        "qc_flags",
+        "reason",
+    ]
     rows = summary.sections.reindex(columns=columns)
     if as_json:
-        payload = {"corpus": str(corpus), "genes": summary.n_genes, "totals": summary.totals,
-                   "sections": json.loads(rows.to_json(orient="records"))}
+        payload = {
+            "corpus": str(corpus),
+            "genes": summary.n_genes,
+            "totals": summary.totals,
+            "sections": json.loads(rows.to_json(orient="records")),
+        }
         out_console.print_json(json.dumps(payload))
         return
-    table = Table(title=f"{corpus}: {summary.totals['sections']} sections, {summary.n_genes:,} genes")
-    headers = ["section", "platform", "status", "pairs", "units", "genes", "um/px (source)", "MB",
-               "QC flags / reason"]
+    table = Table(
+        title=f"{corpus}: {summary.totals['sections']} sections, {summary.n_genes:,} genes"
+    )
+    headers = [
+        "section",
+        "platform",
+        "status",
+        "pairs",
+        "units",
+        "genes",
+        "um/px (source)",
+        "MB",
+        "QC flags / reason",
+    ]
     for header in headers:
-        table.add_column(header, overflow="fold", justify="right" if header in ("pairs", "units", "genes", "MB") else "left")
+        table.add_column(
+            header,
+            overflow="fold",
+            justify="right" if header in ("pairs", "units", "genes", "MB") else "left",
+        )
     for record in rows.to_dict("records"):
-        mpp = "" if pd.isna(record["mpp"]) else f"{record['mpp']:.4g} ({MPP_SOURCE_SHORT.get(record['mpp_source'], record['mpp_source'])})"
-        notes = "; ".join(str(v) for v in (record["qc_flags"], record["reason"]) if isinstance(v, str) and v)
-        table.add_row(record["section_id"], record["platform"], record["status"],
-                      format_cell(record["n_pairs"]), format_cell(record["n_units"]),
-                      format_cell(record["n_genes"]), mpp, f"{record['bytes'] / 1e6:.1f}", notes)
+        mpp = (
+            ""
+            if pd.isna(record["mpp"])
+            else f"{record['mpp']:.4g} "
+            f"({MPP_SOURCE_SHORT.get(record['mpp_source'], record['mpp_source'])})"
+        )
+        notes = "; ".join(
+            str(v) for v in (record["qc_flags"], record["reason"]) if isinstance(v, str) and v
+        )
+        table.add_row(
+            record["section_id"],
+            record["platform"],
+            record["status"],
+            format_cell(record["n_pairs"]),
+            format_cell(record["n_units"]),
+            format_cell(record["n_genes"]),
+            mpp,
+            f"{record['bytes'] / 1e6:.1f}",
+            notes,
+        )
     out_console.print(table)
     totals = summary.totals
     out_console.print(
@@ -211,14 +332,15 @@ def platforms(
         table.add_column(column, overflow="fold")
     for spec in PLATFORMS.values():
         unit = f"{spec.unit_shape} {spec.unit_size_um:g} um"
-        table.add_row(spec.name, spec.default_mode, unit,
-                      "\n".join(spec.expected_files))
+        table.add_row(spec.name, spec.default_mode, unit, "\n".join(spec.expected_files))
     out_console.print(table)
 
 
 @app.command()
 def demo(
-    out: Annotated[Path, typer.Option(help="Folder for the generated bundles and the corpus.")] = Path("demo"),
+    out: Annotated[
+        Path, typer.Option(help="Folder for the generated bundles and the corpus.")
+    ] = Path("demo"),
     seed: Annotated[int, typer.Option(help="Generator seed.")] = 0,
     threads: Annotated[int, typer.Option(help="Tile-reading threads.")] = 2,
 ) -> None:
@@ -243,19 +365,36 @@ def version() -> None:
 @app.command()
 def qc(
     corpus: Annotated[Path, typer.Argument(help="Corpus folder.")],
-    section: Annotated[Optional[list[str]], typer.Option(help="Section id (repeatable) [every committed section].")] = None,
-    out: Annotated[Optional[Path], typer.Option(help="Folder for the figures, one subfolder per section [<corpus>/qc].")] = None,
-    wsi: Annotated[Optional[Path], typer.Option(help="The section's H&E (with one --section): draws the slide and tissue contour.")] = None,
+    section: Annotated[
+        Optional[list[str]], typer.Option(help="Section id (repeatable) [every committed section].")
+    ] = None,
+    out: Annotated[
+        Optional[Path],
+        typer.Option(help="Folder for the figures, one subfolder per section [<corpus>/qc]."),
+    ] = None,
+    wsi: Annotated[
+        Optional[Path],
+        typer.Option(
+            help="The section's H&E (with one --section): draws the slide and tissue contour."
+        ),
+    ] = None,
 ) -> None:
     """Write each section's QC figures (PNG): overview, zoom, metrics, thumbnail."""
     from histmol.qc.figures import write_section_figures
     from histmol.shards.corpus import COMMITTED, Corpus
 
     try:
-        ids = section or [s for s, status in Corpus.open(corpus).sections()[["section_id", "status"]]
-                          .itertuples(index=False) if status == COMMITTED]
+        ids = section or [
+            s
+            for s, status in Corpus.open(corpus)
+            .sections()[["section_id", "status"]]
+            .itertuples(index=False)
+            if status == COMMITTED
+        ]
         if wsi is not None and len(ids) != 1:
-            raise typer.BadParameter("--wsi needs exactly one --section (the image it was built on)")
+            raise typer.BadParameter(
+                "--wsi needs exactly one --section (the image it was built on)"
+            )
         for section_id in ids:
             paths = write_section_figures(corpus, section_id, out or corpus / "qc", slide=wsi)
             out_console.print(f"{section_id}: {', '.join(str(p) for p in paths)}", soft_wrap=True)
@@ -267,7 +406,9 @@ def qc(
 def report(
     corpus: Annotated[Path, typer.Argument(help="Corpus folder.")],
     out: Annotated[Path, typer.Option(help="The HTML file to write.")] = Path("report.html"),
-    figures: Annotated[Optional[Path], typer.Option(help="Where `histmol qc` wrote the figures [<corpus>/qc].")] = None,
+    figures: Annotated[
+        Optional[Path], typer.Option(help="Where `histmol qc` wrote the figures [<corpus>/qc].")
+    ] = None,
 ) -> None:
     """Write one self-contained HTML page about the corpus (no server, no network)."""
     from histmol.qc.report import write_report
@@ -281,7 +422,9 @@ def report(
 @app.command()
 def validate(
     corpus: Annotated[Path, typer.Argument(help="Corpus folder.")],
-    checksums: Annotated[bool, typer.Option(help="Recompute every shard's sha256 (off: sizes only).")] = True,
+    checksums: Annotated[
+        bool, typer.Option(help="Recompute every shard's sha256 (off: sizes only).")
+    ] = True,
 ) -> None:
     """Check checksums, schemas and references; list every problem and exit 1 if any."""
     from histmol.validate import validate_corpus
@@ -299,18 +442,26 @@ def validate(
 def export(
     corpus: Annotated[Path, typer.Argument(help="Corpus folder.")],
     section: Annotated[str, typer.Option(help="Section id.")],
-    out: Annotated[Path, typer.Option(help="Output: a .zarr store (spatialdata) or .h5ad file (anndata).")],
+    out: Annotated[
+        Path, typer.Option(help="Output: a .zarr store (spatialdata) or .h5ad file (anndata).")
+    ],
     fmt: Annotated[str, typer.Option("--format", help="spatialdata or anndata.")] = "spatialdata",
-    wsi: Annotated[Optional[Path], typer.Option(help="The section's H&E [without: a mosaic of the stored patches].")] = None,
-    image_mpp: Annotated[float, typer.Option(help="um/px of the SpatialData image's finest level.")] = 2.0,
+    wsi: Annotated[
+        Optional[Path],
+        typer.Option(help="The section's H&E [without: a mosaic of the stored patches]."),
+    ] = None,
+    image_mpp: Annotated[
+        float, typer.Option(help="um/px of the SpatialData image's finest level.")
+    ] = 2.0,
     force: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
 ) -> None:
     """Export one section as SpatialData (zarr) or AnnData (h5ad) for the scverse tools."""
     from histmol.export import export_section
 
     try:
-        path = export_section(corpus, section, out, format=fmt, slide=wsi, image_mpp=image_mpp,
-                              overwrite=force)
+        path = export_section(
+            corpus, section, out, format=fmt, slide=wsi, image_mpp=image_mpp, overwrite=force
+        )
     except HistmolError as err:
         fail(err)
     out_console.print(str(path))
@@ -318,10 +469,21 @@ def export(
 
 @app.command()
 def ingest(
-    manifest: Annotated[Path, typer.Argument(help="Manifest (.yaml or .csv): one entry per section.")],
+    manifest: Annotated[
+        Path, typer.Argument(help="Manifest (.yaml or .csv): one entry per section.")
+    ],
     out: Annotated[Path, typer.Option(help="Corpus folder; created, or added to.")],
-    dask_address: Annotated[Optional[str], typer.Option(help="Scheduler of a running Dask cluster, e.g. tcp://scheduler:8786 (needs PREFECT_API_URL).")] = None,
-    max_parallel: Annotated[Optional[int], typer.Option(help="Sections built at once [cores / threads; with Dask, its threads].")] = None,
+    dask_address: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Scheduler of a running Dask cluster, e.g. tcp://scheduler:8786 "
+            "(needs PREFECT_API_URL)."
+        ),
+    ] = None,
+    max_parallel: Annotated[
+        Optional[int],
+        typer.Option(help="Sections built at once [cores / threads; with Dask, its threads]."),
+    ] = None,
     threads: Annotated[int, typer.Option(help="Tile-reading threads per section.")] = 1,
     force: Annotated[bool, typer.Option(help="Rebuild sections even when unchanged.")] = False,
 ) -> None:
@@ -331,9 +493,15 @@ def ingest(
     from histmol.ingest_view import ingest_display, outcome_table
 
     with ingest_display(console):
-        state = ingest_corpus(str(manifest), str(out), dask_address=dask_address,
-                              max_parallel=max_parallel, threads=threads, force=force,
-                              return_state=True)
+        state = ingest_corpus(
+            str(manifest),
+            str(out),
+            dask_address=dask_address,
+            max_parallel=max_parallel,
+            threads=threads,
+            force=force,
+            return_state=True,
+        )
     result = state.result(raise_on_failure=False)
     if isinstance(result, IngestFailed):
         out_console.print(outcome_table(result.outcomes, f"{manifest} -> {out}"))
@@ -363,22 +531,36 @@ def train(
     resume: Annotated[bool, typer.Option(help="Continue exactly from --out's checkpoint.")] = False,
     epochs: Annotated[int, typer.Option(help="Epochs.")] = 10,
     batch_size: Annotated[int, typer.Option(help="Pairs per batch per rank.")] = 256,
-    image_encoder: Annotated[str, typer.Option(help="vit-tiny, resnet18 or timm:<name> (no weights downloaded).")] = "vit-tiny",
-    genes: Annotated[str, typer.Option(help="all, hvg:K or a comma-separated gene list.")] = "hvg:50",
+    image_encoder: Annotated[
+        str, typer.Option(help="vit-tiny, resnet18 or timm:<name> (no weights downloaded).")
+    ] = "vit-tiny",
+    genes: Annotated[
+        str, typer.Option(help="all, hvg:K or a comma-separated gene list.")
+    ] = "hvg:50",
     lr: Annotated[float, typer.Option(help="Peak learning rate (cosine schedule).")] = 1e-3,
     grad_accum: Annotated[int, typer.Option(help="Micro-batches per optimizer step.")] = 1,
     num_workers: Annotated[int, typer.Option(help="DataLoader workers.")] = 0,
     seed: Annotated[int, typer.Option(help="Seed of the model init and the data order.")] = 0,
-    max_steps: Annotated[Optional[int], typer.Option(help="Pause (checkpointed) at this step.")] = None,
+    max_steps: Annotated[
+        Optional[int], typer.Option(help="Pause (checkpointed) at this step.")
+    ] = None,
 ) -> None:
     """Train the CLIP-style patch/expression model (multi-GPU: torchrun -m histmol.model.train)."""
     from histmol.model.train import TrainConfig
     from histmol.model.train import train as train_run
 
     try:
-        config = TrainConfig(epochs=epochs, batch_size=batch_size, image_encoder=image_encoder,
-                             genes=genes, lr=lr, grad_accum=grad_accum, num_workers=num_workers,
-                             seed=seed, max_steps=max_steps)
+        config = TrainConfig(
+            epochs=epochs,
+            batch_size=batch_size,
+            image_encoder=image_encoder,
+            genes=genes,
+            lr=lr,
+            grad_accum=grad_accum,
+            num_workers=num_workers,
+            seed=seed,
+            max_steps=max_steps,
+        )
         summary = train_run([str(c) for c in corpus], out, config, resume=resume)
     except HistmolError as err:
         fail(err)
@@ -389,7 +571,9 @@ def train(
 def embed(
     run: Annotated[Path, typer.Argument(help="Run folder (from histmol train).")],
     corpus: Annotated[list[Path], typer.Argument(help="Corpus folder(s).")],
-    out: Annotated[Path, typer.Option(help="Output: .parquet, or .h5ad (AnnData, embeddings in obsm).")],
+    out: Annotated[
+        Path, typer.Option(help="Output: .parquet, or .h5ad (AnnData, embeddings in obsm).")
+    ],
     batch_size: Annotated[int, typer.Option(help="Pairs per batch.")] = 128,
 ) -> None:
     """Write per-pair image and expression embeddings of a trained run."""
@@ -407,25 +591,37 @@ def evaluate(
     run: Annotated[Path, typer.Argument(help="Run folder (from histmol train).")],
     corpus: Annotated[list[Path], typer.Argument(help="Corpus folder(s).")],
     split_by: Annotated[str, typer.Option(help="Held-out groups: patient or section.")] = "patient",
-    genes: Annotated[str, typer.Option(help="Target genes: hvg:K, all or a comma-separated list.")] = "hvg:50",
-    out: Annotated[Optional[Path], typer.Option(help="Folder for eval.csv + eval_genes.csv [RUN/eval].")] = None,
+    genes: Annotated[
+        str, typer.Option(help="Target genes: hvg:K, all or a comma-separated list.")
+    ] = "hvg:50",
+    out: Annotated[
+        Optional[Path], typer.Option(help="Folder for eval.csv + eval_genes.csv [RUN/eval].")
+    ] = None,
 ) -> None:
     """HEST-Benchmark protocol: frozen embeddings, PCA 256, ridge, per-gene Pearson; baselines."""
     from histmol.model.evaluate import evaluate_run
 
     gene_spec: str | list[str] = (
-        genes if genes == "all" or genes.startswith("hvg:") else genes.split(","))
+        genes if genes == "all" or genes.startswith("hvg:") else genes.split(",")
+    )
     try:
-        summary, _ = evaluate_run(run, [str(c) for c in corpus], split_by=split_by,
-                                  genes=gene_spec, out=out)
+        summary, _ = evaluate_run(
+            run, [str(c) for c in corpus], split_by=split_by, genes=gene_spec, out=out
+        )
     except HistmolError as err:
         fail(err)
     table = Table(title=f"{run} on {', '.join(map(str, corpus))} (held out by {split_by})")
     for column in ("model", "pearson_mean", "pearson_median", "mse", "n_folds", "n_genes"):
         table.add_column(column)
     for row in summary.itertuples(index=False):
-        table.add_row(row.model, f"{row.pearson_mean:.4f}", f"{row.pearson_median:.4f}",
-                      f"{row.mse:.4f}", str(row.n_folds), str(row.n_genes))
+        table.add_row(
+            row.model,
+            f"{row.pearson_mean:.4f}",
+            f"{row.pearson_median:.4f}",
+            f"{row.mse:.4f}",
+            str(row.n_folds),
+            str(row.n_genes),
+        )
     out_console.print(table)
 
 
