@@ -53,7 +53,9 @@ from histmol.build import BuildResult, SectionRequest
 from histmol.config import BuildConfig
 from histmol.errors import ConfigError, HistmolError
 from histmol.manifest import IngestPlan, load_manifest
+from histmol.remote_inputs import is_url
 from histmol.shards.corpus import COMMITTED, Corpus
+from histmol.shards.remote import RemoteCorpus
 
 POLL_S = 0.02
 
@@ -192,8 +194,10 @@ def default_parallel(threads: int) -> int:
 class _Scheduler:
     """Feeds the window, maps genes in manifest order, collects outcomes."""
 
-    def __init__(self, runner: TaskRunner[Any], out: str, window: int, threads: int) -> None:
+    def __init__(self, runner: TaskRunner[Any], out: str, window: int, threads: int,
+                 remote: RemoteCorpus | None = None) -> None:
         self.runner, self.out, self.window, self.threads = runner, out, window, threads
+        self.remote = remote  # publishes each outcome when `out` is a remote corpus' scratch
         self.outcomes: list[SectionOutcome] = []
 
     def run(self, todo: list[_Run]) -> list[SectionOutcome]:
@@ -252,12 +256,16 @@ class _Scheduler:
             self._fail(run, _reason([run.write]))
             return
         result: BuildResult = state.result()
+        if self.remote is not None:
+            self.remote.publish_section(run.section_id)
         self._add(SectionOutcome(run.section_id, run.request.platform, "committed", "",
                                  result.n_pairs, result.n_units,
                                  time.perf_counter() - run.started))
 
     def _fail(self, run: _Run, reason: str) -> None:
         record_failure(self.out, run.config, run.section_id, run.request.platform, reason)
+        if self.remote is not None:
+            self.remote.publish_failure(run.section_id)
         self._add(SectionOutcome(run.section_id, run.request.platform, "failed", reason,
                                  seconds=time.perf_counter() - run.started))
 
@@ -283,24 +291,38 @@ def ingest_corpus(
     max_parallel: int | None = None,
     threads: int = 1,
     force: bool = False,
+    storage_options: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Build every section of `manifest` into the corpus at `out`; return one outcome per entry.
 
     `max_parallel` sections run at once (default: the Dask cluster's threads, else one per
     `threads` cores); `threads` tile-reading threads each. `force` rebuilds unchanged sections.
-    Raises IngestFailed (after every other section committed) when any section failed.
+    `out` may be a remote fsspec URL (``s3://bucket/corpus``; `storage_options` for its file
+    system): sections are built in a local scratch corpus and published by this process
+    (histmol/shards/remote.py). Raises IngestFailed (after every other section committed) when
+    any section failed.
     """
     plan = load_manifest(manifest)
     window = max_parallel or default_parallel(threads)
     runner = _runner(dask_address, window)  # refuses a Dask run without an API, before any work
-    todo, skipped = _plan_work(plan, out, force)
+    remote, local_out = None, out
+    if is_url(out):
+        if dask_address is not None:
+            raise ConfigError(f"{out}: a remote --out is built in this process' scratch corpus; "
+                              "it cannot be combined with --dask-address yet")
+        remote = RemoteCorpus(out, storage_options=storage_options)
+        remote.pull()
+        local_out = str(remote.local)
+    todo, skipped = _plan_work(plan, local_out, force)
+    if remote is not None:
+        remote.initialise()
     _emit("start", {"total": len(plan.requests), "to_build": len(todo)})
     for outcome in skipped:
         _emit("section", asdict(outcome))
     with runner:
         if dask_address is not None and max_parallel is None:
             window = max(1, sum(runner.client.nthreads().values()))  # type: ignore[attr-defined]
-        built = _Scheduler(runner, out, window, threads).run(todo) if todo else []
+        built = _Scheduler(runner, local_out, window, threads, remote).run(todo) if todo else []
     order = {request.resolved_section_id(): i for i, request in enumerate(plan.requests)}
     outcomes = sorted((asdict(o) for o in skipped + built), key=lambda o: order[o["section_id"]])
     get_run_logger().info("ingest of %s into %s:\n%s", manifest, out, summary_text(outcomes))

@@ -472,7 +472,10 @@ def ingest(
     manifest: Annotated[
         Path, typer.Argument(help="Manifest (.yaml or .csv): one entry per section.")
     ],
-    out: Annotated[Path, typer.Option(help="Corpus folder; created, or added to.")],
+    out: Annotated[
+        str,
+        typer.Option(help="Corpus folder or fsspec URL (s3://bucket/corpus); created or added to."),
+    ],
     dask_address: Annotated[
         Optional[str],
         typer.Option(

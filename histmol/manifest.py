@@ -3,7 +3,9 @@
 Why a manifest: `histmol ingest` builds a whole cohort resumably, so the cohort has to be data
 (what to build from which files, with which options), not a shell loop of `histmol build` calls.
 
-YAML layout (paths relative to the manifest's folder)::
+YAML layout (paths relative to the manifest's folder, or fsspec URLs such as
+``s3://bucket/bundles/crc-01/outs``, which `load_manifest` fetches to a local cache:
+histmol/remote_inputs.py)::
 
     version: 1
     corpus:            # corpus-level options: one patch geometry and codec per corpus
@@ -49,6 +51,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from histmol.build import SectionRequest
 from histmol.config import CORPUS_LEVEL_FIELDS, BuildConfig
 from histmol.errors import ConfigError
+from histmol.remote_inputs import check_url, fetch_input, is_url
 from histmol.section import validate_section_id
 from platform_adapters import get_platform
 
@@ -136,9 +139,8 @@ class ManifestEntry(SectionOptions):
     @field_validator(*PATH_FIELDS)
     @classmethod
     def _local_path(cls, value: str | None) -> str | None:
-        if value is not None and "://" in value:
-            raise ValueError(
-                f"{value!r}: object-storage URLs are not supported yet; give a local path")
+        if value is not None and is_url(value):
+            return check_url(value)  # fetched to a local cache when the plan is made
         if value is not None and not value.strip():
             raise ValueError("empty path")
         return value
@@ -210,8 +212,12 @@ def _plan(path: Path, manifest: Manifest, lines: list[int]) -> IngestPlan:
         except ConfigError as err:
             raise ManifestError(f"{path}:{lines[index]}: sections[{index}] "
                                 f"({entry.section_id}): {err}") from None
-        resolved = {f: os.path.normpath(base / getattr(entry, f))
-                    for f in PATH_FIELDS if getattr(entry, f)}
+        try:
+            resolved = {f: _resolve(base, getattr(entry, f))
+                        for f in PATH_FIELDS if getattr(entry, f)}
+        except ConfigError as err:
+            raise ManifestError(f"{path}:{lines[index]}: sections[{index}] "
+                                f"({entry.section_id}): {err}") from None
         options: dict[str, Any] = {f: resolved.get(f, getattr(entry, f))
                                    for f in PLATFORM_OPTION_FIELDS if getattr(entry, f) is not None}
         clash = sorted(set(options) & set(entry.options))
@@ -227,6 +233,11 @@ def _plan(path: Path, manifest: Manifest, lines: list[int]) -> IngestPlan:
             optional["transform"], metadata, options, optional["landmarks"],
         ))
     return IngestPlan(path, corpus, requests, configs, lines)
+
+
+def _resolve(base: Path, value: str) -> str:
+    """Return a local path: relative to the manifest's folder, or a URL's fetched copy."""
+    return str(fetch_input(value)) if is_url(value) else os.path.normpath(base / value)
 
 
 def _read_yaml(path: Path) -> tuple[Any, list[int]]:

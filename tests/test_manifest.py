@@ -110,8 +110,9 @@ sections:
     ("sections:\n  - {section_id: a, platform: st, bundle: b, wsi: w}\n"
      "  - {section_id: a, platform: st, bundle: c, wsi: w}\n",
      "m.yaml:3: sections[1]: section_id 'a' repeats sections[0] (line 2)"),
-    ("sections:\n  - {section_id: a, platform: st, bundle: 's3://bkt/b', wsi: w}\n",
-     "m.yaml:2: sections[0] (a): bundle: 's3://bkt/b': object-storage URLs are not supported yet"),
+    ("sections:\n  - {section_id: a, platform: st, bundle: 'nosuch://bkt/b', wsi: w}\n",
+     "m.yaml:2: sections[0] (a): bundle: 'nosuch://bkt/b': unknown or unavailable URL protocol "
+     "'nosuch'"),
     ("corpus: {patch_px: 8}\nsections:\n  - {section_id: a, platform: st, bundle: b, wsi: w}\n",
      "m.yaml: manifest: corpus.patch_px: Input should be greater than or equal to 16"),
     ("sections:\n  - {section_id: a, platform: st, bundle: b, wsi: w, mpp: -1}\n",
