@@ -167,7 +167,10 @@ def test_remove_section(tmp_path: Path) -> None:
     corpus = Corpus.open(tmp_path, create=True)
     build(corpus, "s1", ["g1"])
     build(corpus, "s2", ["g2"])
+    (tmp_path / "qc" / "s1").mkdir(parents=True)
+    (tmp_path / "qc" / "s1" / "overview.png").write_bytes(b"png")
     assert corpus.remove_section("s1") is True
+    assert not (tmp_path / "qc" / "s1").exists()
     assert corpus.remove_section("s1") is False
     assert [r["section_id"] for r in corpus.read_table("sections").to_pylist()] == ["s2"]
     assert {m["section_id"] for m in corpus.read_table("manifest").to_pylist()} == {"s2"}

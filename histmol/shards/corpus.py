@@ -96,6 +96,7 @@ GENES = "genes.parquet"
 SECTIONS = "sections.parquet"
 MANIFEST = "manifest.parquet"
 SHARDS = "shards"
+QC_FIGURES = "qc"  # qc/<section_id>/*.png, written after each flow build
 LOCK = ".lock"
 COMMITTED, FAILED, INCOMPLETE = "committed", "failed", "incomplete"
 TableName = Literal["genes", "sections", "manifest"]
@@ -420,7 +421,7 @@ class Corpus:
         return True
 
     def remove_section(self, section_id: str) -> bool:
-        """Delete a section (e.g. consent withdrawn): manifest rows, then its row, then files.
+        """Delete a section (e.g. consent withdrawn): manifest rows, its row, files, QC figures.
 
         Returns False when the corpus held nothing of it. The vocabulary is kept (indices of
         other sections must not move).
@@ -437,7 +438,13 @@ class Corpus:
             trash = move_to_trash(self.section_dir(section_id))
             if trash is not None:
                 remove_path(trash)
-        return len(others) != len(manifest) or len(kept) != len(rows) or trash is not None
+            # its QC figures show the tissue too: they go with the data
+            figures = self.root / QC_FIGURES / section_id
+            had_figures = figures.exists()
+            if had_figures:
+                remove_path(figures)
+        return (len(others) != len(manifest) or len(kept) != len(rows) or trash is not None
+                or had_figures)
 
     def close(self) -> None:
         """Release the staging locks this object holds (their folders become stale debris)."""
