@@ -13,7 +13,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Literal
+from typing import IO, Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -21,7 +21,7 @@ import scipy.sparse as sp
 
 from histmol.errors import BundleError, ConfigError
 from histmol.genes import gene_table, merge_duplicate_genes, split_controls
-from histmol.section import slugify, validate_section_id
+from histmol.section import Provenance, Section, slugify, validate_section_id
 
 INT32_MAX = np.iinfo(np.int32).max
 EXAMPLES = 5  # how many offending values an error message quotes
@@ -251,3 +251,38 @@ def check_native_to_wsi(native_to_wsi: np.ndarray | None) -> np.ndarray | None:
 def metadata_dict(metadata: Mapping[str, str] | None) -> dict[str, str]:
     """A plain str -> str copy of the caller's metadata."""
     return {str(k): str(v) for k, v in (metadata or {}).items()}
+
+
+def panel_section(
+    platform: str,
+    adapter_version: str,
+    folder: Path,
+    *,
+    section_id: str | None,
+    wsi: str | os.PathLike[str],
+    units: pd.DataFrame,
+    panel: GenePanel,
+    files: Iterable[str | os.PathLike[str]],
+    layout: str,
+    metadata: Mapping[str, str] | None,
+    **frame: Any,
+) -> Section:
+    """The Section an adapter returns: id, panel and provenance filled the same way everywhere.
+
+    `frame` carries what differs per platform: unit_shape, unit_size_um, pitch_um, default_mode,
+    native_to_wsi, native_um_per_unit, qc.
+    """
+    return Section(
+        section_id=default_section_id(folder, section_id),
+        platform=platform,
+        units=units,
+        counts=panel.counts,
+        genes=panel.genes,
+        wsi_path=Path(wsi),
+        provenance=Provenance(
+            platform, adapter_version, str(folder), tuple(str(f) for f in files), layout
+        ),
+        control_counts=panel.control_counts,
+        metadata=metadata_dict(metadata),
+        **frame,
+    )

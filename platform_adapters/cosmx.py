@@ -40,17 +40,16 @@ import scipy.sparse as sp
 
 from histmol.errors import BundleError, ConfigError
 from histmol.registration import median_neighbour_distance
-from histmol.section import Provenance, Section
+from histmol.section import Section
 from platform_adapters._common import (
     GenePanel,
     build_gene_panel,
     bundle_folder,
     check_min_match_rate,
     check_native_to_wsi,
-    default_section_id,
     explicit_file,
     inner_join_ids,
-    metadata_dict,
+    panel_section,
     require_columns,
 )
 from platform_adapters._cosmx_frames import (
@@ -144,28 +143,23 @@ def read(
         qc["n_fov_positions"] = len(fovs) if fovs is not None else 0
     qc["n_control_probes"] = panel.n_controls
     shape, size_um, pitch_um = geometry
-    return Section(
-        section_id=default_section_id(folder, section_id),
-        platform=PLATFORM,
+    return panel_section(
+        PLATFORM,
+        ADAPTER_VERSION,
+        folder,
+        section_id=section_id,
+        wsi=wsi,
         units=unit_table,
-        counts=panel.counts,
-        genes=panel.genes,
-        wsi_path=Path(wsi),
+        panel=panel,
+        files=files,
+        layout=str(qc["layout"]),
+        metadata=metadata,
         unit_shape=shape,
         unit_size_um=size_um,
         pitch_um=pitch_um,
         default_mode="grid",
-        provenance=Provenance(
-            adapter=PLATFORM,
-            adapter_version=ADAPTER_VERSION,
-            bundle=str(folder),
-            files=tuple(str(f) for f in files),
-            layout=str(qc["layout"]),
-        ),
         native_to_wsi=explicit,
         native_um_per_unit=1.0,
-        control_counts=panel.control_counts,
-        metadata=metadata_dict(metadata),
         qc=qc,
     )
 

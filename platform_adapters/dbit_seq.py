@@ -45,7 +45,7 @@ import scipy.sparse as sp
 
 from histmol.errors import BundleError, ConfigError, RegistrationError
 from histmol.landmarks import fit_affine
-from histmol.section import Provenance, Section
+from histmol.section import Section
 from platform_adapters._common import (
     EXAMPLES,
     as_int32_counts,
@@ -53,9 +53,8 @@ from platform_adapters._common import (
     bundle_folder,
     check_min_match_rate,
     check_native_to_wsi,
-    default_section_id,
     explicit_file,
-    metadata_dict,
+    panel_section,
     require_columns,
 )
 from platform_adapters.st import _read_counts as read_st_pipeline_counts
@@ -187,28 +186,23 @@ def read(
     )
     if position_file is not None:
         units["in_tissue"] = listed[rows].astype(np.int8)
-    return Section(
-        section_id=default_section_id(folder, section_id),
-        platform=PLATFORM,
+    return panel_section(
+        PLATFORM,
+        ADAPTER_VERSION,
+        folder,
+        section_id=section_id,
+        wsi=wsi,
         units=units,
-        counts=panel.counts,
-        genes=panel.genes,
-        wsi_path=Path(wsi),
+        panel=panel,
+        files=files,
+        layout=f"{layout}+{source}",
+        metadata=metadata,
         unit_shape="square",
         unit_size_um=channel,
         pitch_um=2.0 * channel,
         default_mode="spot",
-        provenance=Provenance(
-            adapter=PLATFORM,
-            adapter_version=ADAPTER_VERSION,
-            bundle=str(folder),
-            files=tuple(str(f) for f in files),
-            layout=f"{layout}+{source}",
-        ),
         native_to_wsi=matrix_placed,
         native_um_per_unit=2.0 * channel,
-        control_counts=panel.control_counts,
-        metadata=metadata_dict(metadata),
         qc=qc,
     )
 

@@ -36,7 +36,7 @@ import pandas as pd
 from histmol.binning import BinAccumulator, BinnedCounts
 from histmol.errors import BundleError, RegistrationError
 from histmol.landmarks import fit_affine
-from histmol.section import Provenance, Section
+from histmol.section import Section
 from platform_adapters._binned import binned_units, check_bin_um, image_um_per_px
 from platform_adapters._common import (
     EXAMPLES,
@@ -44,10 +44,9 @@ from platform_adapters._common import (
     bundle_folder,
     check_min_match_rate,
     check_native_to_wsi,
-    default_section_id,
     explicit_file,
     first_line,
-    metadata_dict,
+    panel_section,
 )
 
 PLATFORM = "hdst"
@@ -159,28 +158,23 @@ def read(
         "bin_um": bin_um,
         "n_control_probes": panel.n_controls,
     }
-    return Section(
-        section_id=default_section_id(folder, section_id),
-        platform=PLATFORM,
+    return panel_section(
+        PLATFORM,
+        ADAPTER_VERSION,
+        folder,
+        section_id=section_id,
+        wsi=wsi,
         units=binned_units(binned, scale),
-        counts=panel.counts,
-        genes=panel.genes,
-        wsi_path=Path(wsi),
+        panel=panel,
+        files=files,
+        layout="scp420_red_ut" + ("+barcodes_under_tissue" if positions_file else ""),
+        metadata=metadata,
         unit_shape="square",
         unit_size_um=bin_um,
         pitch_um=bin_um,
         default_mode="grid",
-        provenance=Provenance(
-            adapter=PLATFORM,
-            adapter_version=ADAPTER_VERSION,
-            bundle=str(folder),
-            files=tuple(str(f) for f in files),
-            layout="scp420_red_ut" + ("+barcodes_under_tissue" if positions_file else ""),
-        ),
         native_to_wsi=explicit,
         native_um_per_unit=scale,
-        control_counts=panel.control_counts,
-        metadata=metadata_dict(metadata),
         qc=qc,
     )
 

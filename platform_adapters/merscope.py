@@ -42,17 +42,16 @@ import pandas as pd
 import scipy.sparse as sp
 
 from histmol.errors import BundleError, ConfigError
-from histmol.section import Provenance, Section
+from histmol.section import Section
 from platform_adapters._common import (
     GenePanel,
     build_gene_panel,
     bundle_folder,
     check_min_match_rate,
     check_native_to_wsi,
-    default_section_id,
     explicit_file,
     inner_join_ids,
-    metadata_dict,
+    panel_section,
     read_transform,
     require_columns,
 )
@@ -152,28 +151,23 @@ def read(
         files.append(transform_file)
     qc["n_control_probes"] = panel.n_controls
     shape, size_um, pitch_um = geometry
-    return Section(
-        section_id=default_section_id(folder, section_id),
-        platform=PLATFORM,
+    return panel_section(
+        PLATFORM,
+        ADAPTER_VERSION,
+        folder,
+        section_id=section_id,
+        wsi=wsi,
         units=unit_table,
-        counts=panel.counts,
-        genes=panel.genes,
-        wsi_path=Path(wsi),
+        panel=panel,
+        files=files,
+        layout=units,
+        metadata=metadata,
         unit_shape=shape,
         unit_size_um=size_um,
         pitch_um=pitch_um,
         default_mode="grid",
-        provenance=Provenance(
-            adapter=PLATFORM,
-            adapter_version=ADAPTER_VERSION,
-            bundle=str(folder),
-            files=tuple(str(f) for f in files),
-            layout=units,
-        ),
         native_to_wsi=explicit,
         native_um_per_unit=1.0,
-        control_counts=panel.control_counts,
-        metadata=metadata_dict(metadata),
         qc=qc,
     )
 

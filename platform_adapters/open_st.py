@@ -46,7 +46,7 @@ from anndata.io import read_elem, sparse_dataset
 from histmol.binning import BinAccumulator, BinnedCounts
 from histmol.errors import BundleError, RegistrationError, WSIError
 from histmol.landmarks import fit_affine
-from histmol.section import Provenance, Section
+from histmol.section import Section
 from platform_adapters._binned import binned_units, check_bin_um, image_um_per_px
 from platform_adapters._common import (
     as_int32_counts,
@@ -54,9 +54,8 @@ from platform_adapters._common import (
     bundle_folder,
     check_min_match_rate,
     check_native_to_wsi,
-    default_section_id,
     explicit_file,
-    metadata_dict,
+    panel_section,
 )
 
 PLATFORM = "open-st"
@@ -151,28 +150,23 @@ def read(
         qc["um_per_px_from_alignment"] = data.alignment_um_per_px
     if data.image_shape is not None:
         qc["aligned_image_height"], qc["aligned_image_width"] = data.image_shape
-    return Section(
-        section_id=default_section_id(folder, section_id),
-        platform=PLATFORM,
+    return panel_section(
+        PLATFORM,
+        ADAPTER_VERSION,
+        folder,
+        section_id=section_id,
+        wsi=wsi,
         units=binned_units(binned, scale),
-        counts=panel.counts,
-        genes=panel.genes,
-        wsi_path=Path(wsi),
+        panel=panel,
+        files=(path,),
+        layout=f"openst_{data.spatial_key}",
+        metadata=metadata,
         unit_shape="square",
         unit_size_um=bin_um,
         pitch_um=bin_um,
         default_mode="grid",
-        provenance=Provenance(
-            adapter=PLATFORM,
-            adapter_version=ADAPTER_VERSION,
-            bundle=str(folder),
-            files=(str(path),),
-            layout=f"openst_{data.spatial_key}",
-        ),
         native_to_wsi=explicit,
         native_um_per_unit=scale,
-        control_counts=panel.control_counts,
-        metadata=metadata_dict(metadata),
         qc=qc,
     )
 

@@ -42,17 +42,16 @@ import pandas as pd
 
 from histmol.binning import BinAccumulator, BinnedCounts
 from histmol.errors import BundleError, ConfigError
-from histmol.section import Provenance, Section
+from histmol.section import Section
 from platform_adapters._binned import binned_units, check_bin_um
 from platform_adapters._common import (
     build_gene_panel,
     bundle_folder,
     check_min_match_rate,
     check_native_to_wsi,
-    default_section_id,
     first_line,
-    metadata_dict,
     open_text,
+    panel_section,
 )
 
 PLATFORM = "seq-scope"
@@ -169,28 +168,23 @@ def read(
         "n_control_probes": panel.n_controls,
         "has_transform": explicit is not None,
     }
-    return Section(
-        section_id=default_section_id(folder, section_id),
-        platform=PLATFORM,
+    return panel_section(
+        PLATFORM,
+        ADAPTER_VERSION,
+        folder,
+        section_id=section_id,
+        wsi=wsi,
         units=binned_units(binned, 1.0 / float(units_per_um)),
-        counts=panel.counts,
-        genes=panel.genes,
-        wsi_path=Path(wsi),
+        panel=panel,
+        files=files,
+        layout="novascope_sge",
+        metadata=metadata,
         unit_shape="square",
         unit_size_um=bin_um,
         pitch_um=bin_um,
         default_mode="grid",
-        provenance=Provenance(
-            adapter=PLATFORM,
-            adapter_version=ADAPTER_VERSION,
-            bundle=str(folder),
-            files=tuple(str(f) for f in files),
-            layout="novascope_sge",
-        ),
         native_to_wsi=explicit,
         native_um_per_unit=1.0 / float(units_per_um),
-        control_counts=panel.control_counts,
-        metadata=metadata_dict(metadata),
         qc=qc,
     )
 

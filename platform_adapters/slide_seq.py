@@ -39,7 +39,7 @@ import scipy.sparse as sp
 
 from histmol.errors import BundleError, ConfigError
 from histmol.registration import median_neighbour_distance
-from histmol.section import Provenance, Section
+from histmol.section import Section
 from platform_adapters._common import (
     EXAMPLES,
     as_int32_counts,
@@ -47,10 +47,10 @@ from platform_adapters._common import (
     bundle_folder,
     check_min_match_rate,
     check_native_to_wsi,
-    default_section_id,
     explicit_file,
     inner_join_ids,
     metadata_dict,
+    panel_section,
     require_columns,
 )
 from platform_adapters._csv_tables import read_dense_counts
@@ -167,28 +167,23 @@ def read(
     meta = metadata_dict(metadata)
     if adjacent_section:
         meta.setdefault("adjacent_section", "true")
-    return Section(
-        section_id=default_section_id(folder, section_id),
-        platform=PLATFORM,
+    return panel_section(
+        PLATFORM,
+        ADAPTER_VERSION,
+        folder,
+        section_id=section_id,
+        wsi=wsi,
         units=units,
-        counts=panel.counts,
-        genes=panel.genes,
-        wsi_path=Path(wsi),
+        panel=panel,
+        files=files,
+        layout=layout,
+        metadata=meta,
         unit_shape="circle",
         unit_size_um=BEAD_DIAMETER_UM,
         pitch_um=None,
         default_mode="grid",
-        provenance=Provenance(
-            adapter=PLATFORM,
-            adapter_version=ADAPTER_VERSION,
-            bundle=str(folder),
-            files=tuple(str(f) for f in files),
-            layout=layout,
-        ),
         native_to_wsi=explicit,
         native_um_per_unit=1.0,
-        control_counts=panel.control_counts,
-        metadata=meta,
         qc=qc,
     )
 

@@ -43,19 +43,18 @@ import pandas as pd
 import scipy.sparse as sp
 
 from histmol.errors import BundleError, ConfigError
-from histmol.section import Provenance, Section
+from histmol.section import Section
 from platform_adapters._common import (
     EXAMPLES,
     as_int32_counts,
-    bundle_folder,
     build_gene_panel,
+    bundle_folder,
     check_min_match_rate,
     check_native_to_wsi,
-    default_section_id,
     explicit_file,
     first_line,
     inner_join_ids,
-    metadata_dict,
+    panel_section,
     read_transform,
     require_columns,
 )
@@ -183,28 +182,23 @@ def read(
     panel = build_gene_panel(matrix.gene_ids, matrix.gene_ids, matrix.counts[rows])
     qc["n_control_probes"] = panel.n_controls
     qc["tissue_only"] = tissue_only
-    return Section(
-        section_id=default_section_id(folder, section_id),
-        platform=PLATFORM,
+    return panel_section(
+        PLATFORM,
+        ADAPTER_VERSION,
+        folder,
+        section_id=section_id,
+        wsi=wsi,
         units=units,
-        counts=panel.counts,
-        genes=panel.genes,
-        wsi_path=Path(wsi),
+        panel=panel,
+        files=files,
+        layout=layout,
+        metadata=metadata,
         unit_shape="circle",
         unit_size_um=SPOT_DIAMETER_UM,
         pitch_um=SPOT_PITCH_UM if array_layout == "1k" else None,
         default_mode="spot",
-        provenance=Provenance(
-            adapter=PLATFORM,
-            adapter_version=ADAPTER_VERSION,
-            bundle=str(folder),
-            files=tuple(str(f) for f in files),
-            layout=layout,
-        ),
         native_to_wsi=transform_matrix,
         native_um_per_unit=None,
-        control_counts=panel.control_counts,
-        metadata=metadata_dict(metadata),
         qc=qc,
     )
 

@@ -53,7 +53,7 @@ import tifffile
 
 from histmol.binning import BinAccumulator
 from histmol.errors import BundleError, ConfigError, WSIError
-from histmol.section import Provenance, Section
+from histmol.section import Section
 from histmol.wsi import open_wsi
 from platform_adapters._common import (
     as_int32_counts,
@@ -61,9 +61,8 @@ from platform_adapters._common import (
     bundle_folder,
     check_min_match_rate,
     check_native_to_wsi,
-    default_section_id,
     explicit_file,
-    metadata_dict,
+    panel_section,
 )
 
 PLATFORM = "stereo-seq"
@@ -147,22 +146,23 @@ def read(
     panel = build_gene_panel(ids, names, counts)
     qc.update(image_qc)
     qc.update(n_control_probes=panel.n_controls, dnb_pitch_um=pitch_um)
-    return Section(
-        section_id=default_section_id(folder, section_id),
-        platform=PLATFORM,
+    return panel_section(
+        PLATFORM,
+        ADAPTER_VERSION,
+        folder,
+        section_id=section_id,
+        wsi=wsi,
         units=table,
-        counts=panel.counts,
-        genes=panel.genes,
-        wsi_path=Path(wsi),
+        panel=panel,
+        files=(path,),
+        layout=layout,
+        metadata=metadata,
         unit_shape=geometry[0],
         unit_size_um=geometry[1],
         pitch_um=geometry[2],
         default_mode="grid",
-        provenance=Provenance(PLATFORM, ADAPTER_VERSION, str(folder), (str(path),), layout),
         native_to_wsi=explicit,
         native_um_per_unit=pitch_um,
-        control_counts=panel.control_counts,
-        metadata=metadata_dict(metadata),
         qc=qc,
     )
 

@@ -30,16 +30,15 @@ import numpy as np
 import pandas as pd
 
 from histmol.errors import BundleError
-from histmol.section import Provenance, Section
+from histmol.section import Section
 from platform_adapters._common import (
-    bundle_folder,
     build_gene_panel,
+    bundle_folder,
     check_min_match_rate,
     check_native_to_wsi,
-    default_section_id,
     explicit_file,
     inner_join_ids,
-    metadata_dict,
+    panel_section,
     require_columns,
 )
 from platform_adapters._tenx import GENE_EXPRESSION, read_10x_matrix
@@ -198,30 +197,25 @@ def read(
     if pitch_px is not None:
         qc["pitch_px_from_positions"] = pitch_px
         qc["pitch_um_from_positions"] = pitch_px * native_um_per_unit
-    return Section(
-        section_id=default_section_id(folder, section_id),
-        platform=PLATFORM,
+    return panel_section(
+        PLATFORM,
+        ADAPTER_VERSION,
+        folder,
+        section_id=section_id,
+        wsi=wsi,
         units=units,
-        counts=panel.counts,
-        genes=panel.genes,
-        wsi_path=Path(wsi),
+        panel=panel,
+        files=files,
+        layout="cytassist" if cytassist else "standard",
+        metadata=metadata,
         unit_shape="circle",
         unit_size_um=SPOT_DIAMETER_UM,
         pitch_um=SPOT_PITCH_UM,
         default_mode="spot",
-        provenance=Provenance(
-            adapter=PLATFORM,
-            adapter_version=ADAPTER_VERSION,
-            bundle=str(folder),
-            files=tuple(str(f) for f in files),
-            layout="cytassist" if cytassist else "standard",
-        ),
         native_to_wsi=(
             explicit if explicit is not None else _bundle_image_transform(outs, wsi, scalefactors)
         ),
         native_um_per_unit=native_um_per_unit,
-        control_counts=panel.control_counts,
-        metadata=metadata_dict(metadata),
         qc=qc,
     )
 

@@ -50,15 +50,14 @@ import numpy as np
 import pandas as pd
 
 from histmol.errors import BundleError, ConfigError
-from histmol.section import Provenance, Section, UnitShape
+from histmol.section import Section, UnitShape
 from platform_adapters._common import (
     GenePanel,
     build_gene_panel,
     bundle_folder,
     check_min_match_rate,
     check_native_to_wsi,
-    default_section_id,
-    metadata_dict,
+    panel_section,
 )
 from platform_adapters._visium_hd_bins import bin_matrix
 from platform_adapters._visium_hd_cells import read_cells
@@ -139,23 +138,23 @@ def read(
         raise ConfigError(f"units must be 'bins' or 'cells', got {units!r}")
     transform = (explicit if explicit is not None
                  else _image_transform(got.image_folders, wsi, got.scalefactors))
-    return Section(
-        section_id=default_section_id(folder, section_id),
-        platform=PLATFORM,
+    return panel_section(
+        PLATFORM,
+        ADAPTER_VERSION,
+        folder,
+        section_id=section_id,
+        wsi=wsi,
         units=got.units,
-        counts=got.panel.counts,
-        genes=got.panel.genes,
-        wsi_path=Path(wsi),
+        panel=got.panel,
+        files=got.files,
+        layout=got.layout,
+        metadata=metadata,
         unit_shape=got.shape,
         unit_size_um=got.size_um,
         pitch_um=got.pitch_um,
         default_mode="grid",
-        provenance=Provenance(PLATFORM, ADAPTER_VERSION, str(folder),
-                              tuple(str(f) for f in got.files), got.layout),
         native_to_wsi=transform,
         native_um_per_unit=got.scalefactors[VisiumHDKeys.MICRONS_PER_PIXEL],
-        control_counts=got.panel.control_counts,
-        metadata=metadata_dict(metadata),
         qc=got.qc,
     )
 

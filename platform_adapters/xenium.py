@@ -55,18 +55,17 @@ from histmol.errors import BundleError, ConfigError, RegistrationError
 from histmol.genes import control_category
 from histmol.landmarks import check_residuals, fit_affine
 from histmol.registration import check_affine, median_neighbour_distance
-from histmol.section import Provenance, Section
+from histmol.section import Section
 from platform_adapters._common import (
     GenePanel,
     build_gene_panel,
     bundle_folder,
     check_min_match_rate,
     check_native_to_wsi,
-    default_section_id,
     explicit_file,
     first_line,
     inner_join_ids,
-    metadata_dict,
+    panel_section,
     read_transform,
     require_columns,
 )
@@ -168,14 +167,25 @@ def read(
              else _bins(folder, float(bin_um), float(min_qv)))
     units_table, panel, files, qc, (shape, size_um, pitch_um) = parts
     qc.update(place_qc)
-    used = tuple(str(f) for f in [*files, *place_files])
-    provenance = Provenance(PLATFORM, ADAPTER_VERSION, str(folder), used, _software_version(folder))
-    return Section(
-        section_id=default_section_id(folder, section_id), platform=PLATFORM, units=units_table,
-        counts=panel.counts, genes=panel.genes, wsi_path=Path(wsi), unit_shape=shape,
-        unit_size_um=size_um, pitch_um=pitch_um, default_mode="grid", provenance=provenance,
-        native_to_wsi=matrix, native_um_per_unit=1.0, control_counts=panel.control_counts,
-        metadata=metadata_dict(metadata), qc=qc,
+    used = [*files, *place_files]
+    return panel_section(
+        PLATFORM,
+        ADAPTER_VERSION,
+        folder,
+        section_id=section_id,
+        wsi=wsi,
+        units=units_table,
+        panel=panel,
+        files=used,
+        layout=_software_version(folder),
+        metadata=metadata,
+        unit_shape=shape,
+        unit_size_um=size_um,
+        pitch_um=pitch_um,
+        default_mode="grid",
+        native_to_wsi=matrix,
+        native_um_per_unit=1.0,
+        qc=qc,
     )
 
 
