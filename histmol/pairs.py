@@ -14,13 +14,13 @@ from histmol.section import Section
 from histmol.tiling import PatchPlan
 
 
-def pair_counts(counts: sp.csr_matrix, rows: np.ndarray, gene_index: np.ndarray) -> sp.csr_matrix:
-    """The given rows of `counts`, columns renumbered to vocabulary indices, sorted per row.
+def pair_counts(section: Section, rows: np.ndarray, gene_index: np.ndarray) -> sp.csr_matrix:
+    """The section's counts of the units at `rows`, columns renumbered to vocabulary indices.
 
     Done per pair rather than for the whole matrix so that no full-size copy of a dense
-    platform's counts is ever made (the section's own matrix is the only one held).
+    platform's counts is ever made (a `CountsStore` section is only ever read pair by pair).
     """
-    block = counts[rows]
+    block = section.count_rows(rows)
     renumbered = sp.csr_matrix(
         (block.data.astype(np.int32), gene_index[block.indices].astype(np.int32), block.indptr),
         shape=(len(rows), int(gene_index.max()) + 1 if len(gene_index) else 0),
@@ -53,7 +53,6 @@ def unit_tables(
     patch_y0 = plan.y0[pair_of]
     x_wsi = registration.x_wsi_px[order]
     y_wsi = registration.y_wsi_px[order]
-    counts = sp.csr_matrix(section.counts)
     columns: dict[str, np.ndarray] = {
         "unit_id": section.units["unit_id"].astype(str).to_numpy()[order],
         "x_wsi_px": x_wsi,
@@ -65,14 +64,14 @@ def unit_tables(
         "x_in_patch_px": ((x_wsi - patch_x0) * scale).astype(np.float32),
         "y_in_patch_px": ((y_wsi - patch_y0) * scale).astype(np.float32),
         "tissue_fraction": pair_tissue[pair_of].astype(np.float32),
-        "total_counts": np.asarray(counts.sum(axis=1)).ravel().astype(np.int64)[order],
+        "total_counts": section.unit_totals()[order],
     }
     for category in section.control_counts.columns:
         columns[f"control_{category}"] = section.control_counts[category].to_numpy(np.int64)[order]
     for pair in range(plan.n_pairs):
         start, stop = int(bounds[pair]), int(bounds[pair + 1])
         arrays = {name: pa.array(values[start:stop]) for name, values in columns.items()}
-        block = pair_counts(counts, order[start:stop], gene_index)
+        block = pair_counts(section, order[start:stop], gene_index)
         offsets = pa.array(block.indptr.astype(np.int32))
         arrays["gene_idx"] = pa.ListArray.from_arrays(offsets, pa.array(block.indices))
         arrays["counts"] = pa.ListArray.from_arrays(offsets, pa.array(block.data))

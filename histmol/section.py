@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from histmol.counts_store import CountsStore
 from histmol.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -67,7 +68,9 @@ class Section:
     `units` has one row per expression unit with at least `unit_id` (unique str), `x_native`,
     `y_native` (float64, the platform's own frame; x is the column, y the row). Adapters may add
     columns (array_row, array_col, in_tissue, ...). `counts` is a CSR matrix of raw integer
-    counts, rows aligned with `units`, columns with `genes` (gene_id, symbol, ensembl_id).
+    counts, rows aligned with `units`, columns with `genes` (gene_id, symbol, ensembl_id); dense
+    platforms hand a `CountsStore` instead (rows on disk, read back per pair, so the matrix is
+    never whole in memory): read it through `count_rows` and `unit_totals`.
     `control_counts` holds, per unit, the totals of control probes dropped from `counts`.
 
     `native_to_wsi` maps native coordinates (homogeneous column vectors) to WSI level-0 pixels;
@@ -80,7 +83,7 @@ class Section:
     section_id: str
     platform: str
     units: pd.DataFrame
-    counts: sp.csr_matrix
+    counts: sp.csr_matrix | CountsStore
     genes: pd.DataFrame
     wsi_path: Path
     unit_shape: UnitShape
@@ -102,7 +105,7 @@ class Section:
         missing = [c for c in GENE_COLUMNS if c not in self.genes.columns]
         if missing:
             raise ValueError(f"section {self.section_id}: gene table lacks columns {missing}")
-        if not sp.isspmatrix_csr(self.counts) and not isinstance(self.counts, sp.csr_array):
+        if not isinstance(self.counts, CountsStore | sp.csr_matrix | sp.csr_array):
             self.counts = sp.csr_matrix(self.counts)
         if self.counts.shape != (len(self.units), len(self.genes)):
             raise ValueError(
@@ -111,7 +114,9 @@ class Section:
             )
         if not np.issubdtype(self.counts.dtype, np.integer):
             raise ValueError(f"section {self.section_id}: counts must be raw integers")
-        if self.counts.nnz and self.counts.data.min() < 0:
+        if isinstance(self.counts, CountsStore):
+            pass  # checked row by row as the adapter wrote them
+        elif self.counts.nnz and self.counts.data.min() < 0:
             raise ValueError(f"section {self.section_id}: counts must be non-negative")
         if self.units["unit_id"].duplicated().any():
             raise ValueError(f"section {self.section_id}: unit ids are not unique")
@@ -137,6 +142,18 @@ class Section:
         """Number of genes in the section's panel (control probes excluded)."""
         return len(self.genes)
 
+    def count_rows(self, rows: np.ndarray) -> sp.csr_matrix:
+        """The counts of the units at positions `rows`, in that order."""
+        if isinstance(self.counts, CountsStore):
+            return self.counts.rows(rows)
+        return sp.csr_matrix(self.counts[rows])
+
+    def unit_totals(self) -> np.ndarray:
+        """Total count of every unit (int64)."""
+        if isinstance(self.counts, CountsStore):
+            return self.counts.row_totals()
+        return np.asarray(self.counts.sum(axis=1), dtype=np.int64).ravel()
+
     def to_anndata(self) -> anndata.AnnData:
         """Units x genes AnnData with raw counts; `obsm['spatial']` in the native frame."""
         import anndata
@@ -147,7 +164,8 @@ class Section:
             obs[f"control_{column}"] = self.control_counts[column].to_numpy()
         var = self.genes.set_index("gene_id", drop=False).copy()
         var.index = var.index.astype(str)
-        adata = anndata.AnnData(X=self.counts.astype(np.int32), obs=obs, var=var)
+        counts = self.counts.tocsr() if isinstance(self.counts, CountsStore) else self.counts
+        adata = anndata.AnnData(X=counts.astype(np.int32), obs=obs, var=var)
         adata.obsm["spatial"] = self.units[["x_native", "y_native"]].to_numpy(np.float64)
         adata.uns["histmol"] = {
             "section_id": self.section_id,

@@ -238,6 +238,40 @@ def build_gene_panel(
     return GenePanel(genes=genes, counts=counts, control_counts=controls, n_controls=n_controls)
 
 
+@dataclass(frozen=True)
+class StreamedPanel:
+    """`build_gene_panel` for a matrix that arrives in row pieces (dense platforms).
+
+    Control split and duplicate merge are linear maps on the feature columns, so they are
+    derived once by running `build_gene_panel` on the identity matrix: `to_genes` (features x
+    genes) and `to_controls` (features x control categories). Each piece then goes through two
+    sparse products, with exactly the values `build_gene_panel` gives on the whole matrix.
+    """
+
+    genes: pd.DataFrame
+    n_controls: int
+    control_names: tuple[str, ...]
+    to_genes: sp.csr_matrix
+    to_controls: np.ndarray
+
+    @classmethod
+    def of(cls, ids: Sequence[str] | np.ndarray,
+           names: Sequence[str] | np.ndarray) -> StreamedPanel:
+        """The panel of these features (ids and names as `build_gene_panel` takes them)."""
+        identity = sp.identity(len(ids), dtype=np.int32, format="csr")
+        panel = build_gene_panel(ids, names, identity)
+        return cls(panel.genes, panel.n_controls, tuple(panel.control_counts.columns),
+                   panel.counts, panel.control_counts.to_numpy(np.int64))
+
+    def apply(self, counts: sp.csr_matrix) -> tuple[sp.csr_matrix, np.ndarray]:
+        """A piece's gene counts (CSR int32, sorted) and control totals (units x categories)."""
+        genes = sp.csr_matrix(counts @ self.to_genes, dtype=np.int32)
+        genes.sort_indices()
+        controls = (np.asarray(counts @ self.to_controls, dtype=np.int64) if self.control_names
+                    else np.zeros((counts.shape[0], 0), np.int64))
+        return genes, controls
+
+
 def check_native_to_wsi(native_to_wsi: np.ndarray | None) -> np.ndarray | None:
     """Validate an explicit transform's shape (registration checks singularity and handedness)."""
     if native_to_wsi is None:

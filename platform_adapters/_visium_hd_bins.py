@@ -4,7 +4,9 @@ Why: a 2 um `filtered_feature_bc_matrix.h5` holds ~11 M barcodes; it is read in 
 (`_tenx.TenxH5Chunks`), joined onto the positions grid by parsing barcodes (no string join),
 and summed into coarser bins one band of coarse array rows at a time with
 `histmol.binning.BinAccumulator`, closing each band as soon as its last chunk has been read.
-Memory then follows the coarse output, not the 2 um input.
+Each closed band goes through the gene panel (controls split, duplicates merged) and onto disk
+(`histmol.counts_store.CountsStore`), so memory follows the open bands and the per-unit index,
+neither the 2 um input nor the coarse output.
 """
 
 from __future__ import annotations
@@ -13,10 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 
 from histmol.binning import BinAccumulator
+from histmol.counts_store import CountsStore
 from histmol.errors import BundleError
+from platform_adapters._common import GenePanel, StreamedPanel
 from platform_adapters._tenx import GENE_EXPRESSION, TenxH5Chunks
 from platform_adapters._visium_hd_positions import (
     ABSENT,
@@ -32,12 +37,12 @@ MATRIX_CHUNK = 1 << 18  # barcodes per chunk: ~5 MB of barcodes, a few MB of cou
 
 @dataclass(frozen=True)
 class BinnedMatrix:
-    """Bins of the requested size (sorted by array row, then column) and their counts."""
+    """Bins of the requested size (sorted by array row, then column) and their gene panel."""
 
     row: np.ndarray
     col: np.ndarray
     n_source_bins: np.ndarray
-    counts: sp.csr_matrix
+    panel: GenePanel  # counts: a CountsStore, rows aligned with (row, col)
     feature_ids: np.ndarray
     feature_names: np.ndarray
     n_features: int
@@ -99,7 +104,8 @@ def bin_matrix(
                 ),
             )
         row, col, n_source = _units(grid, factor)
-        sink = _CountsSink(row, col, len(gex), capacity=matrix.nnz)
+        panel = StreamedPanel.of(matrix.feature_ids[gex], matrix.feature_names[gex])
+        sink = _CountsSink(row, col, panel)
         _sum_chunks(matrix, grid, ranges, gex, factor, last, band0, sink)
         return BinnedMatrix(row, col, n_source, sink.result(), matrix.feature_ids[gex],
                             matrix.feature_names[gex], matrix.n_features, matrix.n_barcodes,
@@ -168,48 +174,28 @@ def _units(grid: PositionGrid, factor: int) -> tuple[np.ndarray, np.ndarray, np.
 
 
 class _CountsSink:
-    """Collects summed pieces into one CSR over the units (row-major), holding it about once.
+    """Sends summed pieces through the gene panel onto disk, in whatever unit order they come."""
 
-    Space Ranger lists barcodes in array order, so pieces arrive in unit order: they are copied
-    straight into arrays sized by the source matrix's non-zeros (an upper bound: summing only
-    merges entries; pages never written are never resident). A piece out of order (barcodes
-    shuffled) switches to keeping the pieces and reordering rows at the end (held twice).
-    """
-
-    def __init__(self, row: np.ndarray, col: np.ndarray, n_genes: int, capacity: int) -> None:
+    def __init__(self, row: np.ndarray, col: np.ndarray, panel: StreamedPanel) -> None:
         self.row0, self.col0 = (int(row.min()), int(col.min())) if len(row) else (0, 0)
         shape = (int(row.max(initial=0)) - self.row0 + 1, int(col.max(initial=0)) - self.col0 + 1)
         self.index = np.full(shape, -1, np.int64)
         self.index[row - self.row0, col - self.col0] = np.arange(len(row))
-        self.n_units, self.width = len(row), n_genes
-        self.index_dtype = np.int32 if capacity < np.iinfo(np.int32).max else np.int64
-        self.data = np.empty(capacity, np.int32)
-        self.indices = np.empty(capacity, self.index_dtype)
-        self.row_nnz = np.zeros(len(row), np.int64)
-        self.position, self.last_unit = 0, -1
-        self.late: list[tuple[np.ndarray, sp.csr_matrix]] = []
+        self.panel = panel
+        self.store = CountsStore(len(row), len(panel.genes))
+        self.controls = np.zeros((len(row), len(panel.control_names)), np.int64)
 
     def add(self, row: np.ndarray, col: np.ndarray, counts: sp.csr_matrix) -> None:
-        """Take the summed counts of coarse bins (row, col), sorted within the piece."""
+        """Take the summed counts of coarse bins (row, col)."""
         unit = self.index[row - self.row0, col - self.col0]
-        if self.late or (len(unit) and unit[0] <= self.last_unit):
-            self.late.append((unit, counts))
-            return
-        end = self.position + counts.nnz
-        self.data[self.position : end] = counts.data
-        self.indices[self.position : end] = counts.indices
-        self.row_nnz[unit] = np.diff(counts.indptr)
-        self.position, self.last_unit = end, int(unit[-1]) if len(unit) else self.last_unit
+        genes, controls = self.panel.apply(counts)
+        self.store.write_rows(unit, genes)
+        self.controls[unit] = controls
 
-    def result(self) -> sp.csr_matrix:
-        """Return the units x genes CSR int32 (units without counts are empty rows)."""
-        indptr = np.concatenate([[0], np.cumsum(self.row_nnz)]).astype(self.index_dtype)
-        counts = sp.csr_matrix((self.data[: self.position], self.indices[: self.position], indptr),
-                               shape=(self.n_units, self.width), copy=False)
-        if not self.late:
-            return counts
-        late_units = np.concatenate([u for u, _ in self.late])
-        stacked = sp.vstack([counts, *(c for _, c in self.late)], format="csr")
-        take = np.arange(self.n_units)
-        take[late_units] = self.n_units + np.arange(len(late_units))
-        return sp.csr_matrix(stacked[take], dtype=np.int32)
+    def result(self) -> GenePanel:
+        """The panel over all units (units no piece reached get empty rows)."""
+        missing = np.flatnonzero(self.store.row_lengths() < 0)
+        self.store.write_rows(missing, sp.csr_matrix((len(missing), self.store.shape[1]),
+                                                     dtype=np.int32))
+        controls = pd.DataFrame(dict(zip(self.panel.control_names, self.controls.T, strict=True)))
+        return GenePanel(self.panel.genes, self.store.finish(), controls, self.panel.n_controls)

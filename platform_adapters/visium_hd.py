@@ -53,7 +53,6 @@ from histmol.errors import BundleError, ConfigError
 from histmol.section import Section, UnitShape
 from platform_adapters._common import (
     GenePanel,
-    build_gene_panel,
     bundle_folder,
     check_min_match_rate,
     check_native_to_wsi,
@@ -212,7 +211,7 @@ def _bins(outs: Path, target: int, min_match_rate: float) -> _Units:
         "array_col": binned.col.astype(np.int32),
         "n_source_bins": binned.n_source_bins.astype(np.int32),
     })
-    panel = build_gene_panel(binned.feature_ids, binned.feature_names, binned.counts)
+    panel = binned.panel
     qc.update(
         bin_um=target, source_bin_um=source_um, aggregated=factor > 1, bin_folder=source_dir.name,
         n_matrix_barcodes=binned.n_barcodes, n_matched_barcodes=binned.n_matched,

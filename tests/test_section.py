@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
+from histmol.counts_store import CountsStore
 from histmol.errors import ConfigError
 from histmol.genes import gene_table, infer_species, merge_duplicate_genes, split_controls
 from histmol.section import Provenance, Section, slugify, validate_section_id
@@ -65,6 +66,24 @@ def test_to_anndata_keeps_raw_counts_controls_and_provenance() -> None:
     np.testing.assert_array_equal(adata.obsm["spatial"], [[1, 4], [2, 5], [3, 6]])
     assert adata.uns["histmol"]["provenance"]["files"] == ["a.h5"]
     assert adata.var.loc["ENSG00000141510", "symbol"] == "TP53"
+
+
+def test_a_section_on_a_counts_store_reads_like_one_in_memory() -> None:
+    """Dense platforms keep rows on disk; the pipeline reads them through the same two calls."""
+    matrix = sp.csr_matrix(np.array([[1, 0], [0, 2], [3, 4]], dtype=np.int32))
+    store = CountsStore(3, 2)
+    store.write_rows(np.array([2, 0]), matrix[[2, 0]])
+    store.write_rows(np.array([1]), matrix[[1]])
+    on_disk, in_memory = section(counts=store.finish()), section()
+    for rows in ([2, 0, 1], [1], []):
+        rows_ = np.array(rows, np.int64)
+        np.testing.assert_array_equal(on_disk.count_rows(rows_).toarray(),
+                                      in_memory.count_rows(rows_).toarray())
+    np.testing.assert_array_equal(on_disk.unit_totals(), [1, 2, 7])
+    np.testing.assert_array_equal(in_memory.unit_totals(), [1, 2, 7])
+    np.testing.assert_array_equal(on_disk.to_anndata().X.toarray(), matrix.toarray())
+    with pytest.raises(ValueError, match="counts shape"):
+        section(counts=CountsStore(2, 2))
 
 
 def test_gene_keys_controls_and_duplicates() -> None:
