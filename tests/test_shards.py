@@ -220,6 +220,27 @@ def test_units_parquet_round_trip(tmp_path: Path) -> None:
     ]
 
 
+def test_units_stream_out_in_row_groups_of_whole_pairs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A dense part is written a row group at a time, never held whole; the rows are unchanged."""
+    whole = write_section(tmp_path / "whole", 9, pairs_per_shard=9)
+    monkeypatch.setattr("histmol.shards.shard_writer.ROW_GROUP_UNITS", 4)
+    streamed = write_section(tmp_path / "streamed", 9, pairs_per_shard=9)
+    units = pq.ParquetFile(tmp_path / "streamed" / streamed[0].units_path)
+    # pairs hold 1, 2, 3, 1, 2, 3, ... units: a group closes once >= 4 units are buffered
+    sizes = [units.metadata.row_group(i).num_rows for i in range(units.num_row_groups)]
+    assert sizes == [6, 6, 6]
+    groups = [units.read_row_group(i).column("pair_index").to_pylist() for i in range(3)]
+    assert groups == [[0, 1, 1, 2, 2, 2], [3, 4, 4, 5, 5, 5], [6, 7, 7, 8, 8, 8]]
+    got = pq.read_table(tmp_path / "streamed" / streamed[0].units_path)
+    assert got.equals(pq.read_table(tmp_path / "whole" / whole[0].units_path))
+    assert streamed[0].n_units == whole[0].n_units == 18
+    assert streamed[0].images_sha256 == whole[0].images_sha256
+    again = write_section(tmp_path / "again", 9, pairs_per_shard=9)
+    assert again == streamed and all_files(tmp_path / "again") == all_files(tmp_path / "streamed")
+
+
 def test_units_as_tables_and_schema_mismatch(tmp_path: Path) -> None:
     schema = pa.schema([("unit_id", pa.string()), ("counts", pa.list_(pa.int32()))])
     table = pa.table({"unit_id": ["a"], "counts": [[1, 2]]}, schema=schema)

@@ -8,15 +8,17 @@ Per part ``NNNNN`` (pairs ``NNNNN * pairs_per_shard`` onwards, at most ``pairs_p
   zarr-python itself (``zarr.create_array`` into a memory store, no data written); the shard file
   (``c/0/0/0/0``) is assembled here.
 - ``part-NNNNN.parquet``: one row per unit, ``pair_index`` (int32, row in this part's image array)
-  first, then the unit columns the builder passes, one zstd row group.
+  first, then the unit columns the builder passes; zstd row groups of whole pairs, a new one
+  started once ``ROW_GROUP_UNITS`` units are buffered (a spot part is one row group; a dense
+  platform's part, ~400 k units, is streamed out in several instead of held whole).
 
 Why the shard file is assembled by hand: zarr-python writes a sharded array chunk by chunk with a
 read-modify-write of the whole shard (quadratic I/O), or needs the whole shard's raw pixels in
 memory at once: 2048 patches of 224 x 224 x 3 are ~300 MB raw (~600 MB with the copies zarr makes).
 Here each patch is JPEG-encoded as it arrives and appended to the shard file, so memory stays at
-the index plus the part's unit rows. The bytes are the ones zarr-python would produce: the same
-``encode_patch`` as the codec, chunks in C order (the Morton order zarr uses is C order for this
-shard shape), then the index; tests check zarr-python reads every patch back.
+the index plus one row group of unit rows. The bytes are the ones zarr-python would produce: the
+same ``encode_patch`` as the codec, chunks in C order (the Morton order zarr uses is C order for
+this shard shape), then the index; tests check zarr-python reads every patch back.
 
 Digests (``ShardRecord``): ``images_sha256`` is the SHA-256 of the shard file's bytes followed by
 the ``zarr.json`` bytes, and ``images_bytes`` the sum of both file sizes; ``units_sha256`` and
@@ -36,12 +38,14 @@ from typing import Any, BinaryIO
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from histmol.errors import ConfigError, CorpusError
 from histmol.shards.atomic import (
-    atomic_write_parquet,
+    PARQUET_COMPRESSION,
     file_digest,
     fsync_dir,
+    fsync_path,
     remove_path,
     temp_name,
 )
@@ -55,6 +59,7 @@ from histmol.shards.jpeg import (
 from histmol.shards.shard_reader import SHARD_CHUNK_COORDS, encode_index
 
 PAIR_INDEX = "pair_index"
+ROW_GROUP_UNITS = 1 << 16  # units buffered before a units row group is written
 DIMENSION_NAMES = ("pair", "y", "x", "channel")
 UnitsLike = pa.Table | Mapping[str, np.ndarray | Sequence[Any] | pa.Array]
 
@@ -159,9 +164,12 @@ def _as_table(units: UnitsLike, schema: pa.Schema | None) -> pa.Table:
 
 
 class _OpenPart:
-    """The part being filled: its temporary folder, shard file and index so far."""
+    """The part being filled: temporary folder, shard file, index so far and units parquet.
 
-    def __init__(self, section_dir: Path, part: int) -> None:
+    The parquet is written under a temporary name, a row group at a time.
+    """
+
+    def __init__(self, section_dir: Path, part: int, schema: pa.Schema) -> None:
         self.part = part
         self.final = section_dir / f"{part_stem(part)}.zarr"
         if self.final.exists():
@@ -173,7 +181,13 @@ class _OpenPart:
         self.digest = hashlib.sha256()
         self.entries: list[tuple[int, int]] = []
         self.offset = 0
-        self.units: list[pa.Table] = []
+        self.schema = pa.schema([pa.field(PAIR_INDEX, pa.int32(), nullable=False), *schema])
+        self.units_path = section_dir / f"{part_stem(part)}.parquet"
+        self.units_tmp = section_dir / temp_name(self.units_path.name)
+        self.units_writer: pq.ParquetWriter | None = None
+        self.pending: list[pa.Table] = []
+        self.pending_first = 0  # pair index of pending[0]
+        self.pending_units = 0
         self.n_units = 0
 
     def append(self, jpeg: bytes, units: pa.Table) -> None:
@@ -182,14 +196,46 @@ class _OpenPart:
         self.digest.update(jpeg)
         self.entries.append((self.offset, len(jpeg)))
         self.offset += len(jpeg)
-        self.units.append(units)
+        self.pending.append(units)
+        self.pending_units += units.num_rows
         self.n_units += units.num_rows
+        if self.pending_units >= ROW_GROUP_UNITS:
+            self.flush_units()
+
+    def flush_units(self) -> None:
+        """Write the buffered pairs' units as one row group."""
+        if self.units_writer is None:
+            self.units_writer = pq.ParquetWriter(self.units_tmp, self.schema,
+                                                 compression=PARQUET_COMPRESSION)
+        rows = np.fromiter((t.num_rows for t in self.pending), np.int64, len(self.pending))
+        pair_index = np.repeat(np.arange(self.pending_first, self.pending_first + len(rows),
+                                         dtype=np.int32), rows)
+        table = (pa.concat_tables(self.pending) if self.pending
+                 else self.schema.remove(0).empty_table())
+        table = table.add_column(0, self.schema.field(0), pa.array(pair_index, pa.int32()))
+        self.units_writer.write_table(table.combine_chunks(), row_group_size=max(1, len(table)))
+        self.pending_first += len(rows)
+        self.pending, self.pending_units = [], 0
+
+    def finish_units(self) -> None:
+        """Write the last row group, then fsync and rename the parquet into place."""
+        if self.pending or self.units_writer is None:
+            self.flush_units()
+        assert self.units_writer is not None
+        self.units_writer.close()
+        self.units_writer = None
+        fsync_path(self.units_tmp)
+        os.replace(self.units_tmp, self.units_path)
 
     def abort(self) -> None:
         if self.handle is not None:
             self.handle.close()
             self.handle = None
+        if self.units_writer is not None:
+            self.units_writer.close()
+            self.units_writer = None
         remove_path(self.tmp_dir)
+        remove_path(self.units_tmp)
 
 
 class SectionShardWriter:
@@ -265,7 +311,7 @@ class SectionShardWriter:
         if self._schema is None:
             self._schema = table.schema.remove_metadata()
         if self._open is None:
-            self._open = _OpenPart(self.section_dir, len(self.records))
+            self._open = _OpenPart(self.section_dir, len(self.records), self._schema)
         self._open.append(jpeg, table)
         self.n_pairs += 1
         if len(self._open.entries) == self.pairs_per_shard:
@@ -312,23 +358,17 @@ class SectionShardWriter:
         self._written.append(part.final)
         fsync_dir(self.section_dir)
 
-        units_path = self.section_dir / f"{part_stem(part.part)}.parquet"
-        counts = np.fromiter((t.num_rows for t in part.units), dtype=np.int64, count=n)
-        table = pa.concat_tables(part.units) if part.units else self._schema.empty_table()
-        table = table.add_column(
-            0, pa.field(PAIR_INDEX, pa.int32(), nullable=False),
-            pa.array(np.repeat(np.arange(n, dtype=np.int32), counts), type=pa.int32()),
-        ).combine_chunks()
-        part.units.clear()
-        atomic_write_parquet(units_path, table)
+        part.finish_units()
+        units_path = part.units_path
         self._written.append(units_path)
+        fsync_dir(self.section_dir)
         units_bytes, units_sha256 = file_digest(units_path)
         return ShardRecord(
             part=part.part,
             images_path=part.final.name,
             units_path=units_path.name,
             n_pairs=n,
-            n_units=table.num_rows,
+            n_units=part.n_units,
             images_bytes=shard_bytes + len(zarr_json),
             units_bytes=units_bytes,
             images_sha256=part.digest.hexdigest(),
