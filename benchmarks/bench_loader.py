@@ -7,8 +7,10 @@ in one run measures:
 - the single-thread JPEG decode limit on the corpus' own bytes (imagecodecs, what the loader uses)
   and direct ShardReader reads (pread + decode);
 - PairDataset (genes="hvg:2000", block shuffle, batch 256) through torchdata's StatefulDataLoader
-  with 0, 1 and 2 workers: pairs/s and pairs/s per worker as a fraction of the decode limit,
-  measured right before and after each run (the machine is shared: both are noisy);
+  with 0, 1 and 2 workers, per sample (``collate_fn=pair_collate``) and batched (``batched=True``,
+  ``batch_size=None``: workers decode into reused shared buffers, histmol.data.shm): pairs/s and
+  pairs/s per worker as a fraction of the decode limit, measured right before and after each run
+  (the machine is shared: both are noisy);
 - the transfer ceiling: the same loader over already-decoded samples (no reads, no decode), i.e.
   what moving 256 x 224 x 224 x 3 batches from worker processes to the main process costs;
 - the same pairs written to a mosaicml-streaming MDS dataset and read back the same way, as a
@@ -48,7 +50,8 @@ PLATFORMS = ("visium", "visium-hd", "xenium")
 TISSUES = ("colon", "lung")
 
 
-def build_corpus(root: Path, n_pairs: int, n_sections: int) -> None:
+def build_corpus(root: Path, n_pairs: int, n_sections: int, patch_px: int = PATCH_PX,
+                 pairs_per_shard: int = PAIRS_PER_SHARD) -> None:
     """Write n_pairs spot-like pairs over n_sections sections (skipped when already built)."""
     from histmol.shards.corpus import Corpus
     from histmol.shards.shard_writer import SectionShardWriter
@@ -63,10 +66,11 @@ def build_corpus(root: Path, n_pairs: int, n_sections: int) -> None:
                           "symbol": [f"G{i}" for i in range(N_VOCAB)],
                           "ensembl_id": [f"ENSG{i:011d}" for i in range(N_VOCAB)]})
     model = TissueModel(6000, 6000, mpp=0.5, seed=0)
-    canvas = model.render(1500, 1500, 2688, 2688)  # 12 x 12 patches' worth of tissue texture
+    side = 12 * patch_px  # 12 x 12 patches' worth of tissue texture
+    canvas = model.render(1500, 1500, side, side)
     rng = np.random.default_rng(0)
     per_section = n_pairs // n_sections
-    with Corpus.open(root, create=True, build_config={"patch_px": PATCH_PX}) as corpus:
+    with Corpus.open(root, create=True, build_config={"patch_px": patch_px}) as corpus:
         vocab = corpus.map_genes(genes, "human")
         for s in range(n_sections):
             section_id = f"bench-{s:02d}"
@@ -74,17 +78,17 @@ def build_corpus(root: Path, n_pairs: int, n_sections: int) -> None:
             staging = corpus.staging_dir(section_id)
             rate = rng.gamma(0.6, 1.0, N_VOCAB)
             rate /= rate.sum()
-            with SectionShardWriter(staging, patch_px=PATCH_PX,
-                                    pairs_per_shard=PAIRS_PER_SHARD) as writer:
+            with SectionShardWriter(staging, patch_px=patch_px,
+                                    pairs_per_shard=pairs_per_shard) as writer:
                 for i in range(count):
-                    y, x = rng.integers(0, canvas.shape[0] - PATCH_PX, 2)
-                    patch = np.rot90(canvas[y:y + PATCH_PX, x:x + PATCH_PX], int(i % 4))
+                    y, x = rng.integers(0, canvas.shape[0] - patch_px, 2)
+                    patch = np.rot90(canvas[y:y + patch_px, x:x + patch_px], int(i % 4))
                     gene_idx = np.sort(rng.choice(N_VOCAB, NNZ, replace=False, p=rate))
                     counts = rng.poisson(3.0, NNZ).astype(np.int32) + 1
                     writer.add_pair(np.ascontiguousarray(patch), {
                         "unit_id": pa.array([f"{section_id}-{i}"]),
-                        "x_in_patch_px": pa.array([112.0], pa.float32()),
-                        "y_in_patch_px": pa.array([112.0], pa.float32()),
+                        "x_in_patch_px": pa.array([patch_px / 2], pa.float32()),
+                        "y_in_patch_px": pa.array([patch_px / 2], pa.float32()),
                         "total_counts": pa.array([int(counts.sum())], pa.int64()),
                         "gene_idx": pa.array([vocab[gene_idx].astype(np.int32)],
                                              pa.list_(pa.int32())),
@@ -156,8 +160,8 @@ def time_loader(root: Path, workers: int, batches: int, warmup: int, **options) 
     from histmol.data import PairDataset, pair_collate
 
     ds = PairDataset(root, genes="hvg:2000", seed=0, batch_size=256, **options)
-    loader = StatefulDataLoader(ds, batch_size=256, num_workers=workers, collate_fn=pair_collate,
-                                prefetch_factor=4 if workers else None)
+    loader = StatefulDataLoader(ds, batch_size=None if ds.batched else 256, num_workers=workers,
+                                collate_fn=pair_collate, prefetch_factor=4 if workers else None)
     it = iter(loader)
     for _ in range(warmup):
         next(it)
@@ -211,6 +215,24 @@ def run_mds(venv: Path, *args: str) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def summarise(runs: list[dict], baseline: list[dict]) -> dict:
+    """Per mode and worker count: [min, max] pairs/s and per-worker fraction of the decode limit."""
+    out: dict = {}
+    for run in runs:
+        mode = "batched" if run.get("batched") else "per_sample"
+        if run.get("verify"):
+            mode += f"_verify_{run['verify']}"
+        entry = out.setdefault(mode, {}).setdefault(str(run["workers"]), {
+            "pairs_per_s": [], "per_worker_vs_decode_limit": []})
+        entry["pairs_per_s"].append(round(run["pairs_per_s"]))
+        entry["per_worker_vs_decode_limit"].append(round(run["per_worker_vs_decode_limit"], 3))
+    for run in baseline:
+        if "pairs_per_s" in run:
+            out.setdefault("mds", {}).setdefault(str(run.get("workers")), []).append(
+                round(run["pairs_per_s"]))
+    return out
+
+
 def main() -> None:
     """Build or reuse the corpus, run every measurement, write the JSON result."""
     parser = argparse.ArgumentParser(description=__doc__)
@@ -224,7 +246,10 @@ def main() -> None:
                         default=Path(os.environ.get("HISTMOL_BENCHVENV", "/work/benchvenv")))
     parser.add_argument("--repeats", type=int, default=2, help="runs per worker count")
     parser.add_argument("--no-mds", action="store_true")
+    parser.add_argument("--workers", default="0,1,2", help="comma-separated worker counts")
+    parser.add_argument("--out", type=Path, default=None, help="JSON path (default: results/)")
     args = parser.parse_args()
+    worker_counts = [int(w) for w in args.workers.split(",")]
     if args.pairs < 50_000:
         print("note: the issue asks for >= 50k pairs", file=sys.stderr)
     root = args.workdir / "corpus"
@@ -254,8 +279,9 @@ def main() -> None:
         result["mds_write"] = run_mds(args.benchvenv, *mds_args, "--write")
     runs, baseline = [], []
     timing = ["--batches", str(args.batches), "--warmup", str(args.warmup)]
-    plan = [(w, {}) for _ in range(args.repeats) for w in (0, 1, 2)] + [(1, {"verify": "size"})]
-    for workers, options in plan:  # each histmol run is followed by its MDS twin
+    plan = [(w, mode) for _ in range(args.repeats) for w in worker_counts
+            for mode in ({}, {"batched": True})] + [(1, {"batched": True, "verify": "size"})]
+    for workers, options in plan:  # each batched run is followed by its MDS twin
         before = decode_limit(root, 1000)["decode_per_s"]
         run = time_loader(root, workers, args.batches, args.warmup, **options)
         after = decode_limit(root, 1000)["decode_per_s"]
@@ -264,16 +290,17 @@ def main() -> None:
             max(workers, 1) * run["decode_limit_per_s"])
         runs.append(run)
         print(json.dumps(run), flush=True)
-        if not options and "skipped" not in result["mds_write"]:
+        if options == {"batched": True} and "skipped" not in result["mds_write"]:
             baseline.append(run_mds(args.benchvenv, *mds_args, "--workers", str(workers),
                                     *timing))
             print(json.dumps(baseline[-1]), flush=True)
     result["histmol"], result["mds"] = runs, baseline
+    result["summary"] = summarise(runs, baseline)
     result["transfer_ceiling_pairs_per_s"] = {
-        str(w): transfer_ceiling(root, w, args.batches, args.warmup) for w in (0, 1, 2)}
+        str(w): transfer_ceiling(root, w, args.batches, args.warmup) for w in worker_counts}
     print(json.dumps(result["transfer_ceiling_pairs_per_s"]), flush=True)
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"loader_{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out = args.out or RESULTS / f"loader_{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
     print(f"wrote {out}")

@@ -5,7 +5,8 @@ are concatenated (a ragged batch, as in PyTorch Geometric): ``expression`` (U, G
 (U, 2) and ``unit_batch`` (U,), the batch row of each unit; aggregated samples stack to (B, G).
 ``n_units``, ``index``, ``part``, ``pair_index`` and ``corpus`` are int64 (B,), ``panel_mask``
 bool (B, G); ``section_id``, ``platform`` and ``tissue`` stay lists of strings. Any other key
-goes through torch's ``default_collate``.
+goes through torch's ``default_collate``. A batch a ``batched=True`` PairDataset made already
+(a mapping) passes through unchanged, so ``collate_fn=pair_collate`` suits both modes.
 """
 
 from __future__ import annotations
@@ -43,8 +44,10 @@ def _stack(values: list[Any]) -> torch.Tensor:
     return out
 
 
-def pair_collate(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+def pair_collate(samples: Sequence[Mapping[str, Any]] | Mapping[str, Any]) -> dict[str, Any]:
     """Collate PairDataset samples (see the module docstring for the layout)."""
+    if isinstance(samples, Mapping):
+        return dict(samples)
     if not samples:
         raise ValueError("pair_collate needs at least one sample")
     batch: dict[str, Any] = {}

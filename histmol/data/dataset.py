@@ -12,6 +12,11 @@ Epochs: iteration yields epoch `epoch` (`set_epoch`, like DistributedSampler.set
 that runs to the end in the same process (no workers, or persistent workers) moves that
 process' copy on to the next epoch; with non-persistent workers call ``set_epoch`` each epoch.
 The DataLoader's batch size must equal `batch_size`: it defines the partition over ranks.
+
+Batched mode (``batched=True``): the dataset yields whole batches, exactly those the DataLoader
+would have collated with `pair_collate`, so use ``DataLoader(ds, batch_size=None, ...)``. With
+uint8 patches and no `patch_transform`, workers then decode JPEGs straight into reusable shared
+memory (`histmol.data.batching`, `histmol.data.shm`): the fast path for training.
 """
 
 from __future__ import annotations
@@ -31,12 +36,14 @@ import pandas as pd
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from histmol.data.batching import iter_batches
 from histmol.data.fetch import VERIFY_MODES, PartFetcher, Verify
 from histmol.data.genes import resolve_genes
 from histmol.data.mixing import MIX_KEYS, assign_groups
 from histmol.data.order import OrderSpec, epoch_order
 from histmol.data.part import OpenPart, PartUnits
 from histmol.data.partition import assigned
+from histmol.data.shm import BufferPool
 from histmol.data.source import PartRef, open_sources
 from histmol.data.state import PARTITION_KEYS, STATE_FORMAT, STATE_VERSION, rank_progress
 from histmol.errors import ConfigError, CorpusError
@@ -61,7 +68,8 @@ class PairDataset(IterableDataset):
     centres in patch px, x then y; absent when aggregated), ``n_units``, ``panel_mask`` (bool
     (G,): genes the section's assay measured), ``index`` (global sample id), ``part`` and
     ``pair_index`` (the part of the section and the pair in it, as stored), ``section_id``,
-    ``platform``, ``tissue`` and ``corpus`` (index into `sources`).
+    ``platform``, ``tissue`` and ``corpus`` (index into `sources`). With ``batched=True`` it
+    yields batches of `batch_size` samples laid out as `pair_collate` lays them out.
     """
 
     def __init__(
@@ -71,6 +79,7 @@ class PairDataset(IterableDataset):
         genes: str | Sequence[str] = "all",
         seed: int = 0,
         batch_size: int = 1,
+        batched: bool = False,
         shuffle: str = "block",
         block_size: int = 1 << 14,
         mix: Mapping[str, Mapping[str, float]] | None = None,
@@ -103,6 +112,7 @@ class PairDataset(IterableDataset):
                 raise ConfigError(f"rank must be in 0..{world_size - 1}, got {rank!r}")
         self.patch_format, self.patch_transform = patch_format, patch_transform
         self.aggregate_units, self.drop_last = bool(aggregate_units), bool(drop_last)
+        self.batched = bool(batched)
         self.on_corrupt, self.verify = on_corrupt, verify
         self._rank, self._world_size = rank, world_size
         self.cache_dir = Path(cache_dir) if cache_dir is not None else (
@@ -119,6 +129,7 @@ class PairDataset(IterableDataset):
         self._open: OrderedDict[int, OpenPart] = OrderedDict()
         self._bad: set[int] = set()
         self._fetcher: PartFetcher | None = None
+        self._pool: BufferPool | None = None  # a worker's shared patch buffers (batched mode)
         self.skipped_samples = 0
 
     # ------------------------------------------------------------------ set-up
@@ -178,7 +189,8 @@ class PairDataset(IterableDataset):
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state.update(_open=OrderedDict(), _fetcher=None, _order_cache=None, _progress=None)
+        state.update(_open=OrderedDict(), _fetcher=None, _order_cache=None, _progress=None,
+                     _pool=None)
         return state
 
     # ------------------------------------------------------------------ epochs and state
@@ -256,13 +268,17 @@ class PairDataset(IterableDataset):
             drop_last=plan["drop_last"],
         )
         self._progress = progress = dict(plan)
-        for position in positions[plan["position"]:]:
-            sample = self._sample(int(order[start + position]))
-            progress["position"] += 1  # before the yield: a snapshot taken now counts it
-            if sample is None:
-                self.skipped_samples += 1
-            else:
-                yield sample
+        indices = (int(order[start + position]) for position in positions[plan["position"]:])
+        if self.batched:
+            yield from iter_batches(self, indices, progress)
+        else:
+            for index in indices:
+                sample = self._sample(index)
+                progress["position"] += 1  # before the yield: a snapshot taken now counts it
+                if sample is None:
+                    self.skipped_samples += 1
+                else:
+                    yield sample
         if self._resume and self._resume[0] == plan["epoch"]:
             self._resume = None
         self.epoch = plan["epoch"] + 1
@@ -297,26 +313,37 @@ class PairDataset(IterableDataset):
         self._bad.add(part)
         warnings.warn(f"skipping corrupt part: {error}", stacklevel=3)
 
-    def _sample(self, index: int) -> dict[str, Any] | None:
+    def _locate(self, index: int) -> tuple[int, OpenPart, int] | None:
+        """(part, its open reader, pair in the part) of a global sample id; None: part skipped."""
         part = int(np.searchsorted(self.part_starts, index, side="right")) - 1
         open_part = self._part(part)
-        if open_part is None:
+        return None if open_part is None else (part, open_part, index - int(self.part_starts[part]))
+
+    def _read_failed(self, part: int, error: CorpusError) -> None:
+        self._open.pop(part).close()
+        self._corrupt(part, error)
+
+    def _sample(self, index: int) -> dict[str, Any] | None:
+        located = self._locate(index)
+        if located is None:
             return None
-        pair = index - int(self.part_starts[part])
+        part, open_part, pair = located
         try:
             patch = open_part.reader.read_patch(pair)
         except CorpusError as error:
-            self._open.pop(part).close()
-            self._corrupt(part, error)
+            self._read_failed(part, error)
             return None
         if self.patch_format == "float_chw":
             patch = torch.from_numpy(patch).permute(2, 0, 1).float().div_(255.0)
         if self.patch_transform is not None:
             patch = self.patch_transform(patch)
+        return {"patch": patch, **self._fields(part, open_part, pair, index)}
+
+    def _fields(self, part: int, open_part: OpenPart, pair: int, index: int) -> dict[str, Any]:
+        """Return a sample's content other than its patch."""
         units = open_part.units
         section_id, platform, tissue, corpus, mask = self._meta[part]
-        sample = {
-            "patch": patch,
+        fields = {
             "expression": units.expression(pair, len(self.gene_set), self.aggregate_units),
             "n_units": int(units.pair_units[pair + 1] - units.pair_units[pair]),
             "panel_mask": mask,
@@ -329,5 +356,5 @@ class PairDataset(IterableDataset):
             "corpus": corpus,
         }
         if not self.aggregate_units:
-            sample["positions"] = units.unit_positions(pair)
-        return sample
+            fields["positions"] = units.unit_positions(pair)
+        return fields
