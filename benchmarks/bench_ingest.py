@@ -1,6 +1,7 @@
 """Benchmark `ingest-corpus` on the demo manifest: 1 vs 2 workers, in-process and on Dask.
 
-Usage: .venv/bin/python benchmarks/bench_ingest.py [--out FILE]  (default benchmarks/results/ingest_<time>.json)
+Usage: .venv/bin/python benchmarks/bench_ingest.py [--out FILE] [--remote]
+(default --out benchmarks/results/ingest_<time>.json)
 
 Generates the demo inputs (histmol demo's generator) under a temporary folder beside a copy of
 manifests/demo.yaml, then times:
@@ -9,14 +10,20 @@ manifests/demo.yaml, then times:
 - `threads-1`, `threads-2`: in-process ingest with 1 and 2 sections at a time;
 - `dask-1`, `dask-2`: a distributed.LocalCluster of 1 and 2 single-thread worker processes,
   against a `prefect server` started here on 127.0.0.1 (Dask runs need a real API).
+- with `--remote`, the same into ``s3://`` on a moto S3 server started here on 127.0.0.1 (the
+  test suite's server): `remote-threads-N` (built in a local scratch corpus, published by the
+  flow) and `remote-dask-N` (built and uploaded by the workers; the flow writes the tables),
+  all against the `prefect server`.
 Scheduler overhead per task (Prefect + Dask) is estimated from the 1-worker runs, where nothing
 overlaps: (wall - flow_fixed - plain) / task runs; its fraction is of the 1-worker wall time.
+For the remote runs that "overhead" also holds the object-store puts and the table merges.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shutil
 import signal
@@ -33,7 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 TASKS_PER_SECTION = 5  # read, register, gene-keys, tile-write, commit
 
 
-def _ingest(manifest: Path, out: Path, **kwargs: Any) -> tuple[float, list[dict[str, Any]]]:
+def _ingest(manifest: Path, out: Path | str, **kwargs: Any) -> tuple[float, list[dict[str, Any]]]:
     from flows.ingest import ingest_corpus
 
     started = time.perf_counter()
@@ -56,6 +63,46 @@ def _record(name: str, wall: float, outcomes: list[dict[str, Any]], plain: float
                    overhead_fraction=round((overhead + fixed) / wall, 4),
                    per_task_fraction=round(overhead / wall, 4))
     return row
+
+
+def _remote_runs(manifest: Path, plain: float, fixed: float) -> list[dict[str, Any]]:
+    """Run the --remote configurations: moto's S3 server in this process, one prefix per run."""
+    import boto3
+    from distributed import LocalCluster
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one log line per request
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        os.environ[name] = "testing"
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    options = {"key": "testing", "secret": "testing",
+               "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"}}
+    rows = []
+    try:
+        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(
+            Bucket="bench")
+        for workers in (1, 2):
+            name = f"remote-threads-{workers}"
+            wall, outcomes = _ingest(manifest, f"s3://bench/{name}", max_parallel=workers,
+                                     storage_options=options)
+            rows.append(_record(name, wall, outcomes, plain, fixed, workers))
+        for workers in (1, 2):
+            name = f"remote-dask-{workers}"
+            with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                              host="127.0.0.1", dashboard_address=None) as cluster:
+                cluster.get_client().run(lambda: __import__("flows.build"))
+                wall, outcomes = _ingest(manifest, f"s3://bench/{name}", storage_options=options,
+                                         dask_address=cluster.scheduler_address)
+            rows.append(_record(name, wall, outcomes, plain, fixed, workers))
+    finally:
+        server.stop()
+    return rows
 
 
 def _start_server(home: Path) -> tuple[subprocess.Popen[bytes], str]:
@@ -85,6 +132,8 @@ def main() -> None:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     parser.add_argument("--out", type=Path,
                         default=REPO / "benchmarks" / "results" / f"ingest_{stamp}.json")
+    parser.add_argument("--remote", action="store_true",
+                        help="also ingest into s3:// on a local moto server (in-process, Dask)")
     args = parser.parse_args()
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
@@ -131,6 +180,9 @@ def main() -> None:
                                                  dask_address=cluster.scheduler_address)
                     rows.append(_record(f"dask-{workers}", wall, outcomes, plain, dask_fixed,
                                         workers))
+                if args.remote:
+                    os.environ["HISTMOL_CACHE_DIR"] = str(work / "cache")  # scratch corpora
+                    rows += _remote_runs(manifest, plain, dask_fixed)
         finally:
             os.killpg(server.pid, signal.SIGTERM)
             server.wait(30)

@@ -3,7 +3,9 @@
 Thin on purpose (STYLE.md): each task calls one stage function of `histmol.build`; flows wire
 them. Stages: read (adapter) -> register (registration, tissue mask, patch plan) -> gene keys
 -> tile/write (extract patches into a staging folder) -> commit (nested in tile/write, so the
-staging folder's owner lock is held by one process from creation to commit).
+staging folder's owner lock is held by one process from creation to commit). For a remote corpus
+built on Dask, `write_section_remote` runs tile/write + commit into a worker-local corpus and
+uploads the section's objects; the flow then commits the remote tables.
 
 The vocabulary is the one order-dependent table of a corpus (`Corpus.map_genes` appends new genes
 in call order), so the flows map genes section by section in request order, never from inside
@@ -19,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -51,6 +54,7 @@ from histmol.genes import infer_species
 from histmol.registration import Registration
 from histmol.section import Section
 from histmol.shards.corpus import Corpus
+from histmol.shards.remote import BuiltSection, RemoteCorpus
 from histmol.tiling import PatchPlan
 from histmol.wsi import open_wsi
 
@@ -209,6 +213,32 @@ def write_section(
         sum(r.images_bytes + r.units_bytes for r in records), time.perf_counter() - started,
         {k: v for k, v in row.items() if k != "panel"}, timings,
     )
+
+
+@task(name="tile-write-upload", task_run_name="write-{section_id}", **_STAGE)
+def write_section_remote(
+    section_id: str, url: str, storage_options: dict[str, Any] | None, request: SectionRequest,
+    section: Section, placement: Placement, gene_index: np.ndarray, species: str,
+    config: BuildConfig, key: str, threads: int,
+) -> tuple[BuildResult, BuiltSection]:
+    """On a Dask worker: build the section locally, upload its objects to the remote corpus `url`.
+
+    Workers share no disk, so the section is built (parts, commit, QC figures: the same bytes as
+    `write_section`) into a corpus under the worker's temp dir, removed afterwards whatever
+    happens; only its objects are put (step 2 of histmol/shards/remote.py). The flow commits
+    the tables from the returned rows. Its step 1 must already have dropped the section's old
+    parts from the remote manifest.
+    """
+    with tempfile.TemporaryDirectory(prefix=f"histmol-{section_id}-") as tmp:
+        root = Path(tmp) / "corpus"
+        with section_errors():
+            Corpus.open(root, create=True, build_config=config.corpus_fields())
+        result = write_section.fn(section_id, str(root), request, section, placement, gene_index,
+                                  species, config, key, True, threads)
+        with section_errors():
+            remote = RemoteCorpus(url, local=root, storage_options=storage_options)
+            built = remote.upload_section(section_id)
+    return result, built
 
 
 def write_figures(out: str, section_id: str, wsi: Path) -> None:

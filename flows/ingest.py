@@ -16,6 +16,16 @@ prefect-dask's DaskTaskRunner. Dask workers are separate processes and cannot re
 process's ephemeral Prefect API, so a Dask run needs a real API (`PREFECT_API_URL`, e.g.
 `prefect server start`); Prefect hands its URL to the workers with each task.
 
+Remote corpora (`out` an fsspec URL, histmol/shards/remote.py). This process pulls the remote
+tables into a local scratch corpus, where it plans, maps genes and records failures, and is the
+single writer of the remote tables. In-process, sections are built in the scratch and published
+as each ends. On Dask (workers share no disk), this process drops a rebuilt section's old parts
+from the remote manifest before submitting its write; the worker builds the section (parts and
+QC figures) in a corpus under its own temp dir, uploads the objects and returns the rows; this
+process then puts genes, sections and, last, the manifest. Both give the same objects, byte for
+byte. Inputs (paths, or URL copies fetched by this process at manifest load) must be readable at
+the same paths on every worker.
+
 Failures are isolated: a section that fails (bad input, adapter error, QC) gets a `failed` row
 with its reason and the others commit; the flow run then fails with `IngestFailed`, which holds
 the per-section outcomes, so `prefect deployment run --watch` and `histmol ingest` both exit
@@ -48,6 +58,7 @@ from flows.build import (
     record_failure,
     register_section,
     write_section,
+    write_section_remote,
 )
 from histmol.build import BuildResult, SectionRequest
 from histmol.config import BuildConfig
@@ -122,6 +133,8 @@ class _Run:
     request: SectionRequest
     config: BuildConfig
     key: str
+    published: bool = False  # remote --out: live in the remote corpus when the run started
+    dropped: bool = False  # remote --out: its parts left the remote manifest (step 1)
     started: float = field(default_factory=time.perf_counter)
     stages: list[PrefectFuture[Any]] = field(default_factory=list)
     write: PrefectFuture[Any] | None = None
@@ -150,8 +163,13 @@ def _reason(futures: list[PrefectFuture[Any]]) -> str:
     return "did not complete"
 
 
-def _plan_work(plan: IngestPlan, out: str, force: bool) -> tuple[list[_Run], list[SectionOutcome]]:
-    """Split the manifest into sections to build and unchanged committed ones (skipped)."""
+def _plan_work(plan: IngestPlan, out: str, force: bool, published: set[str] | None = None
+               ) -> tuple[list[_Run], list[SectionOutcome]]:
+    """Split the manifest into sections to build and unchanged committed ones (skipped).
+
+    `published`: for a remote corpus, the sections live there (its tables are the truth; a
+    section built on a Dask worker has no folder in the scratch corpus `out`).
+    """
     corpus = Corpus.open(out, create=True, build_config=plan.corpus_fields)
     corpus.cleanup_staging()  # debris of a killed run: stale staging folders, temporary files
     rows = {r["section_id"]: r for r in corpus.read_table("sections").to_pylist()}
@@ -160,13 +178,14 @@ def _plan_work(plan: IngestPlan, out: str, force: bool) -> tuple[list[_Run], lis
         section_id = request.resolved_section_id()
         key = cache_key(request, config)
         row = rows.get(section_id)
-        if (not force and row is not None and row.get("cache_key") == key
-                and (corpus.section_status(section_id) or {}).get("status") == COMMITTED):
+        live = (section_id in published if published is not None else
+                (corpus.section_status(section_id) or {}).get("status") == COMMITTED)
+        if not force and row is not None and row.get("cache_key") == key and live:
             skipped.append(SectionOutcome(section_id, request.platform, "skipped",
                                           "unchanged since its last commit",
                                           int(row["n_pairs"]), int(row["n_units"])))
         else:
-            todo.append(_Run(index, section_id, request, config, key))
+            todo.append(_Run(index, section_id, request, config, key, published=live))
     return todo, skipped
 
 
@@ -192,12 +211,18 @@ def default_parallel(threads: int) -> int:
 
 
 class _Scheduler:
-    """Feeds the window, maps genes in manifest order, collects outcomes."""
+    """Feeds the window, maps genes in manifest order, collects outcomes.
+
+    With `remote`, `out` is its scratch corpus and each outcome is published. `upload` (a remote
+    corpus on Dask, `storage_options` travel to the workers): workers build and upload each
+    section's objects, and this process only writes the remote tables.
+    """
 
     def __init__(self, runner: TaskRunner[Any], out: str, window: int, threads: int,
-                 remote: RemoteCorpus | None = None) -> None:
+                 remote: RemoteCorpus | None = None, upload: bool = False,
+                 storage_options: dict[str, Any] | None = None) -> None:
         self.runner, self.out, self.window, self.threads = runner, out, window, threads
-        self.remote = remote  # publishes each outcome when `out` is a remote corpus' scratch
+        self.remote, self.upload, self.storage_options = remote, upload, storage_options
         self.outcomes: list[SectionOutcome] = []
 
     def run(self, todo: list[_Run]) -> list[SectionOutcome]:
@@ -240,13 +265,20 @@ class _Scheduler:
             self._fail(run, err.reason)
             return False
         read, register, _ = run.stages
-        run.write = self.runner.submit(write_section, {
-            "section_id": run.section_id, "out": self.out, "request": run.request,
-            "section": read, "placement": register, "gene_index": gene_index,
-            # force: a committed section reaching here changed; the manifest says rebuild it
-            "species": keys.species, "config": run.config, "key": run.key, "force": True,
-            "threads": self.threads,
-        })
+        common = {"section_id": run.section_id, "request": run.request, "section": read,
+                  "placement": register, "gene_index": gene_index, "species": keys.species,
+                  "config": run.config, "key": run.key, "threads": self.threads}
+        if self.upload:
+            assert self.remote is not None
+            self.remote.drop_section_parts(run.section_id)  # step 1, before a worker overwrites
+            run.dropped = True
+            # a scratch copy from an in-process run is stale now (and would hide a failure)
+            Corpus.open(self.out).remove_section(run.section_id)
+            run.write = self.runner.submit(write_section_remote, {
+                **common, "url": self.remote.url, "storage_options": self.storage_options})
+            return True
+        # force: a committed section reaching here changed; the manifest says rebuild it
+        run.write = self.runner.submit(write_section, {**common, "out": self.out, "force": True})
         return True
 
     def _collect(self, run: _Run) -> None:
@@ -255,17 +287,24 @@ class _Scheduler:
         if not state.is_completed():
             self._fail(run, _reason([run.write]))
             return
-        result: BuildResult = state.result()
-        if self.remote is not None:
+        value = state.result()
+        result: BuildResult = value[0] if self.upload else value  # write_section_remote: a pair
+        if self.upload:
+            assert self.remote is not None
+            self.remote.publish_built(value[1])
+        elif self.remote is not None:
             self.remote.publish_section(run.section_id)
         self._add(SectionOutcome(run.section_id, run.request.platform, "committed", "",
                                  result.n_pairs, result.n_units,
                                  time.perf_counter() - run.started))
 
     def _fail(self, run: _Run, reason: str) -> None:
-        record_failure(self.out, run.config, run.section_id, run.request.platform, reason)
-        if self.remote is not None:
-            self.remote.publish_failure(run.section_id)
+        # a live remote section whose parts are still listed keeps its last good data, as a
+        # committed local section does (Corpus.record_failure)
+        if self.remote is None or not run.published or run.dropped:
+            record_failure(self.out, run.config, run.section_id, run.request.platform, reason)
+            if self.remote is not None:
+                self.remote.publish_failure(run.section_id)
         self._add(SectionOutcome(run.section_id, run.request.platform, "failed", reason,
                                  seconds=time.perf_counter() - run.started))
 
@@ -298,22 +337,21 @@ def ingest_corpus(
     `max_parallel` sections run at once (default: the Dask cluster's threads, else one per
     `threads` cores); `threads` tile-reading threads each. `force` rebuilds unchanged sections.
     `out` may be a remote fsspec URL (``s3://bucket/corpus``; `storage_options` for its file
-    system): sections are built in a local scratch corpus and published by this process
-    (histmol/shards/remote.py). Raises IngestFailed (after every other section committed) when
-    any section failed.
+    system, also handed to Dask workers; without them each process uses its fsspec config):
+    sections are built in a local scratch corpus, or on Dask in each worker's temp dir, and
+    published by this process (see the module docstring). Raises IngestFailed (after every
+    other section committed) when any section failed.
     """
     plan = load_manifest(manifest)
     window = max_parallel or default_parallel(threads)
     runner = _runner(dask_address, window)  # refuses a Dask run without an API, before any work
-    remote, local_out = None, out
+    remote, local_out, published = None, out, None
     if is_url(out):
-        if dask_address is not None:
-            raise ConfigError(f"{out}: a remote --out is built in this process' scratch corpus; "
-                              "it cannot be combined with --dask-address yet")
         remote = RemoteCorpus(out, storage_options=storage_options)
         remote.pull()
         local_out = str(remote.local)
-    todo, skipped = _plan_work(plan, local_out, force)
+        published = remote.published_sections() if remote.local.is_dir() else set()
+    todo, skipped = _plan_work(plan, local_out, force, published)
     if remote is not None:
         remote.initialise()
     _emit("start", {"total": len(plan.requests), "to_build": len(todo)})
@@ -322,7 +360,10 @@ def ingest_corpus(
     with runner:
         if dask_address is not None and max_parallel is None:
             window = max(1, sum(runner.client.nthreads().values()))  # type: ignore[attr-defined]
-        built = _Scheduler(runner, local_out, window, threads, remote).run(todo) if todo else []
+        scheduler = _Scheduler(runner, local_out, window, threads, remote,
+                               upload=remote is not None and dask_address is not None,
+                               storage_options=storage_options)
+        built = scheduler.run(todo) if todo else []
     order = {request.resolved_section_id(): i for i, request in enumerate(plan.requests)}
     outcomes = sorted((asdict(o) for o in skipped + built), key=lambda o: order[o["section_id"]])
     get_run_logger().info("ingest of %s into %s:\n%s", manifest, out, summary_text(outcomes))

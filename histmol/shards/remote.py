@@ -18,13 +18,20 @@ published (sections build in parallel; each is published as its build ends).
 
 A crash before 4 leaves the remote corpus readable without the section (its uploaded objects are
 unreferenced, and the next run overwrites or deletes them); the remote ``sections.parquet`` may
-then say ``committed`` while the manifest lacks the parts, which `Corpus.section_status` reads as
-``incomplete``, so the next run rebuilds the section. A new remote corpus gets its empty tables
-first and ``corpus.json`` last (its presence means "a corpus").
+then say ``committed`` while the manifest lacks the parts, which `published_sections` (and
+`Corpus.section_status`) read as not live, so the next run rebuilds the section. A new remote
+corpus gets its empty tables first and ``corpus.json`` last (its presence means "a corpus").
 
-Single writer: only ONE process (the ingest flow's) may publish to a remote corpus at a time;
-object stores offer no flock, and nothing here detects a second writer. Within that process the
-scratch corpus' flock serialises the local commits as usual. File systems come from
+On a Dask cluster (workers share no disk) the steps split between two processes: the flow does
+step 1 (`drop_section_parts`) BEFORE it hands the section to a worker; the worker builds it in a
+worker-local corpus and does step 2 (`upload_section`, which returns the section's rows as a
+small `BuiltSection`); the flow then does steps 3-5 (`publish_built`). The objects and tables
+are the same bytes either way.
+
+Single writer: only ONE process (the ingest flow's) may write the remote TABLES at a time;
+object stores offer no flock, and nothing here detects a second writer. Workers only put the
+objects of the section they were handed. Within the flow process the scratch corpus' flock
+serialises the local commits as usual. File systems come from
 ``fsspec.core.url_to_fs`` (https://filesystem-spec.readthedocs.io/en/latest/api.html), so any
 fsspec URL works; credentials and endpoints come from `storage_options` or fsspec's config
 (``fsspec.config.conf``, ``FSSPEC_S3_*`` environment variables).
@@ -34,6 +41,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +53,15 @@ from histmol.errors import CorpusError
 from histmol.remote_inputs import CACHE_ENV
 from histmol.section import validate_section_id
 from histmol.shards.atomic import atomic_write_bytes, remove_path, write_parquet
-from histmol.shards.corpus import CORPUS_JSON, GENES, MANIFEST, SECTIONS, SHARDS, Corpus
+from histmol.shards.corpus import (
+    COMMITTED,
+    CORPUS_JSON,
+    GENES,
+    MANIFEST,
+    SECTIONS,
+    SHARDS,
+    Corpus,
+)
 from histmol.shards.corpus_tables import (
     MANIFEST_SCHEMA,
     SECTION_CORE_SCHEMA,
@@ -66,6 +82,20 @@ def scratch_root(url: str) -> Path:
     return base / "corpora" / hashlib.sha256(url.encode("utf-8")).hexdigest()[:16]
 
 
+@dataclass(frozen=True)
+class BuiltSection:
+    """A section whose objects a worker uploaded (step 2): its table rows, for the flow to commit.
+
+    `sections_row` and `manifest_rows` are the rows the worker-local corpus committed;
+    `uploaded` the object names (relative to the corpus root) now holding its parts.
+    """
+
+    section_id: str
+    sections_row: dict[str, Any]
+    manifest_rows: list[dict[str, Any]]
+    uploaded: frozenset[str]
+
+
 def _parquet_bytes(table: pa.Table) -> bytes:
     sink = pa.BufferOutputStream()
     write_parquet(sink, table)  # type: ignore[arg-type]  # pq.write_table takes a stream too
@@ -73,7 +103,7 @@ def _parquet_bytes(table: pa.Table) -> bytes:
 
 
 class RemoteCorpus:
-    """A remote corpus root and its local scratch corpus; the flow process' single publisher."""
+    """A remote corpus root and a local corpus: the flow's scratch, or a worker's own build."""
 
     def __init__(self, url: str, *, local: Path | None = None,
                  storage_options: dict[str, Any] | None = None) -> None:
@@ -129,26 +159,50 @@ class RemoteCorpus:
         table = schema.empty_table() if data is None else pq.read_table(pa.BufferReader(data))
         return table.to_pylist()
 
-    def _merged(self, section_id: str) -> tuple[bytes, bytes]:
-        """Return (sections, manifest) bytes: remote rows of others plus this section's own.
+    def published_sections(self) -> set[str]:
+        """Sections live in the pulled tables: a committed row and exactly its ``n_parts`` parts.
 
-        If the remote manifest lists the section, it is put without it first (step 1). Never
-        the scratch tables whole: they may hold sections committed in the scratch but not yet
-        published (their objects are not uploaded).
+        The remote tables are the truth (a section built on a worker has no scratch folder), so
+        call this right after `pull`.
         """
         local = Corpus.open(self.local)
-        tables = []
-        for name, schema, key, build in (
-            (SECTIONS, SECTION_CORE_SCHEMA, "sections", sections_table),
-            (MANIFEST, MANIFEST_SCHEMA, "manifest", manifest_table),
-        ):
-            remote = self._remote_rows(name, schema)
-            others = [r for r in remote if r["section_id"] != section_id]
-            mine = [r for r in local.read_table(key).to_pylist() if r["section_id"] == section_id]
-            tables.append(_parquet_bytes(build(others + mine)))
-        if len(others) != len(remote):  # the manifest's (last loop); step 1
+        parts: dict[str, int] = {}
+        for row in local.read_table("manifest").to_pylist():
+            parts[row["section_id"]] = parts.get(row["section_id"], 0) + 1
+        return {r["section_id"] for r in local.read_table("sections").to_pylist()
+                if r["status"] == COMMITTED and parts.get(r["section_id"], 0) == r["n_parts"]}
+
+    def drop_section_parts(self, section_id: str) -> None:
+        """Step 1: if the remote manifest lists the section, put it without (before overwrites)."""
+        remote = self._remote_rows(MANIFEST, MANIFEST_SCHEMA)
+        others = [r for r in remote if r["section_id"] != validate_section_id(section_id)]
+        if len(others) != len(remote):
             self._put(MANIFEST, _parquet_bytes(manifest_table(others)))
+
+    def _merged(self, section_id: str, sections_rows: list[dict[str, Any]],
+                manifest_rows: list[dict[str, Any]]) -> tuple[bytes, bytes]:
+        """Return (sections, manifest) bytes: remote rows of others plus the given own rows.
+
+        Never the scratch tables whole: they may hold sections committed in the scratch but not
+        yet published (their objects are not uploaded).
+        """
+        tables = []
+        for name, schema, build, mine in (
+            (SECTIONS, SECTION_CORE_SCHEMA, sections_table, sections_rows),
+            (MANIFEST, MANIFEST_SCHEMA, manifest_table, manifest_rows),
+        ):
+            others = [r for r in self._remote_rows(name, schema) if r["section_id"] != section_id]
+            tables.append(_parquet_bytes(build(others + mine)))
         return tables[0], tables[1]
+
+    def _local_rows(self, section_id: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """Return the section's rows in the local corpus (sections, manifest)."""
+        local = Corpus.open(self.local)
+        sections = [r for r in local.read_table("sections").to_pylist()
+                    if r["section_id"] == section_id]
+        manifest = [r for r in local.read_table("manifest").to_pylist()
+                    if r["section_id"] == section_id]
+        return sections, manifest
 
     def _upload_tree(self, relative: str) -> set[str]:
         folder = self.local / relative
@@ -170,26 +224,54 @@ class RemoteCorpus:
         if stale:
             self.fs.rm(stale)
 
-    def publish_section(self, section_id: str) -> None:
-        """Publish a section committed in the scratch corpus (steps 1-5 of the module docstring)."""
+    def upload_section(self, section_id: str) -> BuiltSection:
+        """Step 2: put the objects of a section committed in the LOCAL corpus; return its rows.
+
+        Run by the flow (in-process builds) or by a Dask worker on its worker-local corpus; it
+        writes no remote table.
+        """
         validate_section_id(section_id)
         status = Corpus.open(self.local).section_status(section_id)
-        if status is None or status["status"] != "committed":
+        if status is None or status["status"] != COMMITTED:
             raise CorpusError(f"{self.local}: section {section_id!r} is not committed here")
-        sections, manifest = self._merged(section_id)
-        kept = self._upload_tree(f"{SHARDS}/{section_id}")
+        sections_rows, manifest_rows = self._local_rows(section_id)
+        uploaded = self._upload_tree(f"{SHARDS}/{section_id}")
         self._upload_tree(f"{QC}/{section_id}")
+        prefix = f"{self.root}/"
+        return BuiltSection(section_id, sections_rows[0], manifest_rows,
+                            frozenset(key[len(prefix):] for key in uploaded))
+
+    def publish_built(self, built: BuiltSection) -> None:
+        """Do steps 3-5 for a section whose objects are uploaded: tables, manifest last, cleanup.
+
+        ``genes.parquet`` comes from the scratch corpus, where the flow maps every section's
+        genes in manifest order.
+        """
+        section_id = validate_section_id(built.section_id)
+        sections, manifest = self._merged(section_id, [built.sections_row],
+                                          list(built.manifest_rows))
         self._put(GENES, (self.local / GENES).read_bytes())  # append-only: a superset is safe
         self._put(SECTIONS, sections)
         self._put(MANIFEST, manifest)  # last: the section is live
-        self._delete_other_objects(f"{SHARDS}/{section_id}", kept)
+        self._delete_other_objects(f"{SHARDS}/{section_id}",
+                                   {self._key(name) for name in built.uploaded})
+
+    def publish_section(self, section_id: str) -> None:
+        """Publish a section committed in the scratch corpus (steps 1-5 of the module docstring)."""
+        status = Corpus.open(self.local).section_status(validate_section_id(section_id))
+        if status is None or status["status"] != COMMITTED:
+            raise CorpusError(f"{self.local}: section {section_id!r} is not committed here")
+        self.drop_section_parts(section_id)
+        self.publish_built(self.upload_section(section_id))
 
     def publish_failure(self, section_id: str) -> None:
         """Publish a failed section's row: manifest rows go first, then tables, then its objects."""
         status = Corpus.open(self.local).section_status(validate_section_id(section_id))
-        if status is not None and status["status"] == "committed":
+        if status is not None and status["status"] == COMMITTED:
             return  # record_failure kept the committed section: nothing changed
-        sections, _ = self._merged(section_id)
+        self.drop_section_parts(section_id)
+        sections_rows, _ = self._local_rows(section_id)
+        sections, _ = self._merged(section_id, sections_rows, [])
         self._put(GENES, (self.local / GENES).read_bytes())
         self._put(SECTIONS, sections)
         self._delete_other_objects(f"{SHARDS}/{section_id}", set())
