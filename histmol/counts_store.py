@@ -9,7 +9,7 @@ minimal CSR-by-rows store of our own.
 
 The values and column indices go to two anonymous temporary files (`tempfile.TemporaryFile`:
 unlinked at creation, so a killed process leaves nothing behind); per unit the store keeps the
-offset and length of its entries and its total (16 + 8 bytes a unit). Reads use `os.pread` on
+offset and length of its entries (16 bytes a unit). Reads use `os.pread` on
 the runs of units that are contiguous in the files, so file pages are never mapped into the
 process. Pickling (Dask hands a Section between workers) carries the rows themselves.
 """
@@ -38,7 +38,6 @@ class CountsStore:
         self._indices: IO[bytes] = tempfile.TemporaryFile(dir=scratch)
         self._offset = np.full(self.shape[0], -1, np.int64)  # first entry of each row; -1 unset
         self._length = np.zeros(self.shape[0], np.int64)
-        self._total = np.zeros(self.shape[0], np.int64)
         self.nnz = 0
 
     # ------------------------------------------------------------------ writing
@@ -63,7 +62,6 @@ class CountsStore:
         self._indices.write(counts.indices.astype(INDEX_DTYPE, copy=False).tobytes())
         self._offset[units] = self.nnz + counts.indptr[:-1]
         self._length[units] = np.diff(counts.indptr)
-        self._total[units] = np.asarray(counts.sum(axis=1, dtype=np.int64)).ravel()
         self.nnz += counts.nnz
 
     def finish(self) -> CountsStore:
@@ -79,10 +77,6 @@ class CountsStore:
     def row_lengths(self) -> np.ndarray:
         """Stored entries of each unit; -1 for a unit whose row is not written yet."""
         return np.where(self._offset < 0, -1, self._length)
-
-    def row_totals(self) -> np.ndarray:
-        """Total count of each unit (int64), without reading the files."""
-        return self._total.copy()
 
     def rows(self, units: np.ndarray) -> sp.csr_matrix:
         """The rows of `units`, in that order, as a CSR matrix."""
@@ -126,8 +120,12 @@ class CountsStore:
         return self.tocsr().toarray()
 
     def sum(self) -> int:
-        """Sum of all counts."""
-        return int(self._total.sum())
+        """Sum of all counts (the values file read in 16 MB blocks)."""
+        total, step = 0, 1 << 22
+        for lo in range(0, self.nnz, step):
+            total += int(self._read(self._values, lo, min(lo + step, self.nnz), VALUE_DTYPE)
+                         .sum(dtype=np.int64))
+        return total
 
     def close(self) -> None:
         """Release the temporary files (also done when the store is garbage-collected)."""

@@ -46,32 +46,32 @@ def unit_tables(
     """
     kept = np.flatnonzero(plan.unit_pair >= 0)
     order = kept[np.argsort(plan.unit_pair[kept], kind="stable")]
-    pair_of = plan.unit_pair[order]
-    bounds = np.searchsorted(pair_of, np.arange(plan.n_pairs + 1))
+    bounds = np.searchsorted(plan.unit_pair[order], np.arange(plan.n_pairs + 1))
     scale = registration.mpp / config.target_mpp
-    patch_x0 = plan.x0[pair_of]
-    patch_y0 = plan.y0[pair_of]
-    x_wsi = registration.x_wsi_px[order]
-    y_wsi = registration.y_wsi_px[order]
-    columns: dict[str, np.ndarray] = {
-        "unit_id": section.units["unit_id"].astype(str).to_numpy()[order],
-        "x_wsi_px": x_wsi,
-        "y_wsi_px": y_wsi,
-        "x_um": x_wsi * registration.mpp,
-        "y_um": y_wsi * registration.mpp,
-        "patch_x0_wsi_px": patch_x0,
-        "patch_y0_wsi_px": patch_y0,
-        "x_in_patch_px": ((x_wsi - patch_x0) * scale).astype(np.float32),
-        "y_in_patch_px": ((y_wsi - patch_y0) * scale).astype(np.float32),
-        "tissue_fraction": pair_tissue[pair_of].astype(np.float32),
-        "total_counts": section.unit_totals()[order],
-    }
-    for category in section.control_counts.columns:
-        columns[f"control_{category}"] = section.control_counts[category].to_numpy(np.int64)[order]
+    unit_ids = section.units["unit_id"].to_numpy()
+    controls = {f"control_{c}": section.control_counts[c].to_numpy(np.int64)
+                for c in section.control_counts.columns}
+    # columns are made pair by pair: whole-section copies would grow with a 2 um section
     for pair in range(plan.n_pairs):
-        start, stop = int(bounds[pair]), int(bounds[pair + 1])
-        arrays = {name: pa.array(values[start:stop]) for name, values in columns.items()}
-        block = pair_counts(section, order[start:stop], gene_index)
+        rows = order[bounds[pair] : bounds[pair + 1]]
+        x_wsi, y_wsi = registration.x_wsi_px[rows], registration.y_wsi_px[rows]
+        patch_x0, patch_y0 = plan.x0[pair], plan.y0[pair]
+        block = pair_counts(section, rows, gene_index)
+        columns: dict[str, np.ndarray] = {
+            "unit_id": unit_ids[rows].astype(str),
+            "x_wsi_px": x_wsi,
+            "y_wsi_px": y_wsi,
+            "x_um": x_wsi * registration.mpp,
+            "y_um": y_wsi * registration.mpp,
+            "patch_x0_wsi_px": np.full(len(rows), patch_x0),
+            "patch_y0_wsi_px": np.full(len(rows), patch_y0),
+            "x_in_patch_px": ((x_wsi - patch_x0) * scale).astype(np.float32),
+            "y_in_patch_px": ((y_wsi - patch_y0) * scale).astype(np.float32),
+            "tissue_fraction": np.full(len(rows), pair_tissue[pair], np.float32),
+            "total_counts": np.asarray(block.sum(axis=1, dtype=np.int64)).ravel(),
+            **{name: values[rows] for name, values in controls.items()},
+        }
+        arrays = {name: pa.array(values) for name, values in columns.items()}
         offsets = pa.array(block.indptr.astype(np.int32))
         arrays["gene_idx"] = pa.ListArray.from_arrays(offsets, pa.array(block.indices))
         arrays["counts"] = pa.ListArray.from_arrays(offsets, pa.array(block.data))

