@@ -48,7 +48,10 @@ def unit_tables(
     order = kept[np.argsort(plan.unit_pair[kept], kind="stable")]
     bounds = np.searchsorted(plan.unit_pair[order], np.arange(plan.n_pairs + 1))
     scale = registration.mpp / config.target_mpp
-    unit_ids = section.units["unit_id"].to_numpy()
+    ids = section.units["unit_id"]  # Arrow strings for dense platforms: no Python str per unit
+    unit_ids = pa.chunked_array(
+        pa.array(ids.astype(str) if ids.dtype == object else ids, type=pa.string())
+    ).combine_chunks()
     controls = {f"control_{c}": section.control_counts[c].to_numpy(np.int64)
                 for c in section.control_counts.columns}
     # columns are made pair by pair: whole-section copies would grow with a 2 um section
@@ -57,8 +60,8 @@ def unit_tables(
         x_wsi, y_wsi = registration.x_wsi_px[rows], registration.y_wsi_px[rows]
         patch_x0, patch_y0 = plan.x0[pair], plan.y0[pair]
         block = pair_counts(section, rows, gene_index)
-        columns: dict[str, np.ndarray] = {
-            "unit_id": unit_ids[rows].astype(str),
+        columns: dict[str, np.ndarray | pa.Array] = {
+            "unit_id": unit_ids.take(rows),
             "x_wsi_px": x_wsi,
             "y_wsi_px": y_wsi,
             "x_um": x_wsi * registration.mpp,
@@ -71,7 +74,8 @@ def unit_tables(
             "total_counts": np.asarray(block.sum(axis=1, dtype=np.int64)).ravel(),
             **{name: values[rows] for name, values in controls.items()},
         }
-        arrays = {name: pa.array(values) for name, values in columns.items()}
+        arrays = {name: values if isinstance(values, pa.Array) else pa.array(values)
+                  for name, values in columns.items()}
         offsets = pa.array(block.indptr.astype(np.int32))
         arrays["gene_idx"] = pa.ListArray.from_arrays(offsets, pa.array(block.indices))
         arrays["counts"] = pa.ListArray.from_arrays(offsets, pa.array(block.data))

@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 import scipy.sparse as sp
 
 from histmol.counts_store import CountsStore
@@ -48,6 +50,20 @@ def slugify(text: str) -> str:
     slug = re.sub(r"[^a-z0-9._-]+", "-", text.lower()).strip("-._")
     slug = re.sub(r"\.{2,}", ".", slug)[:128]
     return validate_section_id(slug or "section")
+
+
+def _has_duplicates(ids: pd.Series) -> bool:
+    """Whether an id repeats.
+
+    Arrow-backed ids (dense platforms: millions of bins) are sorted in Arrow; pandas would first
+    make one Python str per id (~1 GB for a 2 um section).
+    """
+    if not isinstance(ids.dtype, pd.ArrowDtype):
+        return bool(ids.duplicated().any())
+    values = pa.chunked_array(pa.array(ids))
+    ordered = values.take(pc.array_sort_indices(values))
+    n = len(values)
+    return n > 1 and bool(pc.any(pc.equal(ordered.slice(1), ordered.slice(0, n - 1))).as_py())
 
 
 @dataclass(frozen=True)
@@ -118,7 +134,7 @@ class Section:
             pass  # checked row by row as the adapter wrote them
         elif self.counts.nnz and self.counts.data.min() < 0:
             raise ValueError(f"section {self.section_id}: counts must be non-negative")
-        if self.units["unit_id"].duplicated().any():
+        if _has_duplicates(self.units["unit_id"]):
             raise ValueError(f"section {self.section_id}: unit ids are not unique")
         if self.genes["gene_id"].duplicated().any():
             raise ValueError(f"section {self.section_id}: gene ids are not unique")

@@ -60,7 +60,7 @@ from platform_adapters._common import (
 )
 from platform_adapters._visium_hd_bins import bin_matrix
 from platform_adapters._visium_hd_cells import read_cells
-from platform_adapters._visium_hd_positions import PositionGrid, read_positions
+from platform_adapters._visium_hd_positions import PositionGrid, format_barcodes, read_positions
 
 PLATFORM = "visium-hd"
 ADAPTER_VERSION = "1"
@@ -201,10 +201,8 @@ def _bins(outs: Path, target: int, min_match_rate: float) -> _Units:
     else:
         centre = (factor - 1) / 2.0  # a new bin's centre: the image of its array-index centre
         x, y = grid.apply_fit(binned.col * factor + centre, binned.row * factor + centre)
-    ids = [f"s_{target:03d}um_{r:05d}_{c:05d}-1" for r, c in zip(binned.row.tolist(),
-                                                               binned.col.tolist(), strict=True)]
     units = pd.DataFrame({
-        "unit_id": np.array(ids, object),
+        "unit_id": pd.arrays.ArrowExtensionArray(format_barcodes(binned.row, binned.col, target)),
         "x_native": np.asarray(x, np.float64),
         "y_native": np.asarray(y, np.float64),
         "array_row": binned.row.astype(np.int32),

@@ -29,7 +29,12 @@ from platform_adapters import visium_hd
 from platform_adapters._tenx import read_10x_h5
 from platform_adapters._visium_hd_bins import bin_matrix
 from platform_adapters._visium_hd_cells import polygon_centroid
-from platform_adapters._visium_hd_positions import POSITION_COLUMNS, read_positions
+from platform_adapters._visium_hd_positions import (
+    POSITION_COLUMNS,
+    format_barcodes,
+    parse_barcodes,
+    read_positions,
+)
 
 FIXTURE = "visiumhd_visiumio_mousebrain"
 CONFIG = BuildConfig(patch_px=64)  # 32 um patches at 0.5 um/px: 16 bins of 8 um each
@@ -504,3 +509,15 @@ def test_truncated_files_are_named(
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(BundleError, match=f"{path}: cannot"):
         visium_hd.read(folder.parents[1], wsi="x.tif")
+
+
+def test_bin_barcodes_are_formatted_as_space_ranger_writes_them() -> None:
+    """format_barcodes is parse_barcodes' inverse, byte for byte."""
+    row = np.array([0, 12, 3252, 99999])
+    col = np.array([34, 5, 0, 7])
+    ids = format_barcodes(row, col, 8)
+    assert ids.to_pylist() == ["s_008um_00000_00034-1", "s_008um_00012_00005-1",
+                               "s_008um_03252_00000-1", "s_008um_99999_00007-1"]
+    parsed_row, parsed_col, ok = parse_barcodes(np.array(ids.to_pylist(), "S21"), 8)
+    assert ok.all() and (parsed_row == row).all() and (parsed_col == col).all()
+    assert len(format_barcodes(row[:0], col[:0], 2)) == 0

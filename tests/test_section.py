@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 import scipy.sparse as sp
 
@@ -55,6 +56,16 @@ def test_section_checks_shapes_and_values() -> None:
     with pytest.raises(ValueError, match="finite"):
         section(units=pd.DataFrame({"unit_id": ["a", "b", "c"], "x_native": [1.0, np.nan, 1.0],
                                     "y_native": [1.0] * 3}))
+
+
+def test_arrow_backed_unit_ids_are_checked_for_duplicates() -> None:
+    """Dense platforms hand Arrow string ids (no Python str per bin); duplicates still fail."""
+    def arrow_ids(ids: list[str]) -> pd.DataFrame:
+        return pd.DataFrame({"unit_id": pd.arrays.ArrowExtensionArray(pa.array(ids)),
+                             "x_native": [1.0] * 3, "y_native": [1.0] * 3})
+    assert section(units=arrow_ids(["c", "a", "b"])).n_units == 3
+    with pytest.raises(ValueError, match="unit ids are not unique"):
+        section(units=arrow_ids(["b", "a", "b"]))
 
 
 def test_to_anndata_keeps_raw_counts_controls_and_provenance() -> None:
