@@ -7,10 +7,12 @@ in one run measures:
 - the single-thread JPEG decode limit on the corpus' own bytes (imagecodecs, what the loader uses)
   and direct ShardReader reads (pread + decode);
 - PairDataset (genes="hvg:2000", block shuffle, batch 256) through torchdata's StatefulDataLoader
-  with 0, 1 and 2 workers, per sample (``collate_fn=pair_collate``) and batched (``batched=True``,
-  ``batch_size=None``: workers decode into reused shared buffers, histmol.data.shm): pairs/s and
-  pairs/s per worker as a fraction of the decode limit, measured right before and after each run
-  (the machine is shared: both are noisy);
+  with 0, 1 and 2 workers (``--workers``), per sample (``collate_fn=pair_collate``) and batched
+  (``batched=True``, ``batch_size=None``: workers decode into reused shared buffers,
+  histmol.data.shm): pairs/s and pairs/s per worker as a fraction of the single-thread decode
+  limit, measured right before and after each run (the machine is shared: both are noisy), and of
+  the concurrent decode limit (per process, with as many processes decoding at once as there are
+  workers: what one worker's core can decode while the others run);
 - the transfer ceiling: the same loader over already-decoded samples (no reads, no decode), i.e.
   what moving 256 x 224 x 224 x 3 batches from worker processes to the main process costs;
 - the same pairs written to a mosaicml-streaming MDS dataset and read back the same way, as a
@@ -21,6 +23,7 @@ in one run measures:
 Writes JSON to benchmarks/results/loader_<time>.json. Run by hand:
 
     .venv/bin/python benchmarks/bench_loader.py [--pairs 51200] [--batches 40] \
+        [--workers 0,1,2] [--modes per_sample,batched] [--repeats 2] [--out result.json] \
         [--benchvenv /work/benchvenv]   # or HISTMOL_BENCHVENV
 """
 
@@ -153,6 +156,38 @@ def decode_limit(root: Path, n: int = 2000) -> dict[str, float]:
             "jpeg_bytes_mean": float(np.mean([len(j) for j in jpegs]))}
 
 
+def _decode_many(args: tuple[list[bytes], float]) -> float:
+    """Decodes/s of one process decoding `jpegs` over and over for `seconds`."""
+    from histmol.shards.jpeg import decode_patch
+
+    jpegs, seconds = args
+    done, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        for data in jpegs:
+            decode_patch(data)
+        done += len(jpegs)
+    return done / (time.perf_counter() - started)
+
+
+def concurrent_decode_limit(root: Path, processes: int, seconds: float = 2.0) -> float:
+    """Per-process decodes/s with `processes` processes decoding at once.
+
+    The single-thread limit is measured on an otherwise idle machine (full turbo, a whole core);
+    N loader workers share the cores' clocks, caches and memory bandwidth (and hyperthread
+    siblings), so this is the per-worker ceiling at that worker count.
+    """
+    import multiprocessing
+
+    from histmol.shards.corpus import Corpus
+    from histmol.shards.shard_reader import ShardReader
+
+    path = root / Corpus.open(root).manifest()["images_path"].iloc[0]
+    with ShardReader(path) as reader:
+        jpegs = [reader.read_jpeg(i) for i in range(min(256, reader.n_pairs))]
+    with multiprocessing.get_context("fork").Pool(processes) as pool:
+        return float(np.mean(pool.map(_decode_many, [(jpegs, seconds)] * processes)))
+
+
 def time_loader(root: Path, workers: int, batches: int, warmup: int, **options) -> dict:
     """pairs/s of PairDataset through StatefulDataLoader, after `warmup` batches."""
     from torchdata.stateful_dataloader import StatefulDataLoader
@@ -223,9 +258,12 @@ def summarise(runs: list[dict], baseline: list[dict]) -> dict:
         if run.get("verify"):
             mode += f"_verify_{run['verify']}"
         entry = out.setdefault(mode, {}).setdefault(str(run["workers"]), {
-            "pairs_per_s": [], "per_worker_vs_decode_limit": []})
+            "pairs_per_s": [], "per_worker_vs_decode_limit": [],
+            "per_worker_vs_concurrent_decode_limit": []})
         entry["pairs_per_s"].append(round(run["pairs_per_s"]))
         entry["per_worker_vs_decode_limit"].append(round(run["per_worker_vs_decode_limit"], 3))
+        entry["per_worker_vs_concurrent_decode_limit"].append(
+            round(run["per_worker_vs_concurrent_decode_limit"], 3))
     for run in baseline:
         if "pairs_per_s" in run:
             out.setdefault("mds", {}).setdefault(str(run.get("workers")), []).append(
@@ -247,6 +285,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="runs per worker count")
     parser.add_argument("--no-mds", action="store_true")
     parser.add_argument("--workers", default="0,1,2", help="comma-separated worker counts")
+    parser.add_argument("--modes", default="per_sample,batched", help="loader modes to run")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default: results/)")
     args = parser.parse_args()
     worker_counts = [int(w) for w in args.workers.split(",")]
@@ -279,8 +318,9 @@ def main() -> None:
         result["mds_write"] = run_mds(args.benchvenv, *mds_args, "--write")
     runs, baseline = [], []
     timing = ["--batches", str(args.batches), "--warmup", str(args.warmup)]
-    plan = [(w, mode) for _ in range(args.repeats) for w in worker_counts
-            for mode in ({}, {"batched": True})] + [(1, {"batched": True, "verify": "size"})]
+    modes = {"per_sample": {}, "batched": {"batched": True}}
+    plan = [(w, modes[m]) for _ in range(args.repeats) for w in worker_counts
+            for m in args.modes.split(",")] + [(1, {"batched": True, "verify": "size"})]
     for workers, options in plan:  # each batched run is followed by its MDS twin
         before = decode_limit(root, 1000)["decode_per_s"]
         run = time_loader(root, workers, args.batches, args.warmup, **options)
@@ -288,6 +328,9 @@ def main() -> None:
         run["decode_limit_per_s"] = (before + after) / 2
         run["per_worker_vs_decode_limit"] = run["pairs_per_s"] / (
             max(workers, 1) * run["decode_limit_per_s"])
+        run["concurrent_decode_limit_per_s"] = concurrent_decode_limit(root, max(workers, 1))
+        run["per_worker_vs_concurrent_decode_limit"] = run["pairs_per_s"] / (
+            max(workers, 1) * run["concurrent_decode_limit_per_s"])
         runs.append(run)
         print(json.dumps(run), flush=True)
         if options == {"batched": True} and "skipped" not in result["mds_write"]:
