@@ -3,8 +3,8 @@
 A DataLoader collects a worker's samples ``batch_size`` at a time; `iter_batches` groups the same
 samples the same way (skipped corrupt samples included), so batched and per-sample iteration
 give identical batches, order and resume states. With uint8 patches and no `patch_transform`
-each JPEG is decoded straight into its row of the batch (``imagecodecs.jpeg8_decode(data,
-out=row)``; https://github.com/cgohlke/imagecodecs, ``jpeg8_decode(data, *, ..., out=None)``):
+each JPEG is decoded straight into its row of the batch (``ShardReader.read_patch(i, out=row)``,
+i.e. ``imagecodecs.jpeg8_decode(data, out=row)``; https://github.com/cgohlke/imagecodecs):
 no per-sample array and no stacking copy. In a DataLoader worker the rows live in a reusable
 shared buffer (`histmol.data.shm`); in the main process (or where there is no memfd, i.e. not
 Linux) in a fresh array, which torch's pickling copies into shared memory. Other settings decode
@@ -17,7 +17,6 @@ import os
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-import imagecodecs
 import numpy as np
 import torch
 from torch.utils.data import get_worker_info
@@ -25,20 +24,9 @@ from torch.utils.data import get_worker_info
 from histmol.data.collate import pair_collate
 from histmol.data.shm import BufferPool
 from histmol.errors import CorpusError
-from histmol.shards.shard_reader import ShardReader
 
 if TYPE_CHECKING:
     from histmol.data.dataset import PairDataset
-
-
-def decode_into(reader: ShardReader, i: int, out: np.ndarray) -> None:
-    """Decode patch `i` of `reader` into `out` ((H, W, 3) uint8), with read_patch's checks."""
-    data = reader.read_jpeg(i)
-    try:
-        imagecodecs.jpeg8_decode(data, out=out)
-    except Exception as error:  # imagecodecs' JpegError types, or ValueError on a shape mismatch
-        raise CorpusError(f"{reader.shard_path}: chunk {i} is not a decodable JPEG of shape "
-                          f"{out.shape} ({error})") from error
 
 
 class _Rows:
@@ -91,7 +79,7 @@ def iter_batches(ds: PairDataset, indices: Iterator[int],
         if rows is None:
             rows = _Rows(ds, open_part.reader.shape[1:])
         try:
-            decode_into(open_part.reader, pair, rows.array[len(fields)])
+            open_part.reader.read_patch(pair, out=rows.array[len(fields)])
         except CorpusError as error:
             ds._read_failed(part, error)
             ds.skipped_samples += 1

@@ -47,9 +47,9 @@ def encode_patch(
     )
 
 
-def decode_patch(data: bytes | bytearray | memoryview) -> np.ndarray:
-    """Decode JPEG bytes to an (H, W, 3) uint8 array."""
-    image = imagecodecs.jpeg8_decode(data)
+def decode_patch(data: bytes | bytearray | memoryview, out: np.ndarray | None = None) -> np.ndarray:
+    """Decode JPEG bytes to an (H, W, 3) uint8 array (into `out` when given: same shape)."""
+    image = imagecodecs.jpeg8_decode(data, out=out)
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"JPEG decoded to shape {image.shape} {image.dtype}, not (H, W, 3) uint8")
     return image

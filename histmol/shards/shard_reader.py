@@ -205,13 +205,18 @@ class ShardReader:
             raise _bad(self.shard_path, f"truncated: chunk {i} returned {len(data)} of {n} bytes")
         return data
 
-    def read_patch(self, i: int) -> np.ndarray:
-        """Patch `i` decoded to a (patch_px, patch_px, 3) uint8 array."""
+    def read_patch(self, i: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Patch `i` decoded to a (patch_px, patch_px, 3) uint8 array, or into `out`.
+
+        `out` (a C-contiguous (patch_px, patch_px, 3) uint8 view, e.g. a row of a batch) saves
+        the per-patch array and the copy into the batch (``imagecodecs.jpeg8_decode(out=)``).
+        """
         data = self.read_jpeg(i)
         try:
-            patch = decode_patch(data)
+            patch = decode_patch(data, out=out)
         except Exception as error:  # imagecodecs raises its own JpegError types
-            raise _bad(self.shard_path, f"chunk {i} is not a decodable JPEG ({error})") from error
+            raise _bad(self.shard_path, f"chunk {i} is not a decodable JPEG of shape "
+                                        f"{self.shape[1:]} ({error})") from error
         if patch.shape != self.shape[1:]:
             raise _bad(self.shard_path, f"chunk {i} decodes to {patch.shape}, not {self.shape[1:]}")
         return patch
