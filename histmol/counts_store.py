@@ -3,7 +3,8 @@
 Why: a dense platform's matrix (a full-size Visium HD section summed to 8 um holds ~20 M
 non-zeros, a 2 um one ~10x more) must not be whole in memory while its patches are cut, or peak
 memory grows with the section. Adapters append rows as they are produced (in any unit order);
-the write stage reads back only the rows of the pairs it is writing. scipy has no out-of-core
+the write stage reads back only the rows of the pairs it is writing. A store made with no rows
+grows by `append_rows` (bins emitted band by band). scipy has no out-of-core
 sparse matrix and anndata's backed mode needs a complete h5ad written first, so this is a
 minimal CSR-by-rows store of our own.
 
@@ -63,6 +64,14 @@ class CountsStore:
         self._offset[units] = self.nnz + counts.indptr[:-1]
         self._length[units] = np.diff(counts.indptr)
         self.nnz += counts.nnz
+
+    def append_rows(self, counts: sp.csr_matrix) -> None:
+        """Store `counts` as new rows after the last (the store grows by their number)."""
+        n, first = counts.shape[0], self.shape[0]
+        self._offset = np.concatenate([self._offset, np.full(n, -1, np.int64)])
+        self._length = np.concatenate([self._length, np.zeros(n, np.int64)])
+        self.shape = (first + n, self.shape[1])
+        self.write_rows(np.arange(first, first + n), counts)
 
     def finish(self) -> CountsStore:
         """Check every row was written (units with no counts are written as empty rows)."""

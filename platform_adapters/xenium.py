@@ -5,9 +5,9 @@ Reads a Xenium Onboard Analysis (XOA) output folder:
 - `units="cells"`: `cell_feature_matrix.h5` (10x HDF5) or `cell_feature_matrix/` (MEX), joined
   by cell_id to `cells.parquet` or `cells.csv.gz` (x_centroid, y_centroid in um; cell_area um^2).
 - `units="bins"`: `transcripts.parquet` (or `.csv.gz`): feature_name, x_location, y_location
-  (um), qv. Read batch by batch, kept where qv >= min_qv and summed into square bins with
-  `histmol.binning.BinAccumulator`, so memory follows the non-empty (bin, gene) pairs, not the
-  section size. Bins are anchored at (0, 0) um.
+  (um), qv. Read batch by batch, kept where qv >= min_qv, spilled by bands of bin rows and
+  summed one band at a time (`histmol.binning.BandedBinner`) onto disk (`CountsStore`), so memory
+  follows one band, not the section. Bins are anchored at (0, 0) um, in (row, col) order.
 - Control codewords (NegControlProbe_, NegControlCodeword_, UnassignedCodeword_,
   DeprecatedCodeword_, BLANK_, Intergenic_Region_) are dropped from expression by name
   (`histmol.genes`); their per-unit totals are kept as control counts. Bins holding only control
@@ -34,7 +34,6 @@ Format docs: XOA "Understanding Xenium Outputs"
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from collections.abc import Iterator, Mapping
@@ -50,7 +49,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import scipy.sparse as sp
 
-from histmol.binning import BinAccumulator
+from histmol.binning import BandedBinner
+from histmol.counts_store import CountsStore
 from histmol.errors import BundleError, ConfigError, RegistrationError
 from histmol.genes import control_category
 from histmol.landmarks import check_residuals, fit_affine
@@ -58,6 +58,7 @@ from histmol.registration import check_affine, median_neighbour_distance
 from histmol.section import Section
 from platform_adapters._common import (
     GenePanel,
+    StreamedPanel,
     build_gene_panel,
     bundle_folder,
     check_min_match_rate,
@@ -360,7 +361,46 @@ def _bins(folder: Path, bin_um: float, min_qv: float) -> Parts:
     if not names:
         raise BundleError(path, "holds no transcripts")
     index = {name: i for i, name in enumerate(names)}
-    accumulator = BinAccumulator(len(names), bin_um)
+    binner = BandedBinner(len(names), bin_um)
+    try:
+        n_read, n_low = _spill_transcripts(path, binner, index, min_qv)
+        ids = _feature_ids(folder)
+        panel = StreamedPanel.of([ids.get(n, n) for n in names], names)
+        store = CountsStore(0, len(panel.genes))
+        cols, rows, controls = [], [], []
+        n_bins = n_control = 0
+        for band in binner.bands():  # one band of bin rows at a time, onto disk
+            counts, band_controls = panel.apply(band.counts)
+            n_bins, n_control = n_bins + band.n_bins, n_control + int(band_controls.sum())
+            has_genes = np.flatnonzero(np.diff(counts.indptr) > 0)  # controls-only bins go
+            store.append_rows(counts[has_genes])
+            cols.append(band.col[has_genes])
+            rows.append(band.row[has_genes])
+            controls.append(band_controls[has_genes])
+    finally:
+        binner.close()
+    col = np.concatenate(cols) if cols else np.zeros(0, np.int64)
+    row = np.concatenate(rows) if rows else np.zeros(0, np.int64)
+    units = pd.DataFrame({
+        "unit_id": [f"bin{bin_um:g}_{c}_{r}" for c, r in zip(col, row, strict=True)],
+        "x_native": (col + 0.5) * bin_um, "y_native": (row + 0.5) * bin_um,
+        "bin_col": col.astype(np.int32), "bin_row": row.astype(np.int32),
+    })
+    control_counts = np.concatenate(controls) if controls else np.zeros((0, 0), np.int64)
+    panel = GenePanel(panel.genes, store.finish(), pd.DataFrame(
+        dict(zip(panel.control_names, control_counts.T, strict=True))), panel.n_controls)
+    qc: QC = {
+        "units": "bins", "bin_um": bin_um, "min_qv": min_qv, "transcripts_source": path.name,
+        "n_transcripts": n_read, "n_transcripts_below_qv": n_low,
+        "n_transcripts_control": n_control, "n_bins": len(units),
+        "n_bins_controls_only": n_bins - len(units), "n_control_probes": panel.n_controls,
+    }
+    return units, panel, [path], qc, ("square", bin_um, bin_um)
+
+
+def _spill_transcripts(path: Path, binner: BandedBinner, index: dict[str, int],
+                       min_qv: float) -> tuple[int, int]:
+    """Feed transcripts of quality >= min_qv to `binner`; return (read, below min_qv)."""
     n_read = n_low = 0
     for batch in _batches(path, TRANSCRIPT_COLUMNS):
         qv = batch.column(XeniumKeys.QV).to_numpy(zero_copy_only=False)
@@ -371,31 +411,8 @@ def _bins(folder: Path, bin_um: float, min_qv: float) -> Parts:
         y = batch.column(XeniumKeys.TX_Y).to_numpy(zero_copy_only=False)[keep]
         if not (np.isfinite(x).all() and np.isfinite(y).all()):
             raise BundleError(path, "x_location / y_location hold NaN or infinite values")
-        accumulator.add_points(x, y, genes)
-    binned = accumulator.result()
-    ids = _feature_ids(folder)
-    panel = build_gene_panel([ids.get(n, n) for n in names], names, binned.counts)
-    has_genes = np.flatnonzero(np.diff(panel.counts.indptr) > 0)
-    x_um, y_um = binned.centres_um()
-    col, row = binned.col[has_genes], binned.row[has_genes]
-    units = pd.DataFrame({
-        "unit_id": [f"bin{bin_um:g}_{c}_{r}" for c, r in zip(col, row, strict=True)],
-        "x_native": x_um[has_genes], "y_native": y_um[has_genes],
-        "bin_col": col.astype(np.int32), "bin_row": row.astype(np.int32),
-    })
-    n_control = int(panel.control_counts.to_numpy().sum())
-    controls = panel.control_counts
-    if len(controls.columns):
-        controls = controls.iloc[has_genes].reset_index(drop=True)
-    panel = dataclasses.replace(panel, counts=sp.csr_matrix(panel.counts[has_genes]),
-                                control_counts=controls)
-    qc: QC = {
-        "units": "bins", "bin_um": bin_um, "min_qv": min_qv, "transcripts_source": path.name,
-        "n_transcripts": n_read, "n_transcripts_below_qv": n_low,
-        "n_transcripts_control": n_control, "n_bins": len(units),
-        "n_bins_controls_only": binned.n_bins - len(units), "n_control_probes": panel.n_controls,
-    }
-    return units, panel, [path], qc, ("square", bin_um, bin_um)
+        binner.add_points(x, y, genes)
+    return n_read, n_low
 
 
 def _batches(path: Path, columns: tuple[str, ...]) -> Iterator[pa.RecordBatch]:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from histmol.binning import BinAccumulator, bin_of
+from histmol.binning import BandedBinner, BinAccumulator, bin_of
 
 
 def test_points_on_borders_go_to_exactly_one_bin() -> None:
@@ -70,3 +70,37 @@ def test_bad_input_is_refused() -> None:
         BinAccumulator(2, 0.0)
     empty = BinAccumulator(2, 8.0).result()
     assert empty.n_bins == 0 and empty.counts.shape == (0, 2)
+
+
+@pytest.mark.parametrize("band_um", [8.0, 100.0, 1e6])
+def test_banded_binning_equals_accumulating_the_whole_section(band_um: float) -> None:
+    """Bands of any height, fed points in any order, give BinAccumulator's bins, in its order."""
+    rng = np.random.default_rng(7)
+    n = 20_000
+    x, y = rng.uniform(-300, 900, n), rng.uniform(-250, 1200, n)
+    gene = rng.integers(0, 40, n)
+    whole = BinAccumulator(40, 16.0)
+    whole.add_points(x, y, gene)
+    expected = whole.result()
+    banded = BandedBinner(40, 16.0, band_um=band_um)
+    for chunk in np.array_split(rng.permutation(n), 7):
+        banded.add_points(x[chunk], y[chunk], gene[chunk])
+    bands = list(banded.bands())
+    assert len(bands) == len(np.unique(expected.row // banded.band_rows))
+    assert all(len(np.unique(b.row // banded.band_rows)) == 1 for b in bands)
+    np.testing.assert_array_equal(np.concatenate([b.row for b in bands]), expected.row)
+    np.testing.assert_array_equal(np.concatenate([b.col for b in bands]), expected.col)
+    stacked = sp.vstack([b.counts for b in bands], format="csr")
+    assert (stacked != expected.counts).nnz == 0 and stacked.sum() == n
+    assert list(banded.bands()) == []  # each band is read once, its file closed
+
+
+def test_banded_binning_refuses_bad_points() -> None:
+    banded = BandedBinner(3, 8.0)
+    with pytest.raises(ValueError, match="gene index outside"):
+        banded.add_points(np.array([1.0]), np.array([1.0]), np.array([3]))
+    with pytest.raises(ValueError, match="not micrometres"):
+        banded.add_points(np.array([1e9]), np.array([1.0]), np.array([0]))
+    banded.add_points(np.array([1.0]), np.array([1.0]), np.array([0]))
+    banded.close()
+    assert list(banded.bands()) == []
