@@ -4,8 +4,9 @@
   DGE) parsed in blocks and kept as CSR, so a whole-transcriptome table never sits in memory
   dense.
 - `bin_transcripts`: a transcript list (CosMx `*_tx_file.csv`, MERSCOPE
-  `detected_transcripts.csv`) summed into squares in one pass, blocks parsed by pyarrow, memory
-  bounded by the non-empty (bin, target) pairs. One pass because the target panel is not known
+  `detected_transcripts.csv`) spilled by bands of bin rows in one pass (blocks parsed by
+  pyarrow, `histmol.binning.BandedBinner`), then summed band by band onto disk by
+  `binned_units`: memory bounded by one band. One pass because the target panel is not known
   before the file is read (a transcripts-only bundle has no matrix header to take it from) and a
   second pass over a multi-GB CSV only to list names doubles the cost: targets get indices in
   order of first appearance inside a fixed-width index space (`MAX_TARGETS`), and the unused
@@ -14,7 +15,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,12 +25,13 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import scipy.sparse as sp
 
-from histmol.binning import BinAccumulator
+from histmol.binning import BandedBinner
 from histmol.errors import BundleError
+from platform_adapters._banded import banded_units
 from platform_adapters._common import (
     GenePanel,
+    StreamedPanel,
     as_int32_counts,
-    build_gene_panel,
     first_line,
 )
 
@@ -115,18 +116,12 @@ def _nonzero(column: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 @dataclass(frozen=True)
 class BinnedTranscripts:
-    """Non-empty bins (sorted by row, col) x targets, and the targets in column order."""
+    """Transcripts spilled by band (summed when read), and the targets in column order."""
 
-    col: np.ndarray
-    row: np.ndarray
-    counts: sp.csr_matrix
+    binner: BandedBinner
     names: np.ndarray
     bin_um: float
     n_points: int
-
-    def centres_um(self) -> tuple[np.ndarray, np.ndarray]:
-        """Bin centres in micrometres (bins anchored at (0, 0))."""
-        return (self.col + 0.5) * self.bin_um, (self.row + 0.5) * self.bin_um
 
 
 def bin_transcripts(
@@ -148,7 +143,7 @@ def bin_transcripts(
         include_columns=[x, y, gene],
         column_types={x: pa.float64(), y: pa.float64(), gene: pa.string()},
     )
-    accumulator = BinAccumulator(MAX_TARGETS, bin_um)
+    binner = BandedBinner(MAX_TARGETS, bin_um)
     index: dict[str, int] = {}
     n_points = 0
     try:
@@ -161,18 +156,20 @@ def bin_transcripts(
             if not (np.isfinite(xs).all() and np.isfinite(ys).all()):
                 raise BundleError(path, f"{x} / {y} hold missing or non-finite values")
             codes = _codes(batch.column(gene), index, path)
-            accumulator.add_points(xs, ys, codes)
+            binner.add_points(xs, ys, codes)
             n_points += batch.num_rows
     except (pa.ArrowInvalid, OSError) as err:
+        binner.close()
         raise BundleError(
             path, f"cannot read as a transcripts CSV with columns {x}, {y}, {gene}: {err}"
         ) from err
+    except BaseException:
+        binner.close()
+        raise
     if not index:
         raise BundleError(path, "holds no transcripts")
-    result = accumulator.result()
-    counts = sp.csr_matrix(result.counts[:, : len(index)])
     names = np.array(list(index), dtype=object)
-    return BinnedTranscripts(result.col, result.row, counts, names, float(bin_um), n_points)
+    return BinnedTranscripts(binner, names, float(bin_um), n_points)
 
 
 def _codes(column: pa.ChunkedArray | pa.Array, index: dict[str, int], path: Path) -> np.ndarray:
@@ -199,23 +196,6 @@ def binned_units(binned: BinnedTranscripts, bin_um: float) -> tuple[pd.DataFrame
     A bin holding only control probes carries no expression: it is dropped and counted, as the
     Xenium adapter does.
     """
-    panel = build_gene_panel(binned.names, binned.names, binned.counts)
-    has_genes = np.flatnonzero(np.diff(panel.counts.indptr) > 0)
-    x_um, y_um = binned.centres_um()
-    col, row = binned.col[has_genes], binned.row[has_genes]
-    units = pd.DataFrame(
-        {
-            "unit_id": [f"bin{bin_um:g}_{c}_{r}" for c, r in zip(col, row, strict=True)],
-            "x_native": x_um[has_genes],
-            "y_native": y_um[has_genes],
-            "bin_col": col.astype(np.int32),
-            "bin_row": row.astype(np.int32),
-        }
-    )
-    controls = panel.control_counts
-    if len(controls.columns):
-        controls = controls.iloc[has_genes].reset_index(drop=True)
-    panel = dataclasses.replace(
-        panel, counts=sp.csr_matrix(panel.counts[has_genes]), control_counts=controls
-    )
-    return units, panel, len(binned.col) - len(has_genes)
+    panel = StreamedPanel.of(binned.names, binned.names)
+    units, gene_panel, n_controls_only, _ = banded_units(binned.binner, panel, bin_um)
+    return units, gene_panel, n_controls_only

@@ -50,12 +50,12 @@ import pyarrow.parquet as pq
 import scipy.sparse as sp
 
 from histmol.binning import BandedBinner
-from histmol.counts_store import CountsStore
 from histmol.errors import BundleError, ConfigError, RegistrationError
 from histmol.genes import control_category
 from histmol.landmarks import check_residuals, fit_affine
 from histmol.registration import check_affine, median_neighbour_distance
 from histmol.section import Section
+from platform_adapters._banded import banded_units
 from platform_adapters._common import (
     GenePanel,
     StreamedPanel,
@@ -364,36 +364,17 @@ def _bins(folder: Path, bin_um: float, min_qv: float) -> Parts:
     binner = BandedBinner(len(names), bin_um)
     try:
         n_read, n_low = _spill_transcripts(path, binner, index, min_qv)
-        ids = _feature_ids(folder)
-        panel = StreamedPanel.of([ids.get(n, n) for n in names], names)
-        store = CountsStore(0, len(panel.genes))
-        cols, rows, controls = [], [], []
-        n_bins = n_control = 0
-        for band in binner.bands():  # one band of bin rows at a time, onto disk
-            counts, band_controls = panel.apply(band.counts)
-            n_bins, n_control = n_bins + band.n_bins, n_control + int(band_controls.sum())
-            has_genes = np.flatnonzero(np.diff(counts.indptr) > 0)  # controls-only bins go
-            store.append_rows(counts[has_genes])
-            cols.append(band.col[has_genes])
-            rows.append(band.row[has_genes])
-            controls.append(band_controls[has_genes])
-    finally:
+    except BaseException:
         binner.close()
-    col = np.concatenate(cols) if cols else np.zeros(0, np.int64)
-    row = np.concatenate(rows) if rows else np.zeros(0, np.int64)
-    units = pd.DataFrame({
-        "unit_id": [f"bin{bin_um:g}_{c}_{r}" for c, r in zip(col, row, strict=True)],
-        "x_native": (col + 0.5) * bin_um, "y_native": (row + 0.5) * bin_um,
-        "bin_col": col.astype(np.int32), "bin_row": row.astype(np.int32),
-    })
-    control_counts = np.concatenate(controls) if controls else np.zeros((0, 0), np.int64)
-    panel = GenePanel(panel.genes, store.finish(), pd.DataFrame(
-        dict(zip(panel.control_names, control_counts.T, strict=True))), panel.n_controls)
+        raise
+    ids = _feature_ids(folder)
+    streamed = StreamedPanel.of([ids.get(n, n) for n in names], names)
+    units, panel, n_controls_only, n_control = banded_units(binner, streamed, bin_um)
     qc: QC = {
         "units": "bins", "bin_um": bin_um, "min_qv": min_qv, "transcripts_source": path.name,
         "n_transcripts": n_read, "n_transcripts_below_qv": n_low,
         "n_transcripts_control": n_control, "n_bins": len(units),
-        "n_bins_controls_only": n_bins - len(units), "n_control_probes": panel.n_controls,
+        "n_bins_controls_only": n_controls_only, "n_control_probes": panel.n_controls,
     }
     return units, panel, [path], qc, ("square", bin_um, bin_um)
 

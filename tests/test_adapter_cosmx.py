@@ -152,7 +152,7 @@ def test_lung12_transcripts_binned_exactly() -> None:
     genes = ~tx["target"].str.startswith("NegPrb")
     expected = tx[genes].groupby([col[genes], row[genes], tx["target"][genes]]).size()
     symbols = section.genes["symbol"].to_numpy()
-    coo = section.counts.tocoo()
+    coo = section.counts.tocsr().tocoo()
     units = section.units
     got = pd.Series(
         coo.data,

@@ -127,7 +127,7 @@ def test_mouse_brain_transcripts_binned_exactly() -> None:
         tx["gene"][genes],
     ]
     expected = tx[genes].groupby(key).size().sort_index()
-    coo = section.counts.tocoo()
+    coo = section.counts.tocsr().tocoo()
     got = pd.Series(
         coo.data,
         index=pd.MultiIndex.from_arrays(
