@@ -50,6 +50,7 @@ WRITERS: dict[str, Callable[..., Any]] = {
 
 
 def main() -> None:
+    """Build every platform's synthetic section, then print and write the JSON table."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--size-mm", type=float, default=2.5)
     parser.add_argument("--threads", type=int, default=2)

@@ -3,7 +3,7 @@
 Reports patches/s per core and the split into read, resample and encode+write time, plus image
 bytes per pair, as JSON under benchmarks/results/. Run by hand:
 
-    .venv/bin/python benchmarks/bench_spot_build.py [--size-mm 7.0] [--threads 2]
+    .venv/bin/python benchmarks/bench_spot_build.py [--size-mm 10.0] [--threads 2]
 """
 
 from __future__ import annotations
@@ -28,15 +28,18 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def main() -> None:
+    """Generate the slide and bundle, build once, and write the timings as JSON."""
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--size-mm", type=float, default=10.0, help="slide side; 10 mm puts tissue under ~all 4,992 Visium spots")
+    parser.add_argument("--size-mm", type=float, default=10.0,
+                        help="slide side; 10 mm puts tissue under ~all 4,992 Visium spots")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--workdir", type=Path, default=None)
     args = parser.parse_args()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="histmol-bench-"))
     started = time.perf_counter()
-    slide = make_slide(work / "slide.tif", width_um=args.size_mm * 1000, height_um=args.size_mm * 1000,
-                       mpp=0.25, seed=0, n_regions=4)
+    side_um = args.size_mm * 1000
+    slide = make_slide(work / "slide.tif", width_um=side_um, height_um=side_um, mpp=0.25, seed=0,
+                       n_regions=4)
     truth = write_visium_bundle(work / "visium", slide, seed=0, n_genes=500)
     generate_s = time.perf_counter() - started
 

@@ -21,9 +21,9 @@ from histmol.config import CORPUS_LEVEL_FIELDS, BuildConfig
 from histmol.errors import ConfigError, CorpusError, HistmolError, QCError
 from histmol.fingerprint import input_fingerprint
 from histmol.genes import infer_species
+from histmol.landmarks import check_residuals, fit_affine
 from histmol.pairs import unit_tables
 from histmol.progress import report
-from histmol.landmarks import check_residuals, fit_affine
 from histmol.registration import (
     Registration,
     SlideGeometry,
@@ -163,10 +163,10 @@ def register_stage(
         )
     if registration.mpp > config.target_mpp * (1 + config.mpp_tolerance):
         raise QCError(
-            f"{slide.path}: the image is too coarse for {config.target_mpp:g} um/px patches: it has "
-            f"{registration.mpp:.3f} um/px ({registration.mpp_source}), so every patch would be "
-            f"upsampled {registration.mpp / config.target_mpp:.1f}x. Pair the bundle with the "
-            "full-resolution H&E, or ask for coarser patches with --target-mpp "
+            f"{slide.path}: the image is too coarse for {config.target_mpp:g} um/px patches: "
+            f"it has {registration.mpp:.3f} um/px ({registration.mpp_source}), so every patch "
+            f"would be upsampled {registration.mpp / config.target_mpp:.1f}x. Pair the bundle with "
+            "the full-resolution H&E, or ask for coarser patches with --target-mpp "
             f"{np.ceil(registration.mpp * 100) / 100:g} or more"
         )
     return registration
@@ -446,7 +446,9 @@ def section_row(
         ),
         # the adapter's default (slide-seq: usually an adjacent H&E) unless the user said otherwise
         "adjacent_section": str(
-            request.metadata.get("adjacent_section", section.metadata.get("adjacent_section", "false"))
+            request.metadata.get(
+                "adjacent_section", section.metadata.get("adjacent_section", "false")
+            )
         ).lower()
         == "true",
     }

@@ -95,6 +95,7 @@ def run_demo(
     )
     for result in results:
         log(
-            f"  {result.section_id}: {result.status}, {result.n_pairs} pairs, {result.n_units} units"
+            f"  {result.section_id}: {result.status}, {result.n_pairs} pairs, "
+            f"{result.n_units} units"
         )
     return corpus

@@ -20,7 +20,6 @@ import pytest
 import scipy.sparse as sp
 
 from histmol.counts_store import CountsStore
-
 from histmol.errors import BundleError, ConfigError
 from histmol.genes import control_category
 from histmol.section import SECTION_ID_PATTERN, Section

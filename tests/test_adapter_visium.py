@@ -5,9 +5,8 @@ Also tests the platform registry (`platform_adapters.__init__`).
 
 from __future__ import annotations
 
-import inspect
-
 import gzip
+import inspect
 import io
 import json
 from pathlib import Path
@@ -423,4 +422,5 @@ def test_get_platform_and_load_reader() -> None:
         get_platform("visium2")
     for spec in PLATFORMS.values():
         parameters = inspect.signature(load_reader(spec.name)).parameters
-        assert {"wsi", "section_id", "metadata", "min_match_rate", "native_to_wsi"} <= set(parameters)
+        keywords = {"wsi", "section_id", "metadata", "min_match_rate", "native_to_wsi"}
+        assert keywords <= set(parameters)

@@ -38,8 +38,8 @@ def test_streaming_in_chunks_equals_one_shot() -> None:
     whole.add_points(x, y, gene, counts)
     chunked = BinAccumulator(50, 16.0)
     for start in range(0, n, 7_777):
-        chunked.add_points(x[start:start + 7_777], y[start:start + 7_777], gene[start:start + 7_777],
-                           counts[start:start + 7_777])
+        chunk = slice(start, start + 7_777)
+        chunked.add_points(x[chunk], y[chunk], gene[chunk], counts[chunk])
     a, b = whole.result(), chunked.result()
     np.testing.assert_array_equal(a.col, b.col)
     np.testing.assert_array_equal(a.row, b.row)

@@ -31,7 +31,8 @@ def build_mob1(out: Path, **kwargs: object) -> object:
 def test_mob1_builds_end_to_end_with_exact_counts(tmp_path: Path) -> None:
     out = tmp_path / "corpus"
     result = build_mob1(out)
-    assert (result.status, result.n_pairs, result.n_units, result.n_genes) == ("committed", 379, 379, 1000)
+    assert (result.status, result.n_pairs, result.n_units, result.n_genes) == (
+        "committed", 379, 379, 1000)
     sections = pd.read_parquet(out / "sections.parquet")
     row = sections.set_index("section_id").loc["mob1"]
     assert row["species"] == "mouse"  # inferred from the ENSMUSG ids
@@ -48,7 +49,8 @@ def test_mob1_builds_end_to_end_with_exact_counts(tmp_path: Path) -> None:
     assert stored == {gene: int(v) for gene, v in raw[raw > 0].items()}
     assert spot["x_wsi_px"] == 506.25 and spot["y_wsi_px"] == 720.95
     # the patch is centred on the spot: centre of a 64 px patch
-    assert spot["x_in_patch_px"] == pytest.approx(32.0) and spot["y_in_patch_px"] == pytest.approx(32.0)
+    assert spot["x_in_patch_px"] == pytest.approx(32.0)
+    assert spot["y_in_patch_px"] == pytest.approx(32.0)
     with ShardReader(out / manifest["images_path"][0]) as reader:
         assert reader.n_pairs == 379
         assert reader.read_patch(int(spot["pair_index"])).shape == (64, 64, 3)
@@ -62,12 +64,15 @@ def test_rebuild_is_a_no_op_and_forced_rebuild_is_byte_identical(tmp_path: Path)
     out = tmp_path / "corpus"
     build_mob1(out)
     shard_dir = out / "shards" / "mob1"
-    before = {p.relative_to(out): p.read_bytes() for p in sorted(shard_dir.rglob("*")) if p.is_file()}
-    tables = {name: (out / name).read_bytes() for name in ("manifest.parquet", "genes.parquet", "sections.parquet")}
+    before = {p.relative_to(out): p.read_bytes()
+              for p in sorted(shard_dir.rglob("*")) if p.is_file()}
+    tables = {name: (out / name).read_bytes()
+              for name in ("manifest.parquet", "genes.parquet", "sections.parquet")}
     assert build_mob1(out).status == "skipped"
     assert {name: (out / name).read_bytes() for name in tables} == tables
     assert build_mob1(out, force=True).status == "committed"
-    after = {p.relative_to(out): p.read_bytes() for p in sorted(shard_dir.rglob("*")) if p.is_file()}
+    after = {p.relative_to(out): p.read_bytes()
+             for p in sorted(shard_dir.rglob("*")) if p.is_file()}
     assert after == before
     assert {name: (out / name).read_bytes() for name in tables} == tables
 
@@ -79,15 +84,18 @@ def test_changed_config_needs_force_and_other_patch_geometry_is_refused(tmp_path
     request = SectionRequest("st", folder, folder / "MOB1.jpg", "mob1")
     with pytest.raises(CorpusError, match="section 'mob1' is already in the corpus.*--force"):
         build_section(request, out, BuildConfig(mpp=4.7, target_mpp=5.0, patch_px=64))
-    with pytest.raises(CorpusError, match=r"corpus.json: corpus was built with another build config"):
+    with pytest.raises(CorpusError,
+                       match=r"corpus.json: corpus was built with another build config"):
         build_section(request, out, BuildConfig(mpp=4.6, target_mpp=5.0, patch_px=96))
 
 
 def test_visium_lowres_image_is_too_coarse_and_nothing_is_written(tmp_path: Path) -> None:
     folder = fixture_path("visium_seurat")
-    request = SectionRequest("visium", folder, folder / "spatial" / "tissue_lowres_image.png", "seurat")
+    lowres = folder / "spatial" / "tissue_lowres_image.png"
+    request = SectionRequest("visium", folder, lowres, "seurat")
     out = tmp_path / "corpus"
-    with pytest.raises(QCError, match=r"tissue_lowres_image.png: the image is too coarse for 0.5 um/px"):
+    with pytest.raises(QCError,
+                       match=r"tissue_lowres_image.png: the image is too coarse for 0.5 um/px"):
         build_section(request, out)
     assert not out.exists()
 

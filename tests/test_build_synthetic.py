@@ -1,4 +1,4 @@
-"""End to end on generated bundles whose truth is known: exact placement, counts, pixels, bad input."""
+"""End to end on generated bundles with known truth: exact placement, counts, pixels, bad input."""
 
 from __future__ import annotations
 
@@ -32,7 +32,9 @@ def visium(tmp_path_factory: pytest.TempPathFactory) -> tuple[SyntheticSlide, Gr
 
 
 @pytest.fixture(scope="module")
-def built(visium: tuple[SyntheticSlide, GroundTruth], tmp_path_factory: pytest.TempPathFactory) -> Path:
+def built(
+    visium: tuple[SyntheticSlide, GroundTruth], tmp_path_factory: pytest.TempPathFactory
+) -> Path:
     slide, truth = visium
     out = tmp_path_factory.mktemp("corpus") / "corpus"
     request = SectionRequest("visium", truth.bundle, slide.path, "syn-01", truth.transform_path)
@@ -45,7 +47,9 @@ def units_of(out: Path) -> pd.DataFrame:
     return pd.concat([pq.read_table(out / path).to_pandas() for path in manifest["units_path"]])
 
 
-def test_units_land_exactly_where_the_truth_says(built: Path, visium: tuple[SyntheticSlide, GroundTruth]) -> None:
+def test_units_land_exactly_where_the_truth_says(
+    built: Path, visium: tuple[SyntheticSlide, GroundTruth]
+) -> None:
     _, truth = visium
     assert np.linalg.det(truth.native_to_wsi[:2, :2]) < 0  # the bundle frame is mirrored
     units = units_of(built).set_index("unit_id")
@@ -81,7 +85,9 @@ def test_every_unit_is_kept_or_counted_as_dropped_and_counts_are_exact(
     assert units["total_counts"].sum() == dense[index.loc[units["unit_id"]].to_numpy()].sum()
 
 
-def test_patch_pixels_are_the_resampled_slide(built: Path, visium: tuple[SyntheticSlide, GroundTruth]) -> None:
+def test_patch_pixels_are_the_resampled_slide(
+    built: Path, visium: tuple[SyntheticSlide, GroundTruth]
+) -> None:
     slide, _ = visium
     units = units_of(built)
     manifest = pd.read_parquet(built / "manifest.parquet")
@@ -103,7 +109,9 @@ def test_patch_pixels_are_the_resampled_slide(built: Path, visium: tuple[Synthet
             assert reader.read_jpeg(record.pair_index) == encode_patch(expected, 90)
 
 
-def test_wrong_transform_is_caught(visium: tuple[SyntheticSlide, GroundTruth], tmp_path: Path) -> None:
+def test_wrong_transform_is_caught(
+    visium: tuple[SyntheticSlide, GroundTruth], tmp_path: Path
+) -> None:
     slide, truth = visium
     swapped = tmp_path / "swapped.csv"
     m = truth.native_to_wsi
@@ -127,7 +135,9 @@ def test_truncated_wsi_names_the_file_and_writes_nothing(
     assert not (tmp_path / "c").exists()
 
 
-def test_missing_scalefactors_names_the_file(visium: tuple[SyntheticSlide, GroundTruth], tmp_path: Path) -> None:
+def test_missing_scalefactors_names_the_file(
+    visium: tuple[SyntheticSlide, GroundTruth], tmp_path: Path
+) -> None:
     slide, truth = visium
     bundle = tmp_path / "outs"
     shutil.copytree(truth.bundle, bundle)
@@ -148,7 +158,9 @@ def write_landmarks(path: Path, truth: GroundTruth, rows: list[int], shift_px: f
     return path
 
 
-def test_landmarks_fit_the_transform(visium: tuple[SyntheticSlide, GroundTruth], tmp_path: Path) -> None:
+def test_landmarks_fit_the_transform(
+    visium: tuple[SyntheticSlide, GroundTruth], tmp_path: Path
+) -> None:
     slide, truth = visium
     rows = list(np.linspace(0, len(truth.unit_ids) - 1, 6).astype(int))
     landmarks = write_landmarks(tmp_path / "pairs.csv", truth, rows)

@@ -77,7 +77,8 @@ def test_build_then_inspect_through_prefect(tmp_path: Path) -> None:
 def test_demo_builds_three_sections(tmp_path: Path) -> None:
     result = runner.invoke(app, ["demo", "--out", str(tmp_path / "demo")])
     assert result.exit_code == 0, result.output
-    summary = json.loads(runner.invoke(app, ["inspect", str(tmp_path / "demo" / "corpus"), "--json"]).stdout)
+    inspected = runner.invoke(app, ["inspect", str(tmp_path / "demo" / "corpus"), "--json"])
+    summary = json.loads(inspected.stdout)
     assert summary["totals"]["sections"] == 3 and summary["totals"]["failed"] == 0
     by_id = {s["section_id"]: s for s in summary["sections"]}
     assert set(by_id) == {"crc-01", "crc-02", "st-breast-01"}

@@ -306,3 +306,13 @@ def test_collate_in_a_worker_writes_shared_memory_with_the_same_values(
         assert b["patch"].is_shared() and b["panel_mask"].is_shared()
         for name in ("patch", "panel_mask", "expression", "positions", "unit_batch"):
             assert a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]), name
+
+
+def test_package_exports_are_exactly_all_and_resolve_to_the_defining_modules() -> None:
+    import histmol.data
+    from histmol.data.genes import GeneSet, resolve_genes
+
+    assert list(histmol.data._EXPORTS) == histmol.data.__all__
+    exported = [getattr(histmol.data, name) for name in histmol.data.__all__]
+    expected = [GENE_STATS, GeneSet, PairDataset, pair_collate, resolve_genes]
+    assert all(a is b for a, b in zip(exported, expected, strict=True))

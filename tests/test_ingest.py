@@ -93,7 +93,8 @@ def test_one_broken_section_of_four_is_recorded_and_the_others_commit(
     manifest = pd.read_parquet(reference / "manifest.parquet")
     assert sorted(manifest["section_id"].unique()) == sorted(GOOD)
     assert sorted(p.name for p in (reference / "shards").iterdir()) == sorted(GOOD)
-    assert sections.loc["syn-st", "patient_id"] == "p2" and sections.loc["syn-b", "licence"] == "CC0"
+    assert sections.loc["syn-st", "patient_id"] == "p2"
+    assert sections.loc["syn-b", "licence"] == "CC0"
     # genes enter the vocabulary in manifest order: syn-a's 60 in panel order, then syn-st's
     # (reversed panel of 70) adds its 10 unseen genes, then syn-b's 10 more.
     genes = pd.read_parquet(reference / "genes.parquet")
@@ -137,7 +138,9 @@ def test_manifest_error_exits_without_a_run(tmp_path: Path) -> None:
     assert not (tmp_path / "corpus").exists()
 
 
-def test_dask_without_a_prefect_api_is_refused_before_any_work(cohort: Path, tmp_path: Path) -> None:
+def test_dask_without_a_prefect_api_is_refused_before_any_work(
+    cohort: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "corpus"
     result = runner.invoke(app, ["ingest", str(cohort), "--out", str(out),
                                  "--dask-address", "tcp://127.0.0.1:1"])

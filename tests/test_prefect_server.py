@@ -19,8 +19,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from test_ingest import GOOD, tree
-from test_ingest import cohort, reference  # noqa: F401 - shared session fixtures
 
+# test_ingest's session fixtures `cohort` and `reference`, shared as a plugin rather than imported
+pytest_plugins = ["test_ingest"]
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
 
@@ -61,7 +62,8 @@ def prefect_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, 
                     break
             except OSError:
                 if server.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"prefect server did not start: see {home}/server.log") from None
+                    raise RuntimeError(
+                        f"prefect server did not start: see {home}/server.log") from None
                 time.sleep(0.5)
         yield env
     finally:

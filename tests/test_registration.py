@@ -10,7 +10,13 @@ import pytest
 import scipy.sparse as sp
 
 from histmol.errors import RegistrationError, WSIError
-from histmol.registration import SlideGeometry, apply_affine, check_affine, read_transform_csv, register
+from histmol.registration import (
+    SlideGeometry,
+    apply_affine,
+    check_affine,
+    read_transform_csv,
+    register,
+)
 from histmol.section import Provenance, Section
 
 
@@ -26,9 +32,13 @@ def make_section(x: np.ndarray, y: np.ndarray, **kwargs: object) -> Section:
     n = len(x)
     fields = dict(
         section_id="s1", platform="visium",
-        units=pd.DataFrame({"unit_id": [f"u{i}" for i in range(n)], "x_native": x, "y_native": y}),
+        units=pd.DataFrame(
+            {"unit_id": [f"u{i}" for i in range(n)], "x_native": x, "y_native": y}
+        ),
         counts=sp.csr_matrix(np.ones((n, 2), dtype=np.int32)),
-        genes=pd.DataFrame({"gene_id": ["A", "B"], "symbol": ["A", "B"], "ensembl_id": [None, None]}),
+        genes=pd.DataFrame(
+            {"gene_id": ["A", "B"], "symbol": ["A", "B"], "ensembl_id": [None, None]}
+        ),
         wsi_path=Path("slide.tif"), unit_shape="circle", unit_size_um=55.0, pitch_um=100.0,
         default_mode="spot", provenance=Provenance("visium", "1", "b", ()),
     )
@@ -106,7 +116,8 @@ def test_scalefactor_mpp_goes_through_the_transform_scale() -> None:
 
 def test_pitch_estimate_is_used_when_nothing_else_is_known() -> None:
     x, y = hex_grid(6, 6, 40.0)
-    slide = SlideGeometry(Path("he.jpg"), 1_000, 1_000, embedded_mpp=None, mpp_discard_reason="72 dpi")
+    slide = SlideGeometry(Path("he.jpg"), 1_000, 1_000, embedded_mpp=None,
+                          mpp_discard_reason="72 dpi")
     reg = register(make_section(x + 10, y + 10), slide)
     assert reg.mpp_source == "estimated_from_pitch"
     assert reg.mpp == pytest.approx(2.5)
@@ -114,7 +125,8 @@ def test_pitch_estimate_is_used_when_nothing_else_is_known() -> None:
 
 
 def test_no_mpp_source_names_the_file() -> None:
-    slide = SlideGeometry(Path("he.jpg"), 1_000, 1_000, embedded_mpp=None, mpp_discard_reason="72 dpi")
+    slide = SlideGeometry(Path("he.jpg"), 1_000, 1_000, embedded_mpp=None,
+                          mpp_discard_reason="72 dpi")
     section = make_section(np.array([10.0]), np.array([10.0]))
     with pytest.raises(WSIError, match=r"he.jpg: no usable pixel size: 72 dpi"):
         register(section, slide)

@@ -97,8 +97,10 @@ def test_a_section_on_a_counts_store_reads_like_one_in_memory() -> None:
 
 
 def test_gene_keys_controls_and_duplicates() -> None:
-    genes = gene_table(["ENSMUSG00000064339.1", "Gad1", "NegControlProbe_00042", "BLANK_0006", "Gad1"],
-                       ["mt-Rnr2", "Gad1", "NegControlProbe_00042", "BLANK_0006", "Gad1"])
+    genes = gene_table(
+        ["ENSMUSG00000064339.1", "Gad1", "NegControlProbe_00042", "BLANK_0006", "Gad1"],
+        ["mt-Rnr2", "Gad1", "NegControlProbe_00042", "BLANK_0006", "Gad1"],
+    )
     assert genes["gene_id"].tolist()[:2] == ["ENSMUSG00000064339", "Gad1"]
     counts = sp.csr_matrix(np.array([[1, 2, 3, 4, 5], [0, 1, 0, 7, 1]], dtype=np.int32))
     kept, kept_counts, controls = split_controls(genes, counts)

@@ -427,3 +427,14 @@ def test_reader_handles_an_index_at_the_shard_start(tmp_path: Path) -> None:
         "index_location"] == "start"
     with ShardReader(path) as reader:
         assert [reader.read_jpeg(i) for i in range(3)] == [encode_patch(p) for p in data]
+
+
+def test_package_exports_are_exactly_all_and_resolve_to_the_defining_modules() -> None:
+    import histmol.shards
+    from histmol.shards.corpus import Corpus
+
+    assert list(histmol.shards._EXPORTS) == histmol.shards.__all__
+    exported = [getattr(histmol.shards, name) for name in histmol.shards.__all__]
+    expected = [Corpus, JpegCodec, SectionShardWriter, ShardReader, ShardRecord, decode_patch,
+                encode_patch]
+    assert all(a is b for a, b in zip(exported, expected, strict=True))

@@ -7,7 +7,13 @@ import pytest
 from PIL import Image
 
 from histmol.tiling import (
-    ExtractionTimes, extract_patch, extract_patches, footprint_px, keep_pairs, patch_window, plan_grid,
+    ExtractionTimes,
+    extract_patch,
+    extract_patches,
+    footprint_px,
+    keep_pairs,
+    patch_window,
+    plan_grid,
     plan_spot,
 )
 from histmol.tissue import tissue_mask
@@ -98,12 +104,18 @@ def test_patch_equals_direct_crop_and_resample_of_the_level(
     # Direct: slice the level array itself at the window, resample the box with Pillow.
     window = patch_window(x0, y0, footprint, patch_px, resample, level, ds)  # type: ignore[arg-type]
     crop = slide.levels[level][window.y:window.y + window.height, window.x:window.x + window.width]
-    expected = np.asarray(Image.fromarray(crop).resize((patch_px, patch_px), FILTERS[resample], box=window.box))
+    expected = np.asarray(
+        Image.fromarray(crop).resize((patch_px, patch_px), FILTERS[resample], box=window.box)
+    )
     np.testing.assert_array_equal(patch, expected)
     # The margin covers the filter support: resampling the whole level agrees up to Pillow's
     # 8-bit fixed-point rounding of coefficients (at most 1 grey level on a few pixels).
     whole_box = (x0 / ds, y0 / ds, (x0 + footprint) / ds, (y0 + footprint) / ds)
-    whole = np.asarray(Image.fromarray(slide.levels[level]).resize((patch_px, patch_px), FILTERS[resample], box=whole_box))
+    whole = np.asarray(
+        Image.fromarray(slide.levels[level]).resize(
+            (patch_px, patch_px), FILTERS[resample], box=whole_box
+        )
+    )
     difference = np.abs(whole.astype(int) - patch.astype(int))
     assert difference.max() <= 1
     assert (difference > 0).mean() < 0.005
@@ -133,5 +145,7 @@ def test_tissue_mask_and_box_fractions() -> None:
     # the rectangle, minus corners rounded off by the opening with a radius-2 disk
     assert 40 * 80 - 16 <= mask.mask.sum() <= 40 * 80
     assert not mask.mask[:20].any() and not mask.mask[:, :40].any()
-    fractions = mask.box_fractions(np.array([600.0, 0.0, 1100.0]), np.array([300.0, 0.0, 400.0]), 200.0)
+    fractions = mask.box_fractions(
+        np.array([600.0, 0.0, 1100.0]), np.array([300.0, 0.0, 400.0]), 200.0
+    )
     np.testing.assert_allclose(fractions, [1.0, 0.0, 0.5], atol=0.01)  # one rounded corner

@@ -173,7 +173,8 @@ class SlideReaderContract:
         assert slide.dimensions == case.level_dimensions[0]
         assert slide.level_downsamples[0] == 1.0
         width0, height0 = slide.dimensions
-        for (width, height), downsample in zip(slide.level_dimensions, slide.level_downsamples):
+        levels = zip(slide.level_dimensions, slide.level_downsamples, strict=True)
+        for (width, height), downsample in levels:
             assert downsample == pytest.approx((width0 / width + height0 / height) / 2, rel=1e-9)
         if case.mpp is None:
             assert slide.embedded_mpp is None
@@ -223,7 +224,7 @@ class SlideReaderContract:
         sequential = [slide.read_region(*box) for box in boxes]
         with ThreadPoolExecutor(max_workers=8) as pool:
             concurrent = list(pool.map(lambda box: slide.read_region(*box), boxes))
-        for expected, got in zip(sequential, concurrent):
+        for expected, got in zip(sequential, concurrent, strict=True):
             np.testing.assert_array_equal(got, expected)
 
     def test_best_level_for_downsample(self, slide: SlideReader) -> None:

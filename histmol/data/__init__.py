@@ -13,6 +13,9 @@ if TYPE_CHECKING:
     from histmol.data.dataset import PairDataset
     from histmol.data.genes import GENE_STATS, GeneSet, resolve_genes
 
+__all__ = ["GENE_STATS", "GeneSet", "PairDataset", "pair_collate", "resolve_genes"]
+
+# name -> module that defines it; the keys are exactly `__all__`
 _EXPORTS = {
     "GENE_STATS": "histmol.data.genes",
     "GeneSet": "histmol.data.genes",
@@ -20,8 +23,6 @@ _EXPORTS = {
     "pair_collate": "histmol.data.collate",
     "resolve_genes": "histmol.data.genes",
 }
-
-__all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name: str) -> Any:

@@ -16,6 +16,17 @@ if TYPE_CHECKING:
     from histmol.shards.shard_reader import ShardReader
     from histmol.shards.shard_writer import SectionShardWriter, ShardRecord
 
+__all__ = [
+    "Corpus",
+    "JpegCodec",
+    "SectionShardWriter",
+    "ShardReader",
+    "ShardRecord",
+    "decode_patch",
+    "encode_patch",
+]
+
+# name -> module that defines it; the keys are exactly `__all__`
 _EXPORTS = {
     "Corpus": "histmol.shards.corpus",
     "JpegCodec": "histmol.shards.jpeg_codec",
@@ -25,8 +36,6 @@ _EXPORTS = {
     "decode_patch": "histmol.shards.jpeg",
     "encode_patch": "histmol.shards.jpeg",
 }
-
-__all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name: str) -> Any:

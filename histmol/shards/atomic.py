@@ -132,7 +132,7 @@ def file_digest(path: Path, *, chunk_size: int = 1 << 20) -> tuple[int, str]:
 
 
 def fsync_tree(root: Path) -> None:
-    """fsync every file and folder under `root`, deepest first, then `root` itself."""
+    """Call fsync on every file and folder under `root`, deepest first, then `root` itself."""
     for dirpath, _dirnames, filenames in os.walk(root, topdown=False):
         for name in filenames:
             fsync_path(Path(dirpath, name))

@@ -135,7 +135,7 @@ def _level0_tiles(
 
     with ThreadPoolExecutor(max(1, workers)) as pool:
         pending = [pool.submit(render, y0) for y0 in starts[:workers]]
-        for i, y0 in enumerate(starts):
+        for i in range(len(starts)):
             strip = pending.pop(0).result()
             if i + workers < len(starts):
                 pending.append(pool.submit(render, starts[i + workers]))

@@ -132,7 +132,7 @@ def write_st_bundle(
     # st_pipeline only reports spots that captured something
     keep = np.flatnonzero(np.asarray(counts.sum(axis=1)).ravel() > 0)
     counts = counts[keep]
-    ids = np.array([f"{int(a)}x{int(b)}" for a, b in zip(ax, ay)], dtype=object)
+    ids = np.array([f"{int(a)}x{int(b)}" for a, b in zip(ax, ay, strict=True)], dtype=object)
 
     table = pd.DataFrame(counts.toarray(), columns=genes["gene_id"].to_numpy())
     table.insert(0, "", ids[keep])

@@ -125,7 +125,7 @@ def _spot_samples(slide: SyntheticSlide, x: np.ndarray, y: np.ndarray) -> np.nda
 
 
 def _write_text_gz(path: Path, text: str) -> None:
-    """gzip with no timestamp or name in the header, so reruns are byte-identical."""
+    """Write gzip with no timestamp or name in the header, so reruns are byte-identical."""
     with open(path, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as gz:
         gz.write(text.encode())
 
@@ -140,10 +140,11 @@ def _write_mex(folder: Path, genes: pd.DataFrame, barcodes: np.ndarray, counts: 
         f'%metadata_json: {{"software_version": "{software}", "format_version": 2}}',
         f"{counts.shape[1]} {counts.shape[0]} {counts.nnz}",
     ]
-    body = "\n".join(f"{g} {b} {v}" for g, b, v in zip(coo.col + 1, coo.row + 1, coo.data))
+    entries = zip(coo.col + 1, coo.row + 1, coo.data, strict=True)
+    body = "\n".join(f"{g} {b} {v}" for g, b, v in entries)
     text = "\n".join(lines) + "\n" + body + ("\n" if body else "")
     _write_text_gz(folder / "matrix.mtx.gz", text)
-    columns = zip(genes["gene_id"], genes["symbol"], genes["feature_type"])
+    columns = zip(genes["gene_id"], genes["symbol"], genes["feature_type"], strict=True)
     features = "".join(f"{i}\t{s}\t{t}\n" for i, s, t in columns)
     _write_text_gz(folder / "features.tsv.gz", features)
     _write_text_gz(folder / "barcodes.tsv.gz", "".join(f"{b}\n" for b in barcodes))

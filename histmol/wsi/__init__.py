@@ -38,8 +38,11 @@ SUPPORTED = (
 
 
 def _prefer_tifffile(path: Path, vendor: str) -> bool:
-    """OME-TIFF and SubIFD pyramids go to tifffile even when OpenSlide takes them as generic
-    TIFF: OpenSlide would see only level 0 and ignore the OME pixel size."""
+    """Whether tifffile should read a slide that OpenSlide calls generic TIFF.
+
+    OME-TIFF and SubIFD pyramids go to tifffile even when OpenSlide takes them as generic
+    TIFF: OpenSlide would see only level 0 and ignore the OME pixel size.
+    """
     if vendor != "generic-tiff":
         return False
     try:

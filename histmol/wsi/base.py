@@ -158,8 +158,11 @@ class SlideReader(abc.ABC):
 
 
 def _area_weights(n_in: int, n_out: int) -> Any:
-    """Sparse (n_out, n_in) weights: output pixel j averages input [j*s, (j+1)*s), s = n_in/n_out,
-    counting the fraction of each input pixel that falls inside."""
+    """Sparse (n_out, n_in) area-averaging weights for a 1-D downsample.
+
+    Output pixel j averages input [j*s, (j+1)*s), s = n_in/n_out, counting the fraction of each
+    input pixel that falls inside.
+    """
     import scipy.sparse as sp  # imported here: only thumbnails need it
 
     scale = n_in / n_out

@@ -18,9 +18,11 @@ logger = logging.getLogger(__name__)
 
 
 class PillowReader(SlideReader):
-    """Pillow backend for plain JPEG/PNG (legacy ST images, a few thousand px): one level,
-    decoded once at open and then sliced without a lock. PIL's global image-size limit and
-    truncated-image setting are left untouched; images past its limit are refused."""
+    """Pillow backend for plain JPEG/PNG (legacy ST images, a few thousand px).
+
+    One level, decoded once at open and then sliced without a lock. PIL's global image-size
+    limit and truncated-image setting are left untouched; images past its limit are refused.
+    """
 
     backend = "pillow"
 

@@ -36,8 +36,11 @@ def _check_tiff_data_complete(path: Path, pages: Iterable[Any]) -> None:
 
 
 class _ThisThreadErrors(logging.Handler):
-    """Collects ERROR records logged by this thread (tifffile logs, rather than raises, when
-    an IFD or tag lies past the end of a damaged file, and then shows fewer pages)."""
+    """Collects ERROR records logged by this thread.
+
+    tifffile logs, rather than raises, when an IFD or tag lies past the end of a damaged file,
+    and then shows fewer pages.
+    """
 
     def __init__(self) -> None:
         super().__init__(logging.ERROR)
