@@ -5,7 +5,9 @@ them. Stages: read (adapter) -> register (registration, tissue mask, patch plan)
 -> tile/write (extract patches into a staging folder) -> commit (nested in tile/write, so the
 staging folder's owner lock is held by one process from creation to commit). For a remote corpus
 built on Dask, `write_section_remote` runs tile/write + commit into a worker-local corpus and
-uploads the section's objects; the flow then commits the remote tables.
+uploads the section's objects; the flow then commits the remote tables. A stage that reads
+inputs first fetches the request's URL inputs it needs into the cache of the process running it
+(`histmol.manifest.with_local_inputs`: none for local paths; once per process and input).
 
 The vocabulary is the one order-dependent table of a corpus (`Corpus.map_genes` appends new genes
 in call order), so the flows map genes section by section in request order, never from inside
@@ -51,6 +53,7 @@ from histmol.config import BuildConfig
 from histmol.errors import HistmolError
 from histmol.fingerprint import input_fingerprint
 from histmol.genes import infer_species
+from histmol.manifest import RemoteInputRequest, with_local_inputs
 from histmol.registration import Registration
 from histmol.section import Section
 from histmol.shards.corpus import Corpus
@@ -75,14 +78,21 @@ class SectionFailed(HistmolError):
 
 
 @contextmanager
-def section_errors() -> Iterator[None]:
-    """Re-raise histmol errors as picklable `SectionFailed` (see the module docstring)."""
+def section_errors(request: SectionRequest | None = None) -> Iterator[None]:
+    """Re-raise histmol errors as picklable `SectionFailed` (see the module docstring).
+
+    With `request`, a URL input's local copy is named by its URL in the reason, which then
+    reads the same whichever process (and cache) failed.
+    """
     try:
         yield
     except SectionFailed:
         raise
     except HistmolError as err:
-        raise SectionFailed(type(err).__name__, str(err)) from None
+        reason = str(err)
+        if isinstance(request, RemoteInputRequest):
+            reason = request.name_urls(reason)
+        raise SectionFailed(type(err).__name__, reason) from None
 
 
 def retry_on_io_error(task_: object, task_run: object, state: State) -> bool:
@@ -100,16 +110,19 @@ def cache_key(request: SectionRequest, config: BuildConfig) -> str:
     """Hash what decides a section's bytes: inputs (stat), histmol version, config, request.
 
     Adapter options naming files (alignment, ...) are fingerprinted by stat and hashed by name
-    only, so a moved source tree keeps its key (as `SectionRequest.fingerprint` does).
+    only, so a moved source tree keeps its key (as `SectionRequest.fingerprint` does). URL inputs
+    count by their listing (`RemoteInputRequest`), so the key needs no downloaded copy.
     """
+    sources = request.sources if isinstance(request, RemoteInputRequest) else {}
     files = [Path(v) for k, v in sorted(request.options.items()) if k in FILE_OPTIONS
-             and isinstance(v, str | Path) and Path(v).exists()]
+             and k not in sources and isinstance(v, str | Path) and Path(v).exists()]
+    remote = [sources[k].fingerprint for k in sorted(request.options) if k in sources]
     options = {k: Path(v).name if k in FILE_OPTIONS and isinstance(v, str | Path) else v
                for k, v in request.options.items()}
     payload = {
         "histmol": histmol.__version__,
         "config": config.fingerprint(),
-        "inputs": [request.fingerprint(), input_fingerprint(*files)],
+        "inputs": [request.fingerprint(), input_fingerprint(*files), *remote],
         "platform": request.platform,
         "section_id": request.resolved_section_id(),
         "options": options,
@@ -147,8 +160,8 @@ logger = logging.getLogger(__name__)
 @task(name="read", task_run_name="read-{section_id}", **_STAGE)
 def read_section(section_id: str, request: SectionRequest, config: BuildConfig) -> Section:
     """Run the platform adapter on the bundle."""
-    with section_errors():
-        return read_stage(request, config)
+    with section_errors(request):
+        return read_stage(with_local_inputs(request), config)
 
 
 @task(name="register", task_run_name="register-{section_id}", **_STAGE)
@@ -156,7 +169,9 @@ def register_section(
     section_id: str, request: SectionRequest, section: Section, config: BuildConfig
 ) -> Placement:
     """Place units on the slide, mask tissue and plan patches (QC failures raise here)."""
-    with section_errors(), open_wsi(request.wsi) as slide:
+    with section_errors(request):
+        request = with_local_inputs(request, "wsi", "transform", "landmarks")
+    with section_errors(request), open_wsi(request.wsi) as slide:
         registration = register_stage(section, slide, config, request.transform,
                                       request.landmarks)
         mask = tissue_stage(slide, registration.mpp, config)
@@ -187,7 +202,9 @@ def write_section(
 ) -> BuildResult:
     """Extract and write every kept patch into a staging folder, then commit it."""
     started = time.perf_counter()
-    with section_errors(), Corpus.open(out, build_config=config.corpus_fields()) as corpus:
+    with section_errors(request):
+        request = with_local_inputs(request, "wsi")
+    with section_errors(request), Corpus.open(out, build_config=config.corpus_fields()) as corpus:
         staging = corpus.staging_dir(section_id)
         committed = False
         try:

@@ -23,8 +23,10 @@ as each ends. On Dask (workers share no disk), this process drops a rebuilt sect
 from the remote manifest before submitting its write; the worker builds the section (parts and
 QC figures) in a corpus under its own temp dir, uploads the objects and returns the rows; this
 process then puts genes, sections and, last, the manifest. Both give the same objects, byte for
-byte. Inputs (paths, or URL copies fetched by this process at manifest load) must be readable at
-the same paths on every worker.
+byte. Local input paths must be readable at the same paths on every worker; URL inputs are only
+listed here (their listing decides skips) and fetched by the stages that read them, into the
+cache of the process running each (a worker's own; histmol/remote_inputs.py), so with a Dask
+runner this process downloads no input at all.
 
 Failures are isolated: a section that fails (bad input, adapter error, QC) gets a `failed` row
 with its reason and the others commit; the flow run then fails with `IngestFailed`, which holds

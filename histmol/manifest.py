@@ -4,8 +4,7 @@ Why a manifest: `histmol ingest` builds a whole cohort resumably, so the cohort 
 (what to build from which files, with which options), not a shell loop of `histmol build` calls.
 
 YAML layout (paths relative to the manifest's folder, or fsspec URLs such as
-``s3://bucket/bundles/crc-01/outs``, which `load_manifest` fetches to a local cache:
-histmol/remote_inputs.py)::
+``s3://bucket/bundles/crc-01/outs``: see "URL inputs" below)::
 
     version: 1
     corpus:            # corpus-level options: one patch geometry and codec per corpus
@@ -31,17 +30,24 @@ CSV: one row per section with the entry fields as columns (empty cell = unset); 
 as `option.<name>` columns; corpus-level columns (`patch_px`, ...) may appear but must hold the
 same value on every row. Every error names the file and the line and entry it concerns.
 The JSON Schema (`manifests/schema.json`, from `python -m histmol.manifest`) lets editors check
-YAML manifests as they are typed. Object-storage URLs are refused for now (local paths only).
+YAML manifests as they are typed.
+
+URL inputs (bundle, wsi, transform, landmarks, alignment; histmol/remote_inputs.py):
+`load_manifest` only lists them (names, sizes, versions), never downloads. Such an entry's
+request is a `RemoteInputRequest`: its fingerprint comes from those listings, and
+`with_local_inputs`, called by each stage that reads inputs, fetches them into the cache of the
+process running that stage (a Dask worker's own, on a cluster that shares no disk).
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -51,11 +57,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from histmol.build import SectionRequest
 from histmol.config import CORPUS_LEVEL_FIELDS, BuildConfig
 from histmol.errors import ConfigError
-from histmol.remote_inputs import check_url, fetch_input, is_url
+from histmol.fingerprint import input_fingerprint
+from histmol.remote_inputs import RemoteInput, check_url, describe_input, is_url
 from histmol.section import validate_section_id
 from platform_adapters import get_platform
 
 PATH_FIELDS = ("bundle", "wsi", "transform", "landmarks", "alignment")
+REQUEST_PATH_FIELDS = ("bundle", "wsi", "transform", "landmarks")  # the rest are adapter options
 PLATFORM_OPTION_FIELDS = ("bin_um", "units", "alignment")
 METADATA_FIELDS = ("tissue", "species", "patient_id", "licence")
 CSV_OPTION_PREFIX = "option."
@@ -140,7 +148,7 @@ class ManifestEntry(SectionOptions):
     @classmethod
     def _local_path(cls, value: str | None) -> str | None:
         if value is not None and is_url(value):
-            return check_url(value)  # fetched to a local cache when the plan is made
+            return check_url(value)  # listed when the plan is made, fetched where it is read
         if value is not None and not value.strip():
             raise ValueError("empty path")
         return value
@@ -157,8 +165,54 @@ class Manifest(BaseModel):
 
 
 @dataclass(frozen=True)
+class RemoteInputRequest(SectionRequest):
+    """A section request some of whose inputs are URLs: `sources` maps field -> listed input.
+
+    Its path fields (and an `alignment` option) name where THIS process' cache keeps each copy,
+    which need not exist yet: read them only through `with_local_inputs`, which fetches them.
+    """
+
+    sources: Mapping[str, RemoteInput] = field(default_factory=dict)
+
+    def fingerprint(self) -> str:
+        """Like `SectionRequest.fingerprint`, a URL input's listing standing in for its stat.
+
+        Needs no copy, so the flow process decides what to skip without downloading anything.
+        """
+        parts = [self.sources[f].fingerprint if f in self.sources else
+                 input_fingerprint(getattr(self, f)) for f in REQUEST_PATH_FIELDS]
+        return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:32]
+
+    def name_urls(self, text: str) -> str:
+        """`text` (an error message) with this process' copies of the inputs named by URL."""
+        for source in self.sources.values():
+            text = text.replace(str(source.local_path()), source.url.rstrip("/"))
+        return text
+
+
+def with_local_inputs(request: SectionRequest, *fields: str) -> SectionRequest:
+    """`request` with its URL inputs among `fields` (default: all) fetched to this process' cache.
+
+    A request without URL inputs comes back as it is. Other URL inputs keep their (maybe
+    missing) cache paths: a stage fetches only what it reads.
+    """
+    if not isinstance(request, RemoteInputRequest):
+        return request
+    wanted = [f for f in request.sources if not fields or f in fields]
+    paths = {f: request.sources[f].fetch() for f in wanted}
+    options = dict(request.options)
+    if "alignment" in paths:
+        options["alignment"] = str(paths.pop("alignment"))
+    return replace(request, options=options, **paths)
+
+
+@dataclass(frozen=True)
 class IngestPlan:
-    """A loaded manifest: its path, the corpus-level fields and one (request, config) per entry."""
+    """A loaded manifest: its path, the corpus-level fields and one (request, config) per entry.
+
+    An entry with URL inputs gives a `RemoteInputRequest`: pass it through `with_local_inputs`
+    before reading its files.
+    """
 
     path: Path
     corpus_fields: dict[str, Any]
@@ -213,7 +267,10 @@ def _plan(path: Path, manifest: Manifest, lines: list[int]) -> IngestPlan:
             raise ManifestError(f"{path}:{lines[index]}: sections[{index}] "
                                 f"({entry.section_id}): {err}") from None
         try:
-            resolved = {f: _resolve(base, getattr(entry, f))
+            sources = {f: describe_input(getattr(entry, f))
+                       for f in PATH_FIELDS if getattr(entry, f) and is_url(getattr(entry, f))}
+            resolved = {f: str(sources[f].local_path()) if f in sources else
+                        os.path.normpath(base / getattr(entry, f))
                         for f in PATH_FIELDS if getattr(entry, f)}
         except ConfigError as err:
             raise ManifestError(f"{path}:{lines[index]}: sections[{index}] "
@@ -228,16 +285,12 @@ def _plan(path: Path, manifest: Manifest, lines: list[int]) -> IngestPlan:
         metadata = {k: getattr(entry, k) for k in METADATA_FIELDS if getattr(entry, k)}
         optional = {f: Path(resolved[f]) if f in resolved else None
                     for f in ("transform", "landmarks")}
-        requests.append(SectionRequest(
-            entry.platform, Path(resolved["bundle"]), Path(resolved["wsi"]), entry.section_id,
-            optional["transform"], metadata, options, optional["landmarks"],
-        ))
+        fields = (entry.platform, Path(resolved["bundle"]), Path(resolved["wsi"]),
+                  entry.section_id, optional["transform"], metadata, options,
+                  optional["landmarks"])
+        requests.append(RemoteInputRequest(*fields, sources=sources) if sources else
+                        SectionRequest(*fields))
     return IngestPlan(path, corpus, requests, configs, lines)
-
-
-def _resolve(base: Path, value: str) -> str:
-    """Return a local path: relative to the manifest's folder, or a URL's fetched copy."""
-    return str(fetch_input(value)) if is_url(value) else os.path.normpath(base / value)
 
 
 def _read_yaml(path: Path) -> tuple[Any, list[int]]:

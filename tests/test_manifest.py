@@ -5,8 +5,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import threading
 from pathlib import Path
 
+import fsspec
 import pandas as pd
 import pytest
 from conftest import REPO_ROOT, fixture_path
@@ -16,7 +18,17 @@ import histmol.demo
 from histmol.build import SectionRequest
 from histmol.cli import app
 from histmol.config import CORPUS_LEVEL_FIELDS, BuildConfig
-from histmol.manifest import ManifestError, SectionOptions, json_schema, load_manifest
+from histmol.errors import ConfigError
+from histmol.manifest import (
+    ManifestError,
+    RemoteInputRequest,
+    SectionOptions,
+    json_schema,
+    load_manifest,
+    with_local_inputs,
+)
+from histmol.remote_inputs import CACHE_ENV
+from histmol.shards.atomic import is_temp_name
 
 MANIFESTS = REPO_ROOT / "manifests"
 
@@ -50,7 +62,8 @@ def test_fixtures_manifest_builds_mob1_at_its_own_geometry(tmp_path: Path) -> No
                                       "--out", str(tmp_path / "corpus")])
     assert result.exit_code == 0, result.output
     row = pd.read_parquet(tmp_path / "corpus" / "sections.parquet").iloc[0]
-    assert (row["section_id"], row["n_pairs"], row["n_units"], row["licence"]) == ("mob1", 379, 379, "MIT")
+    got = (row["section_id"], row["n_pairs"], row["n_units"], row["licence"])
+    assert got == ("mob1", 379, 379, "MIT")
 
 
 def test_layering_paths_and_platform_options(tmp_path: Path) -> None:
@@ -85,13 +98,15 @@ sections:
 
 
 def test_csv_manifest_equals_its_yaml_twin(tmp_path: Path) -> None:
-    write(tmp_path / "m.csv", "section_id,platform,bundle,wsi,mpp,patch_px,option.positions,tissue\n"
+    write(tmp_path / "m.csv",
+          "section_id,platform,bundle,wsi,mpp,patch_px,option.positions,tissue\n"
           "a,st,st/a,st/a/he.jpg,4.6,64,sel.tsv,\n"
           "b,visium,v/outs,v.svs,,64,,colon\n")
     write(tmp_path / "m.yaml", """
 corpus: {patch_px: 64}
 sections:
-  - {section_id: a, platform: st, bundle: st/a, wsi: st/a/he.jpg, mpp: 4.6, options: {positions: sel.tsv}}
+  - {section_id: a, platform: st, bundle: st/a, wsi: st/a/he.jpg, mpp: 4.6,
+     options: {positions: sel.tsv}}
   - {section_id: b, platform: visium, bundle: v/outs, wsi: v.svs, tissue: colon}
 """)
     from_csv, from_yaml = load_manifest(tmp_path / "m.csv"), load_manifest(tmp_path / "m.yaml")
@@ -120,7 +135,8 @@ sections:
     ("sections: []\n", "m.yaml: manifest: sections: List should have at least 1 item"),
     ("sections:\n  - {section_id: a, platform: st\n", "m.yaml:3: not valid YAML"),
     ("sections:\n  - {section_id: a, platform: st, bundle: b, wsi: w, options: {alignment: x},"
-     " alignment: y}\n", "m.yaml:2: sections[0] (a): ['alignment'] given both as a field and in options"),
+     " alignment: y}\n",
+     "m.yaml:2: sections[0] (a): ['alignment'] given both as a field and in options"),
 ])
 def test_yaml_errors_name_the_line_and_entry(tmp_path: Path, text: str, message: str) -> None:
     with pytest.raises(ManifestError) as info:
@@ -152,3 +168,124 @@ def test_checked_in_json_schema_is_current() -> None:
     assert stored == json_schema()
     entry = stored["$defs"]["ManifestEntry"]
     assert set(entry["required"]) == {"section_id", "platform", "bundle", "wsi"}
+
+
+def url_plan(tmp_path: Path) -> tuple[str, RemoteInputRequest]:
+    """Inputs in fsspec's in-memory file system; the plan of a manifest naming them by URL."""
+    root = f"memory://{tmp_path.name}"
+    fs = fsspec.filesystem("memory")
+    for name, data in {"hd/outs/a.h5": b"a" * 5, "hd/outs/spatial/b.json": b"{}",
+                       "slide.tif": b"tiff", "align.json": b"[1]"}.items():
+        fs.pipe(f"{root}/{name}", data)
+    write(tmp_path / "local.csv", "1,0,0\n0,1,0\n0,0,1\n")  # a local input beside them
+    write(tmp_path / "m.yaml", f"""
+sections:
+  - {{section_id: hd-1, platform: visium-hd, bundle: "{root}/hd/outs", wsi: "{root}/slide.tif",
+     alignment: "{root}/align.json", transform: local.csv}}
+""")
+    [request] = load_manifest(tmp_path / "m.yaml").requests
+    assert isinstance(request, RemoteInputRequest)
+    return root, request
+
+
+def inputs(cache: Path) -> list[str]:
+    return sorted(p.name for p in (cache / "inputs").iterdir())
+
+
+def test_url_inputs_are_listed_at_plan_time_and_fetched_where_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from flows.build import cache_key
+
+    flow, worker = tmp_path / "flow-cache", tmp_path / "worker-cache"
+    monkeypatch.setenv(CACHE_ENV, str(flow))
+    root, request = url_plan(tmp_path)
+    assert not flow.exists()  # planning lists, never downloads
+    assert sorted(request.sources) == ["alignment", "bundle", "wsi"]
+    assert request.bundle == flow / "inputs" / request.sources["bundle"].key / "outs"
+    assert request.wsi.name == "slide.tif" and request.transform == tmp_path / "local.csv"
+    key = cache_key(request, BuildConfig())
+    # a worker with its own cache: fetches what a stage reads, into that cache only
+    monkeypatch.setenv(CACHE_ENV, str(worker))
+    slide_only = with_local_inputs(request, "wsi")
+    assert slide_only.wsi == worker / "inputs" / request.sources["wsi"].key / "slide.tif"
+    assert slide_only.wsi.read_bytes() == b"tiff" and inputs(worker) == [
+        request.sources["wsi"].key]
+    local = with_local_inputs(request)
+    assert {p.relative_to(local.bundle).as_posix(): p.read_bytes()
+            for p in local.bundle.rglob("*") if p.is_file()} == {
+        "a.h5": b"aaaaa", "spatial/b.json": b"{}"}
+    assert Path(local.options["alignment"]).read_bytes() == b"[1]"
+    assert len(inputs(worker)) == 3 and not flow.exists()
+    # the key and fingerprint come from the listings: the same with or without the copies
+    assert local.fingerprint() == request.fingerprint()
+    assert cache_key(local, BuildConfig()) == key
+    # errors name the input by URL, not by this process' copy
+    assert local.name_urls(f"{local.bundle}/a.h5: broken") == f"{root}/hd/outs/a.h5: broken"
+    # a fetched input is never listed or fetched again in this process' cache
+    fsspec.filesystem("memory").rm(root.removeprefix("memory://"), recursive=True)
+    assert with_local_inputs(request) == local
+
+
+def test_an_input_changed_since_the_plan_is_refused_and_changes_the_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from flows.build import cache_key
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    root, request = url_plan(tmp_path)
+    fsspec.filesystem("memory").pipe(f"{root}/hd/outs/a.h5", b"a" * 6)
+    with pytest.raises(ConfigError, match=f"{root}/hd/outs: changed since the ingest was planned"):
+        with_local_inputs(request, "bundle")
+    assert not (tmp_path / "cache" / "inputs").exists()
+    _, replanned = url_plan(tmp_path)
+    assert replanned.fingerprint() != request.fingerprint()
+    assert cache_key(replanned, BuildConfig()) != cache_key(request, BuildConfig())
+
+
+def test_concurrent_fetches_of_one_input_copy_it_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache = tmp_path / "cache"
+    monkeypatch.setenv(CACHE_ENV, str(cache))
+    _, request = url_plan(tmp_path)
+    memory = type(fsspec.filesystem("memory"))
+    real_get, calls = memory.get_file, []
+
+    def counting_get(self: object, path: str, local: str, **kwargs: object) -> None:
+        calls.append(path)
+        real_get(self, path, local, **kwargs)
+
+    monkeypatch.setattr(memory, "get_file", counting_get)
+    found: list[Path] = []
+    threads = [threading.Thread(target=lambda: found.append(with_local_inputs(request).bundle))
+               for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert found == [found[0]] * 6
+    assert sorted(calls) == sorted(f"/{tmp_path.name}/{name}" for name in (
+        "hd/outs/a.h5", "hd/outs/spatial/b.json", "slide.tif", "align.json"))
+    assert len(inputs(cache)) == 3 and not any(is_temp_name(n) for n in inputs(cache))
+
+
+def test_a_fetch_that_loses_the_rename_to_another_process_returns_its_copy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    _, request = url_plan(tmp_path)
+    source = request.sources["wsi"]
+    memory = type(fsspec.filesystem("memory"))
+    real_get = memory.get_file
+
+    def racing_get(self: object, path: str, local: str, **kwargs: object) -> None:
+        real_get(self, path, local, **kwargs)
+        other = source.local_path()  # another process (own lock) renames its copy first
+        other.parent.mkdir(parents=True)
+        other.write_bytes(b"tiff")
+
+    monkeypatch.setattr(memory, "get_file", racing_get)
+    assert source.fetch() == source.local_path()
+    assert source.local_path().read_bytes() == b"tiff"
+    assert inputs(tmp_path / "cache") == [source.key]  # the loser's temporary folder is gone
