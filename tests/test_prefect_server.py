@@ -67,8 +67,23 @@ def prefect_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, 
                 time.sleep(0.5)
         yield env
     finally:
+        drain_prefect_services()
         stop(server)
         log.close()
+
+
+def drain_prefect_services() -> None:
+    """Send the logs and events this process queued for the server while it is still up.
+
+    Flows run in the test process queue them for the API in Prefect's background services;
+    left queued when the server stops, Prefect's at-exit drain retries them forever and the
+    test process never exits.
+    """
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for service in (APILogWorker, EventsWorker):
+        service.drain_all(timeout=60, at_exit=False)
 
 
 def test_two_worker_dask_cluster_builds_the_same_bytes_as_in_process(
