@@ -60,13 +60,7 @@ class BinAccumulator:
     def __init__(
         self, n_genes: int, bin_um: float, origin_um: tuple[float, float] = (0.0, 0.0)
     ) -> None:
-        if n_genes < 1:
-            raise ValueError("n_genes must be >= 1")
-        if not bin_um > 0:
-            raise ValueError(f"bin size must be > 0 um, got {bin_um}")
-        self.n_genes = int(n_genes)
-        self.bin_um = float(bin_um)
-        self.origin_um = (float(origin_um[0]), float(origin_um[1]))
+        self.n_genes, self.bin_um, self.origin_um = _grid(n_genes, bin_um, origin_um)
         self._keys: list[np.ndarray] = []
         self._values: list[np.ndarray] = []
         self._pending = 0
@@ -122,6 +116,16 @@ class BinAccumulator:
         return _binned(keys, values, self.n_genes, self.bin_um, self.origin_um)
 
 
+def _grid(n_genes: int, bin_um: float,
+          origin_um: tuple[float, float]) -> tuple[int, float, tuple[float, float]]:
+    """Checked (n_genes, bin_um, origin_um) of a binning grid."""
+    if n_genes < 1:
+        raise ValueError("n_genes must be >= 1")
+    if not bin_um > 0:
+        raise ValueError(f"bin size must be > 0 um, got {bin_um}")
+    return int(n_genes), float(bin_um), (float(origin_um[0]), float(origin_um[1]))
+
+
 def _bin_keys(col: np.ndarray, row: np.ndarray, gene: np.ndarray, n_genes: int) -> np.ndarray:
     """One int64 key per (bin, gene): sorting keys sorts by row, then column, then gene."""
     if (np.abs(col) >= _INDEX_OFFSET).any() or (np.abs(row) >= _INDEX_OFFSET).any():
@@ -168,13 +172,7 @@ class BandedBinner:
 
     def __init__(self, n_genes: int, bin_um: float, *, band_um: float = 512.0,
                  origin_um: tuple[float, float] = (0.0, 0.0)) -> None:
-        if n_genes < 1:
-            raise ValueError("n_genes must be >= 1")
-        if not bin_um > 0:
-            raise ValueError(f"bin size must be > 0 um, got {bin_um}")
-        self.n_genes = int(n_genes)
-        self.bin_um = float(bin_um)
-        self.origin_um = (float(origin_um[0]), float(origin_um[1]))
+        self.n_genes, self.bin_um, self.origin_um = _grid(n_genes, bin_um, origin_um)
         self.band_rows = max(1, round(band_um / bin_um))
         self._files: dict[int, IO[bytes]] = {}
 

@@ -20,7 +20,13 @@ import pytest
 import yaml
 from test_ingest import cohort, reference  # noqa: F401 - shared session fixtures
 from test_prefect_server import prefect_env  # noqa: F401 - a real Prefect API
-from test_remote_ingest import BUCKET, endpoint, local_tree, remote_tree  # noqa: F401
+from test_remote_ingest import (  # noqa: F401 - fixtures and helpers
+    BUCKET,
+    crash_before_manifest_put,
+    endpoint,
+    local_tree,
+    remote_tree,
+)
 
 from histmol.remote_inputs import CACHE_ENV
 from histmol.shards.atomic import is_temp_name
@@ -110,16 +116,8 @@ def test_crash_before_the_manifest_put_leaves_a_readable_corpus_then_resumes(
 ) -> None:
     address, _, _ = cluster
     url = f"s3://{BUCKET}/dask-test-crash"
-    real_put = RemoteCorpus._put
-
-    def crashing_put(self: RemoteCorpus, relative: str, data: bytes) -> None:
-        if relative == "manifest.parquet" and "syn-st" in pq.read_table(
-                pa.BufferReader(data)).column("section_id").to_pylist():
-            raise ConnectionError("simulated crash before the manifest put")
-        real_put(self, relative, data)
-
     # the flow process writes the tables: patch it there (workers only put section objects)
-    monkeypatch.setattr(RemoteCorpus, "_put", crashing_put)
+    real_put = crash_before_manifest_put(monkeypatch, "syn-st")
     from flows.ingest import ingest_corpus
 
     state = ingest_corpus(str(cohort), url, storage_options=options, dask_address=address,

@@ -115,20 +115,29 @@ def test_remote_ingest_equals_local_ingest_byte_for_byte(
     assert remote_tree(s3, url) == local_tree(local)
 
 
-def test_crash_before_manifest_publish_leaves_a_readable_corpus_then_resumes(
-    cohort: Path, local: Path, s3: dict[str, Any], tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    url = f"s3://{BUCKET}/crash"
+def crash_before_manifest_put(monkeypatch: pytest.MonkeyPatch, section_id: str) -> Any:
+    """Make the put of a manifest.parquet listing `section_id` fail as a crash would.
+
+    Returns the real `RemoteCorpus._put`, to put back for the resuming run.
+    """
     real_put = RemoteCorpus._put
 
     def crashing_put(self: RemoteCorpus, relative: str, data: bytes) -> None:
-        if relative == "manifest.parquet" and "syn-st" in pq.read_table(
+        if relative == "manifest.parquet" and section_id in pq.read_table(
                 pa.BufferReader(data)).column("section_id").to_pylist():
             raise ConnectionError("simulated crash before the manifest put")
         real_put(self, relative, data)
 
     monkeypatch.setattr(RemoteCorpus, "_put", crashing_put)
+    return real_put
+
+
+def test_crash_before_manifest_publish_leaves_a_readable_corpus_then_resumes(
+    cohort: Path, local: Path, s3: dict[str, Any], tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    url = f"s3://{BUCKET}/crash"
+    real_put = crash_before_manifest_put(monkeypatch, "syn-st")
     # one section at a time: syn-a (first in the manifest) is published before syn-st
     crashed = runner.invoke(app, ["ingest", str(cohort), "--out", url, "--max-parallel", "1"])
     assert crashed.exit_code != 0
