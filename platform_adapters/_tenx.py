@@ -18,6 +18,7 @@ over with no AnnData construction, no var-name mangling and no dense copies (fas
 from __future__ import annotations
 
 import gzip
+import json
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -86,6 +87,22 @@ class FeatureBarcodeMatrix:
             feature_names=self.feature_names[columns],
             feature_types=self.feature_types[columns],
         )
+
+
+def read_scalefactors(path: Path) -> dict[str, float]:
+    """The numeric entries of a Space Ranger `scalefactors_json.json` (Visium, HD bins, cells).
+
+    Raises BundleError naming `path` when it is unreadable or not a JSON object; which keys a
+    reader needs, and their ranges, the reader checks (the error lists the keys found here).
+    """
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise BundleError(path, f"cannot read as JSON: {err}") from err
+    if not isinstance(raw, dict):
+        raise BundleError(path, "expected a JSON object of scale factors")
+    return {k: float(v) for k, v in raw.items()
+            if isinstance(v, int | float) and not isinstance(v, bool)}
 
 
 def _strings(dataset: h5py.Dataset) -> np.ndarray:

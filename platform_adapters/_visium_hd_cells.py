@@ -19,7 +19,7 @@ import pandas as pd
 
 from histmol.errors import BundleError
 from platform_adapters._common import GenePanel, build_gene_panel, inner_join_ids
-from platform_adapters._tenx import GENE_EXPRESSION, read_10x_h5
+from platform_adapters._tenx import GENE_EXPRESSION, read_10x_h5, read_scalefactors
 
 CELL_MATRIX = "filtered_feature_cell_matrix.h5"
 CELL_POLYGONS = "cell_segmentations.geojson"
@@ -103,15 +103,7 @@ def read_cells(folder: Path, *, min_match_rate: float) -> Cells:
     for path in (matrix_file, polygons_file, scalefactors_file):
         if not path.exists():
             raise BundleError(path, "missing from the segmented outputs")
-    try:
-        raw = json.loads(scalefactors_file.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise BundleError(scalefactors_file, f"cannot read as JSON: {err}") from err
-    scalefactors = {
-        k: float(v)
-        for k, v in (raw.items() if isinstance(raw, dict) else [])
-        if isinstance(v, int | float) and not isinstance(v, bool)
-    }
+    scalefactors = read_scalefactors(scalefactors_file)
     mpp = scalefactors.get(MICRONS_PER_PIXEL, 0.0)
     if not mpp > 0:
         raise BundleError(scalefactors_file, f"lacks a positive {MICRONS_PER_PIXEL}")

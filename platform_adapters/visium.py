@@ -20,7 +20,6 @@ analysis/outputs/spatial-outputs); reference reader: scverse/spatialdata-io `rea
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from enum import StrEnum
@@ -41,7 +40,7 @@ from platform_adapters._common import (
     panel_section,
     require_columns,
 )
-from platform_adapters._tenx import GENE_EXPRESSION, read_10x_matrix
+from platform_adapters._tenx import GENE_EXPRESSION, read_10x_matrix, read_scalefactors
 
 PLATFORM = "visium"
 ADAPTER_VERSION = "1"
@@ -267,21 +266,11 @@ def _matrix_path(outs: Path) -> Path:
 
 
 def _read_scalefactors(path: Path) -> dict[str, float]:
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise BundleError(path, f"cannot read as JSON: {err}") from err
-    if not isinstance(raw, dict):
-        raise BundleError(path, "expected a JSON object of scale factors")
-    values = {
-        k: float(v)
-        for k, v in raw.items()
-        if isinstance(v, int | float) and not isinstance(v, bool)
-    }
+    values = read_scalefactors(path)
     needed = [VisiumKeys.SPOT_DIAMETER_FULLRES, VisiumKeys.HIRES_SCALEF, VisiumKeys.LOWRES_SCALEF]
     missing = [k.value for k in needed if k not in values]
     if missing:
-        raise BundleError(path, f"lacks numeric keys {missing}; found keys {sorted(raw)}")
+        raise BundleError(path, f"lacks numeric keys {missing}; found {sorted(values)}")
     if not values[VisiumKeys.SPOT_DIAMETER_FULLRES] > 0:
         raise BundleError(path, "spot_diameter_fullres must be positive")
     return values

@@ -37,7 +37,6 @@ outputs); reference reader: scverse/spatialdata-io `readers/visium_hd.py` (Visiu
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Mapping
@@ -58,6 +57,7 @@ from platform_adapters._common import (
     check_native_to_wsi,
     panel_section,
 )
+from platform_adapters._tenx import read_scalefactors
 from platform_adapters._visium_hd_bins import bin_matrix
 from platform_adapters._visium_hd_cells import read_cells
 from platform_adapters._visium_hd_positions import PositionGrid, format_barcodes, read_positions
@@ -280,22 +280,12 @@ def _source_folder(outs: Path, target: int) -> tuple[Path, int]:
 
 
 def _read_scalefactors(path: Path, bin_um: int) -> dict[str, float]:
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise BundleError(path, f"cannot read as JSON: {err}") from err
-    if not isinstance(raw, dict):
-        raise BundleError(path, "expected a JSON object of scale factors")
-    values = {
-        k: float(v)
-        for k, v in raw.items()
-        if isinstance(v, int | float) and not isinstance(v, bool)
-    }
+    values = read_scalefactors(path)
     keys = VisiumHDKeys
     needed = [keys.BIN_SIZE_UM, keys.MICRONS_PER_PIXEL, keys.SPOT_DIAMETER_FULLRES]
     missing = [k.value for k in needed if not values.get(k, 0) > 0]
     if missing:
-        raise BundleError(path, f"lacks positive numeric keys {missing}; found keys {sorted(raw)}")
+        raise BundleError(path, f"lacks positive numeric keys {missing}; found {sorted(values)}")
     if values[keys.BIN_SIZE_UM] != bin_um:
         raise BundleError(
             path,
