@@ -156,7 +156,10 @@ def bin_transcripts(
             if not (np.isfinite(xs).all() and np.isfinite(ys).all()):
                 raise BundleError(path, f"{x} / {y} hold missing or non-finite values")
             codes = _codes(batch.column(gene), index, path)
-            binner.add_points(xs, ys, codes)
+            try:
+                binner.add_points(xs, ys, codes)
+            except ValueError as err:  # coordinates not in um (e.g. pixels), far off the origin
+                raise BundleError(path, f"{x} / {y}: {err}") from err
             n_points += batch.num_rows
     except (pa.ArrowInvalid, OSError) as err:
         binner.close()

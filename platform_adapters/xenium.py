@@ -392,7 +392,10 @@ def _spill_transcripts(path: Path, binner: BandedBinner, index: dict[str, int],
         y = batch.column(XeniumKeys.TX_Y).to_numpy(zero_copy_only=False)[keep]
         if not (np.isfinite(x).all() and np.isfinite(y).all()):
             raise BundleError(path, "x_location / y_location hold NaN or infinite values")
-        binner.add_points(x, y, genes)
+        try:
+            binner.add_points(x, y, genes)
+        except ValueError as err:  # coordinates not in um (e.g. pixels), far off the origin
+            raise BundleError(path, f"x_location / y_location: {err}") from err
     return n_read, n_low
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pandas as pd
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import scipy.io
@@ -361,6 +362,20 @@ def test_missing_transcript_column_is_named(synthetic: tuple[SyntheticSlide, Gro
     table = pq.read_table(bundle / "transcripts.parquet").drop_columns(["qv"])
     pq.write_table(table, bundle / "transcripts.parquet")
     with pytest.raises(BundleError, match=r"lacks columns \['qv'\]"):
+        xenium.read(bundle, wsi=slide.path, units="bins")
+
+
+def test_transcripts_not_in_micrometres_are_named(synthetic: tuple[SyntheticSlide, GroundTruth],
+                                                  tmp_path: Path) -> None:
+    slide, truth = synthetic
+    bundle = copy_bundle(truth, tmp_path)
+    table = pq.read_table(bundle / "transcripts.parquet")
+    x = table.column("x_location")
+    table = table.set_column(table.schema.get_field_index("x_location"), "x_location",
+                             pc.multiply(x, 1e5))  # far beyond any slide in um
+    pq.write_table(table, bundle / "transcripts.parquet")
+    with pytest.raises(BundleError, match=r"transcripts.parquet.*x_location / y_location: bin "
+                                          r"index beyond.*not micrometres"):
         xenium.read(bundle, wsi=slide.path, units="bins")
 
 
