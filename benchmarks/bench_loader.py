@@ -4,15 +4,18 @@ Builds (once, cached in --workdir) a synthetic corpus of >= 50k spot-like pairs 
 patches from histmol.synth's tissue model, one unit each with ~500 non-zero genes of 3,000), then
 in one run measures:
 
-- the single-thread JPEG decode limit on the corpus' own bytes (imagecodecs, what the loader uses)
-  and direct ShardReader reads (pread + decode);
+- the single-thread JPEG decode limit on the corpus' own bytes (imagecodecs, what the loader uses,
+  decoding into reused batch rows: the decoder's own cost) and direct ShardReader reads (pread +
+  decode);
 - PairDataset (genes="hvg:2000", block shuffle, batch 256) through torchdata's StatefulDataLoader
   with 0, 1 and 2 workers (``--workers``), per sample (``collate_fn=pair_collate``) and batched
   (``batched=True``, ``batch_size=None``: workers decode into reused shared buffers,
   histmol.data.shm): pairs/s and pairs/s per worker as a fraction of the single-thread decode
   limit, measured right before and after each run (the machine is shared: both are noisy), and of
   the concurrent decode limit (per process, with as many processes decoding at once as there are
-  workers: what one worker's core can decode while the others run);
+  workers: what one worker's core can decode while the others run); the first repeat of each
+  starts with an empty decoded-units cache (``*_cold_units_cache`` in the summary), the others
+  reuse it (histmol.data.units_cache);
 - the transfer ceiling: the same loader over already-decoded samples (no reads, no decode), i.e.
   what moving 256 x 224 x 224 x 3 batches from worker processes to the main process costs;
 - the same pairs written to a mosaicml-streaming MDS dataset and read back the same way, as a
@@ -33,6 +36,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -132,8 +136,25 @@ def transfer_ceiling(root: Path, workers: int, batches: int, warmup: int) -> flo
     return batches * 256 / (time.perf_counter() - started)
 
 
+def _decode_into_rows(jpegs: list[bytes], rows: np.ndarray) -> float:
+    """Decodes/s of `jpegs` into the rows of a reused batch array, one after another."""
+    from histmol.shards.jpeg import decode_patch
+
+    started = time.perf_counter()
+    for i, data in enumerate(jpegs):
+        decode_patch(data, out=rows[i % len(rows)])
+    return len(jpegs) / (time.perf_counter() - started)
+
+
 def decode_limit(root: Path, n: int = 2000) -> dict[str, float]:
-    """Single-thread decodes/s of the corpus' JPEGs held in memory, and of ShardReader reads."""
+    """Single-thread decodes/s of the corpus' JPEGs held in memory, and of ShardReader reads.
+
+    The limit (``decode_per_s``) decodes into the rows of one reused (256, H, W, 3) array laid out
+    as a batched loader worker's (histmol.data.shm.misaligned_empty): the decoder's own cost.
+    ``decode_fresh_array_per_s`` lets the decoder return a new array for each JPEG (dropped at
+    once, so malloc hands the same memory back), for reference.
+    """
+    from histmol.data.shm import misaligned_empty
     from histmol.shards.corpus import Corpus
     from histmol.shards.jpeg import decode_patch
     from histmol.shards.shard_reader import ShardReader
@@ -142,29 +163,32 @@ def decode_limit(root: Path, n: int = 2000) -> dict[str, float]:
     with ShardReader(path) as reader:
         n = min(n, reader.n_pairs)
         jpegs = [reader.read_jpeg(i) for i in range(n)]
-        decode_patch(jpegs[0])
+        rows = misaligned_empty((256, *reader.shape[1:]))
+        _decode_into_rows(jpegs[:256], rows)
+        decode = _decode_into_rows(jpegs, rows)
         started = time.perf_counter()
         for data in jpegs:
             decode_patch(data)
-        decode = n / (time.perf_counter() - started)
+        fresh = n / (time.perf_counter() - started)
         order = np.random.default_rng(1).permutation(n)
         started = time.perf_counter()
-        for i in order:
-            reader.read_patch(int(i))
+        for j, i in enumerate(order):
+            reader.read_patch(int(i), out=rows[j % len(rows)])
         direct = n / (time.perf_counter() - started)
-    return {"decode_per_s": decode, "shard_reader_random_per_s": direct,
+    return {"decode_per_s": decode, "decode_fresh_array_per_s": fresh,
+            "shard_reader_random_per_s": direct,
             "jpeg_bytes_mean": float(np.mean([len(j) for j in jpegs]))}
 
 
 def _decode_many(args: tuple[list[bytes], float]) -> float:
-    """Decodes/s of one process decoding `jpegs` over and over for `seconds`."""
-    from histmol.shards.jpeg import decode_patch
+    """Decodes/s of one process decoding `jpegs` into reused batch rows for `seconds`."""
+    from histmol.data.shm import misaligned_empty
 
     jpegs, seconds = args
+    rows = misaligned_empty((256, PATCH_PX, PATCH_PX, 3))
     done, started = 0, time.perf_counter()
     while time.perf_counter() - started < seconds:
-        for data in jpegs:
-            decode_patch(data)
+        _decode_into_rows(jpegs, rows)
         done += len(jpegs)
     return done / (time.perf_counter() - started)
 
@@ -188,13 +212,21 @@ def concurrent_decode_limit(root: Path, processes: int, seconds: float = 2.0) ->
         return float(np.mean(pool.map(_decode_many, [(jpegs, seconds)] * processes)))
 
 
-def time_loader(root: Path, workers: int, batches: int, warmup: int, **options) -> dict:
-    """pairs/s of PairDataset through StatefulDataLoader, after `warmup` batches."""
+def time_loader(root: Path, workers: int, batches: int, warmup: int, cache_dir: Path,
+                cold: bool = False, **options) -> dict:
+    """pairs/s of PairDataset through StatefulDataLoader, after `warmup` batches.
+
+    `cold`: empty the decoded-units cache (histmol.data.units_cache) first, so this run's
+    workers decode every units parquet they open (once per machine, not once per worker).
+    """
     from torchdata.stateful_dataloader import StatefulDataLoader
 
     from histmol.data import PairDataset, pair_collate
 
-    ds = PairDataset(root, genes="hvg:2000", seed=0, batch_size=256, **options)
+    if cold:
+        shutil.rmtree(cache_dir / "units", ignore_errors=True)
+    ds = PairDataset(root, genes="hvg:2000", seed=0, batch_size=256, cache_dir=cache_dir,
+                     **options)
     loader = StatefulDataLoader(ds, batch_size=None if ds.batched else 256, num_workers=workers,
                                 collate_fn=pair_collate, prefetch_factor=4 if workers else None)
     it = iter(loader)
@@ -208,7 +240,7 @@ def time_loader(root: Path, workers: int, batches: int, warmup: int, **options) 
     assert batch["expression"].shape == (256, 2000)
     del it
     return {"workers": workers, "pairs_per_s": batches * 256 / elapsed, "batches": batches,
-            **options}
+            "cold_units_cache": cold, **options}
 
 
 def export_for_mds(root: Path, out: Path) -> Path:
@@ -257,6 +289,8 @@ def summarise(runs: list[dict], baseline: list[dict]) -> dict:
         mode = "batched" if run.get("batched") else "per_sample"
         if run.get("verify"):
             mode += f"_verify_{run['verify']}"
+        if run.get("cold_units_cache"):
+            mode += "_cold_units_cache"
         entry = out.setdefault(mode, {}).setdefault(str(run["workers"]), {
             "pairs_per_s": [], "per_worker_vs_decode_limit": [],
             "per_worker_vs_concurrent_decode_limit": []})
@@ -319,11 +353,13 @@ def main() -> None:
     runs, baseline = [], []
     timing = ["--batches", str(args.batches), "--warmup", str(args.warmup)]
     modes = {"per_sample": {}, "batched": {"batched": True}}
-    plan = [(w, modes[m]) for _ in range(args.repeats) for w in worker_counts
-            for m in args.modes.split(",")] + [(1, {"batched": True, "verify": "size"})]
-    for workers, options in plan:  # each batched run is followed by its MDS twin
+    # The first repeat starts each run with an empty decoded-units cache, the others reuse it.
+    plan = [(w, modes[m], r == 0) for r in range(args.repeats) for w in worker_counts
+            for m in args.modes.split(",")] + [(1, {"batched": True, "verify": "size"}, False)]
+    cache_dir = args.workdir / "cache"
+    for workers, options, cold in plan:  # each batched run is followed by its MDS twin
         before = decode_limit(root, 1000)["decode_per_s"]
-        run = time_loader(root, workers, args.batches, args.warmup, **options)
+        run = time_loader(root, workers, args.batches, args.warmup, cache_dir, cold, **options)
         after = decode_limit(root, 1000)["decode_per_s"]
         run["decode_limit_per_s"] = (before + after) / 2
         run["per_worker_vs_decode_limit"] = run["pairs_per_s"] / (

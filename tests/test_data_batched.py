@@ -16,7 +16,7 @@ from data_helpers import DEFAULT_SECTIONS, make_corpus, patch_value
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from histmol.data import PairDataset, pair_collate
-from histmol.data.shm import BufferPool, PatchBuffer
+from histmol.data.shm import ROW_ALIGNMENT, ROW_OFFSET, BufferPool, SharedBuffer, misaligned_empty
 
 TOTAL = sum(s.n_pairs for s in DEFAULT_SECTIONS)  # 22
 SECTION = {s.section_id: i for i, s in enumerate(DEFAULT_SECTIONS)}
@@ -74,7 +74,8 @@ def test_batched_mode_yields_exactly_the_collated_batches(
 
 def test_float_patches_transforms_and_aggregation_match_per_sample_batches(corpus: Path) -> None:
     for kw in ({"patch_format": "float_chw"}, {"patch_transform": lambda p: p[::2, ::2]},
-               {"aggregate_units": True}):
+               {"aggregate_units": True}, {"genes": ["g6", "g2", "g0"]},
+               {"genes": ["g6", "g2", "g0"], "aggregate_units": True}, {"max_open_parts": 1}):
         assert_same(batches(corpus, True, 1, **kw), batches(corpus, False, 1, **kw))
 
 
@@ -122,35 +123,58 @@ def test_held_batches_are_never_overwritten(corpus: Path) -> None:
 
 
 def test_a_buffer_is_reused_only_after_every_tensor_over_it_is_gone() -> None:
-    pool = BufferPool((4, 2, 2, 3), keep=2)
-    first = pool.take()
-    first.array[:] = 7
-    sent = ForkingPickler.loads(ForkingPickler.dumps(first.lease(3)))  # as a worker's queue does
+    pool = BufferPool(keep=2)
+    first = pool.take(64)
+    patches = first.view(0, np.dtype(np.uint8), (4, 2, 2, 3))
+    ids = first.view(48, np.dtype(np.int64), (2,))
+    patches[:] = 7
+    ids[:] = [5, 6]
+    # as a worker's queue does; each array has a flag of its own
+    leases = first.lease([(0, 0, np.uint8, (3, 2, 2, 3)), (1, 48, np.int64, (2,))])
+    sent, sent_ids = ForkingPickler.loads(ForkingPickler.dumps(leases))  # one fd passed, once
     assert sent.shape == (3, 2, 2, 3) and sent.dtype == torch.uint8 and int(sent.sum()) == 7 * 36
-    assert first.held and pool.take() is not first
+    assert sent_ids.dtype == torch.int64 and sent_ids.tolist() == [5, 6]
+    assert first.held and pool.take(64) is not first
     alias = sent[1:].numpy()
     del sent
     gc.collect()
     assert first.held  # a numpy alias of the tensor still holds the buffer
-    first.array[:] = 9  # the sender's writes reach the receiver's mapping: it is shared
+    patches[:] = 9  # the sender's writes reach the receiver's mapping: it is shared
     assert int(alias.sum()) == 9 * 24
     del alias
     gc.collect()
-    assert not first.held and pool.take() is first
-    unsent = first.lease(1)
-    del unsent  # a lease never sent frees its buffer
+    assert first.held  # the ids tensor is still alive
+    del sent_ids
+    gc.collect()
+    assert not first.held and pool.take(64) is first
+    assert pool.take(65) is not first  # too small for that
+    unsent = first.lease([(3, 0, np.uint8, (1,))])
+    del unsent  # a lease never sent frees its flag
     assert not first.held
 
 
 def memfds() -> int:
-    return sum(os.readlink(f"/proc/self/fd/{fd}").startswith("/memfd:histmol-patches")
+    return sum(os.readlink(f"/proc/self/fd/{fd}").startswith("/memfd:histmol-batch")
                for fd in os.listdir("/proc/self/fd") if os.path.exists(f"/proc/self/fd/{fd}"))
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_batch_rows_start_off_a_32_byte_boundary(corpus: Path, workers: int) -> None:
+    # libjpeg-turbo writes 32-byte-aligned rows with non-temporal stores (slower; see shm.py):
+    # every patch row of a batch, in a worker's shared buffer or in the main process, is off it.
+    for shape in [(3, 5), (256, 224, 224, 3), (7, 16, 16, 3)]:
+        assert misaligned_empty(shape).ctypes.data % ROW_ALIGNMENT == ROW_OFFSET
+    buffer = SharedBuffer(2 * 4 * 4 * 3)
+    assert buffer.view(0, np.dtype(np.uint8), (2, 4, 4, 3)).ctypes.data % ROW_ALIGNMENT == \
+        ROW_OFFSET
+    for batch in batches(corpus, True, workers):
+        assert batch["patch"].data_ptr() % ROW_ALIGNMENT == ROW_OFFSET
 
 
 def test_buffers_leave_nothing_in_dev_shm_and_close_their_files() -> None:
     before = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
     open_before = memfds()
-    buffer = PatchBuffer((2, 4, 4, 3))
+    buffer = SharedBuffer(2 * 4 * 4 * 3)
     assert memfds() > open_before  # an anonymous memfd, nothing named in /dev/shm
     after = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
     assert after == before

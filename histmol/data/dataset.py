@@ -3,7 +3,9 @@
 Order: `histmol.data.order` (a pure function of seed, epoch, the manifests and the options),
 split over ranks and workers by `histmol.data.partition`, resumed from `histmol.data.state`.
 Reading: parts are opened lazily in the process that reads them (`histmol.data.fetch`,
-`histmol.data.part`), at most `max_open_parts` at a time; nothing is shared between processes.
+`histmol.data.part`), at most `max_open_parts` at a time. Processes share nothing but files in
+`cache_dir`: image check markers, fetched remote parts and decoded units
+(`histmol.data.units_cache`, at most `units_cache_bytes`; 0 decodes in every process instead).
 Design anchors: mosaicml/streaming's StreamingDataset (py1b shuffle, elastic resumption,
 https://docs.mosaicml.com/projects/streaming/en/stable/), torchdata's StatefulDataLoader
 (https://pytorch.org/data/beta/torchdata.stateful_dataloader.html).
@@ -15,8 +17,10 @@ The DataLoader's batch size must equal `batch_size`: it defines the partition ov
 
 Batched mode (``batched=True``): the dataset yields whole batches, exactly those the DataLoader
 would have collated with `pair_collate`, so use ``DataLoader(ds, batch_size=None, ...)``. With
-uint8 patches and no `patch_transform`, workers then decode JPEGs straight into reusable shared
-memory (`histmol.data.batching`, `histmol.data.shm`): the fast path for training.
+uint8 patches and no `patch_transform`, workers then decode JPEGs, and build the batch's other
+arrays, straight into reusable shared memory (`histmol.data.batching`, `histmol.data.shm`): the
+fast path for training. Inside a worker those arrays are `LeasedArray` objects (``.tensor()``
+gives a tensor there); they arrive in the main process as tensors.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
@@ -41,11 +46,12 @@ from histmol.data.fetch import VERIFY_MODES, PartFetcher, Verify
 from histmol.data.genes import resolve_genes
 from histmol.data.mixing import MIX_KEYS, assign_groups
 from histmol.data.order import OrderSpec, epoch_order
-from histmol.data.part import OpenPart, PartUnits
+from histmol.data.part import OpenPart, PartUnits, decode_units
 from histmol.data.partition import assigned
 from histmol.data.shm import BufferPool
 from histmol.data.source import PartRef, open_sources
 from histmol.data.state import PARTITION_KEYS, STATE_FORMAT, STATE_VERSION, rank_progress
+from histmol.data.units_cache import UnitsCache, entry_key
 from histmol.errors import ConfigError, CorpusError
 
 PatchFormat = Literal["uint8_hwc", "float_chw"]
@@ -94,11 +100,17 @@ class PairDataset(IterableDataset):
         verify: Verify = "sha256",
         cache_dir: str | os.PathLike[str] | None = None,
         max_open_parts: int = 64,
+        units_cache_bytes: int = 4 << 30,
         storage_options: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.batch_size = _positive("batch_size", batch_size)
         self.max_open_parts = _positive("max_open_parts", max_open_parts)
+        if isinstance(units_cache_bytes, bool) or not isinstance(units_cache_bytes, int) or \
+                units_cache_bytes < 0:
+            raise ConfigError(f"units_cache_bytes must be an integer >= 0 (0: no cache), got "
+                              f"{units_cache_bytes!r}")
+        self.units_cache_bytes = units_cache_bytes
         for name, value, allowed in (("patch_format", patch_format, PATCH_FORMATS),
                                      ("on_corrupt", on_corrupt, ON_CORRUPT),
                                      ("verify", verify, VERIFY_MODES)):
@@ -129,7 +141,8 @@ class PairDataset(IterableDataset):
         self._open: OrderedDict[int, OpenPart] = OrderedDict()
         self._bad: set[int] = set()
         self._fetcher: PartFetcher | None = None
-        self._pool: BufferPool | None = None  # a worker's shared patch buffers (batched mode)
+        self._units_cache: UnitsCache | None = None
+        self._pools: dict[str, BufferPool] | None = None  # a worker's shared batch buffers
         self.skipped_samples = 0
 
     # ------------------------------------------------------------------ set-up
@@ -189,8 +202,8 @@ class PairDataset(IterableDataset):
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state.update(_open=OrderedDict(), _fetcher=None, _order_cache=None, _progress=None,
-                     _pool=None)
+        state.update(_open=OrderedDict(), _fetcher=None, _units_cache=None, _order_cache=None,
+                     _progress=None, _pools=None)
         return state
 
     # ------------------------------------------------------------------ epochs and state
@@ -292,13 +305,13 @@ class PairDataset(IterableDataset):
             return None
         if self._fetcher is None:
             self._fetcher = PartFetcher(self.sources, cache_dir=self.cache_dir, verify=self.verify)
+            self._units_cache = UnitsCache(self.cache_dir / "units", self.units_cache_bytes)
         ref = self.parts[part]
         source = self.sources[ref.corpus]
         try:
             images = self._fetcher.images(ref)
-            units = PartUnits(self._fetcher.units(ref), ref.n_pairs,
-                              self.gene_set.lookups[ref.corpus], source.describe(ref.units_path))
-            open_part = OpenPart(images, units, ref.n_pairs, source.describe(ref.images_path))
+            open_part = OpenPart(images, self._units(ref), ref.n_pairs,
+                                 source.describe(ref.images_path))
         except CorpusError as error:
             self._corrupt(part, error)
             return None
@@ -306,6 +319,20 @@ class PairDataset(IterableDataset):
         if len(self._open) > self.max_open_parts:
             self._open.popitem(last=False)[1].close()
         return open_part
+
+    def _units(self, ref: PartRef) -> PartUnits:
+        """A part's checked units, decoded once per machine (`histmol.data.units_cache`)."""
+        assert self._fetcher is not None and self._units_cache is not None
+        fetcher, lookup = self._fetcher, self.gene_set.lookups[ref.corpus]
+
+        def decode() -> pa.Table:
+            where = self.sources[ref.corpus].describe(ref.units_path)
+            return decode_units(fetcher.units(ref), ref.n_pairs, len(lookup), where)
+
+        if not self.units_cache_bytes:
+            return PartUnits(decode(), ref.n_pairs, lookup)
+        key = entry_key(fetcher.units_version(ref), ref.n_pairs, len(lookup))
+        return PartUnits(self._units_cache.table(key, decode), ref.n_pairs, lookup)
 
     def _corrupt(self, part: int, error: CorpusError) -> None:
         if self.on_corrupt == "raise":

@@ -156,6 +156,23 @@ class PartFetcher:
         self._checked.add(key)
         return path
 
+    def units_version(self, ref: PartRef) -> str:
+        """What identifies the units file `units` would return, as checked against the manifest.
+
+        Local corpus: the file's path, size, mtime and inode (a replaced file is checked again),
+        with the manifest's length and sha256 and the verify mode; remote corpus: its URL with
+        the manifest's length and sha256 (a fetched copy is checked against them).
+        """
+        source = self.sources[ref.corpus]
+        if source.local_root is not None:
+            try:
+                where = _signature(source.local_root / ref.units_path)
+            except FileNotFoundError:
+                raise CorpusError(f"{source.describe(ref.units_path)}: missing") from None
+        else:
+            where = source.describe(ref.units_path)
+        return f"{where}|{ref.units_bytes}|{ref.units_sha256}|{self.verify}"
+
     def units(self, ref: PartRef) -> bytes:
         """The part's units parquet bytes, checked."""
         source = self.sources[ref.corpus]

@@ -1,25 +1,29 @@
-"""Reusable shared-memory patch buffers: a DataLoader worker decodes a batch straight into one.
+"""Reusable shared-memory batch buffers: a DataLoader worker builds a batch straight into them.
 
 Why: a worker that stacks decoded patches into a fresh shared storage per batch (what
 ``default_collate`` and torch's tensor pickling do) pays for a new 38 MB tmpfs file every step
 (256 x 224 x 224 x 3): ``posix_fallocate`` zeroes it (~8 ms), every page faults on first touch
 and is freed again in the main process. On the 2-core development machine, decoding 256 of the
 benchmark corpus' JPEGs into a fresh shared storage took ~93 ms (best of 8) against ~55 ms into
-reused memory; benchmarks/bench_loader.py compares the two loader modes end to end.
+reused memory. The batch's other arrays (expression, panel mask, ids: ~2.6 MB at 2,000 genes)
+cost the same way ~2 ms a batch to pickle into fresh shared memory; sending none of them made
+the 2-worker loader ~8 % faster, so they get a pooled buffer too.
+benchmarks/bench_loader.py compares the loader modes end to end.
 
-A `PatchBuffer` is an anonymous ``memfd`` (``os.memfd_create``: no name in /dev/shm, freed by the
-kernel when the last descriptor or mapping of it goes, so a crash leaves nothing behind) holding
-a one-byte header and a (B, H, W, 3) uint8 array. `BufferPool` (one per worker, built in the
-worker) hands out a buffer only when its header says no receiver holds it any longer, else it
-makes a new one. A `LeasedPatches` travels through the DataLoader's queue by pickling: the main
-process maps the same memory (``_receive``) and gets a plain uint8 tensor over it; a
-``weakref.finalize`` on the array under that tensor clears the header once the tensor's storage
-is freed (every view, numpy alias and the pin-memory copy's source included), and only then may
-the worker write into the buffer again. A batch handed to the user is therefore never
-overwritten while any tensor over it is alive. (The flag is one byte written after the tensor
-is freed and read before the worker writes; CPython's GIL hand-offs between the two are full
-memory barriers in practice.) File descriptors cross processes the way torch
-shares storages (``multiprocessing.reduction.DupFd``,
+A `SharedBuffer` is an anonymous ``memfd`` (``os.memfd_create``: no name in /dev/shm, freed by the
+kernel when the last descriptor or mapping of it goes, so a crash leaves nothing behind): a
+header of `FLAGS` one-byte flags, then the data, which starts 16 bytes past a 32-byte boundary
+(see `ROW_ALIGNMENT` for why). Arrays inside it are sent as `LeasedArray` objects, each with a
+flag of its own: pickled through the DataLoader's queue, one arrives in the main process as a
+plain tensor over the same memory (``_receive``), and a ``weakref.finalize`` on the array under
+that tensor clears its flag once the tensor's storage is freed (every view, numpy alias and the
+pin-memory copy's source included). `BufferPool` (one per worker and kind of buffer, built in the
+worker) hands out a buffer only when all its flags are clear, else makes a new one. A batch
+handed to the user is therefore never overwritten while any tensor over it is alive. (A flag is
+one byte written after the tensor is freed and read before the worker writes; CPython's GIL
+hand-offs between the two are full memory barriers in practice, and each flag has one writer
+on each side.) File descriptors cross processes the way torch shares storages
+(``multiprocessing.reduction.DupFd``,
 https://docs.python.org/3/library/multiprocessing.html#module-multiprocessing.reduction).
 """
 
@@ -34,22 +38,40 @@ from typing import Any
 import numpy as np
 import torch
 
-HEADER = 64  # byte 0: 1 while a receiver may hold the buffer, 0 when free; the rest is padding
+# libjpeg-turbo's AVX2 colour conversion stores an output row that starts on a 32-byte boundary
+# with non-temporal stores (``vmovntdq``, bypassing the cache) and any other row with ordinary
+# ones (simd/x86_64/jdmrgext-avx2.asm, jdcolext-avx2.asm in
+# https://github.com/libjpeg-turbo/libjpeg-turbo). Decoding the benchmark corpus' 224 px patches
+# into 32-byte-aligned rows ran at ~3,700/s on the development machine against ~4,450/s into rows
+# 16 bytes off (as a fresh numpy array from glibc's malloc is, which is what the decode limit
+# measures). Batch rows therefore start 16 bytes past a 32-byte boundary; every row of a patch
+# does when its row stride (3 x width) is a multiple of 32 bytes (widths that are multiples of 32).
+ROW_ALIGNMENT, ROW_OFFSET = 32, 16
+FLAGS = 64  # header bytes: flag i is 1 while the receiver of leased array i may hold it
+HEADER = FLAGS + ROW_OFFSET  # a mapping is page-aligned: the data starts ROW_OFFSET past 32
 _FREE, _HELD = 0, 1
+_ALL_FREE = bytes(FLAGS)
 
 
-def _view(mm: mmap.mmap, shape: tuple[int, ...]) -> np.ndarray:
-    """Return the (n, H, W, 3) uint8 array after the header of a mapped buffer."""
-    return np.frombuffer(mm, np.uint8, int(np.prod(shape)), HEADER).reshape(shape)
+def misaligned_empty(shape: tuple[int, ...]) -> np.ndarray:
+    """An uninitialised uint8 array whose data starts `ROW_OFFSET` bytes past a 32-byte boundary.
+
+    Private memory for batch rows (see `ROW_ALIGNMENT`): decoding into it avoids libjpeg-turbo's
+    non-temporal stores.
+    """
+    n = int(np.prod(shape))
+    raw = np.empty(n + ROW_ALIGNMENT, np.uint8)
+    start = (ROW_OFFSET - raw.ctypes.data) % ROW_ALIGNMENT
+    return raw[start:start + n].reshape(shape)
 
 
-class PatchBuffer:
-    """One shared (capacity, H, W, 3) uint8 array in an anonymous memfd, with a held flag."""
+class SharedBuffer:
+    """`capacity` bytes of shared data in an anonymous memfd, after a header of flags."""
 
-    def __init__(self, shape: tuple[int, int, int, int]) -> None:
-        self.shape = shape
-        self.nbytes = HEADER + int(np.prod(shape))
-        fd = os.memfd_create("histmol-patches", os.MFD_CLOEXEC)
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.nbytes = HEADER + capacity
+        fd = os.memfd_create("histmol-batch", os.MFD_CLOEXEC)
         try:  # reserve the pages now: a full memory limit fails here, not as SIGBUS on write
             os.posix_fallocate(fd, 0, self.nbytes)
             self.mm = mmap.mmap(fd, self.nbytes)
@@ -58,75 +80,114 @@ class PatchBuffer:
             raise
         self.fd = fd
         self._closer = weakref.finalize(self, os.close, fd)
-        self.array = _view(self.mm, shape)
 
     @property
     def held(self) -> bool:
-        """True while a receiver may still hold a tensor over this buffer."""
-        return self.mm[0] != _FREE
+        """True while a receiver may still hold a tensor over any array of this buffer."""
+        return self.mm[:FLAGS] != _ALL_FREE
 
-    def lease(self, n: int) -> LeasedPatches:
-        """Mark the buffer held and wrap its first `n` patches for sending."""
-        self.mm[0] = _HELD
-        return LeasedPatches(self, n)
+    def view(self, offset: int, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+        """The array of `dtype` and `shape` at data byte `offset` (a view of the buffer)."""
+        return _view(self.mm, HEADER + offset, dtype, shape)
+
+    def lease(self, specs: list[tuple[int, int, Any, tuple[int, ...]]]) -> list[LeasedArray]:
+        """Mark flags held and wrap arrays for sending: per spec (flag, offset, dtype, shape).
+
+        The arrays share one `_Mapping`, so a batch pickled whole passes this buffer's file
+        descriptor once (the pickler's memo), however many of its arrays the batch holds.
+        """
+        mapping = _Mapping(self)
+        leases = []
+        for flag, offset, dtype, shape in specs:
+            self.mm[flag] = _HELD
+            leases.append(LeasedArray(mapping, flag, offset, np.dtype(dtype), tuple(shape)))
+        return leases
 
 
-class LeasedPatches:
-    """Patches ``[:n]`` of a PatchBuffer on their way out of a worker.
+class _Mapping:
+    """A SharedBuffer as sent: arrives as one ``mmap`` of the same memory in the receiver."""
 
-    Pickled, it arrives as a (n, H, W, 3) uint8 tensor sharing the buffer (see the module
-    docstring). One that is never pickled frees its buffer when it is garbage collected.
+    def __init__(self, buffer: SharedBuffer) -> None:
+        self.buffer = buffer
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _map, (DupFd(self.buffer.fd), self.buffer.nbytes)
+
+
+def _map(fd: Any, nbytes: int) -> mmap.mmap:
+    raw = fd.detach()
+    try:
+        return mmap.mmap(raw, nbytes)
+    finally:
+        os.close(raw)
+
+
+def _view(mm: mmap.mmap, start: int, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+    return np.frombuffer(mm, dtype, int(np.prod(shape)), start).reshape(shape)
+
+
+class LeasedArray:
+    """An array of a SharedBuffer on its way out of a worker, holding the buffer's flag `flag`.
+
+    Pickled, it arrives as a tensor sharing the buffer (see the module docstring). One that is
+    never pickled clears its flag when it is garbage collected.
     """
 
-    def __init__(self, buffer: PatchBuffer, n: int) -> None:
-        self.buffer, self.shape = buffer, (n, *buffer.shape[1:])
+    def __init__(self, mapping: _Mapping, flag: int, offset: int, dtype: np.dtype,
+                 shape: tuple[int, ...]) -> None:
+        self.mapping, self.flag, self.offset = mapping, flag, offset
+        self.dtype, self.shape = dtype, shape
         self._sent = False
 
     def tensor(self) -> torch.Tensor:
-        """Return the patches as a tensor, for use inside the worker (shares the buffer)."""
-        return torch.from_numpy(self.buffer.array[:self.shape[0]])
+        """Return the array as a tensor, for use inside the worker (shares the buffer)."""
+        return torch.from_numpy(self.mapping.buffer.view(self.offset, self.dtype, self.shape))
 
     def __reduce__(self) -> tuple[Any, ...]:
         self._sent = True
-        return _receive, (DupFd(self.buffer.fd), self.buffer.nbytes, self.shape)
+        return _receive, (self.mapping, self.flag, HEADER + self.offset, self.dtype.str,
+                          self.shape)
 
     def __del__(self) -> None:
-        if not self._sent and not self.buffer.mm.closed:
-            self.buffer.mm[0] = _FREE
+        mm = self.mapping.buffer.mm
+        if not self._sent and not mm.closed:
+            mm[self.flag] = _FREE
 
 
-def _release(mm: mmap.mmap) -> None:
-    """Mark the buffer free once the receiver's tensor is gone: the worker may reuse it."""
-    mm[0] = _FREE
+def _release(mm: mmap.mmap, flag: int) -> None:
+    """Clear a flag once the receiver's tensor is gone: the worker may reuse the buffer."""
+    mm[flag] = _FREE
 
 
-def _receive(fd: Any, nbytes: int, shape: tuple[int, ...]) -> torch.Tensor:
-    """Map a sent buffer and return its patches as a tensor that frees the buffer when freed."""
-    raw = fd.detach()
-    try:
-        mm = mmap.mmap(raw, nbytes)
-    finally:
-        os.close(raw)
-    array = _view(mm, shape)
-    weakref.finalize(array, _release, mm)
+def _receive(mm: mmap.mmap, flag: int, start: int, dtype: str,
+             shape: tuple[int, ...]) -> torch.Tensor:
+    """Return a sent array as a tensor over the mapped buffer that clears its flag when freed."""
+    array = _view(mm, start, np.dtype(dtype), shape)
+    weakref.finalize(array, _release, mm, flag)
     return torch.from_numpy(array)
 
 
 class BufferPool:
-    """A worker's PatchBuffers: reuses a released one, else makes one (keeping at most `keep`)."""
+    """A worker's SharedBuffers of one kind: reuses a free one that is big enough, else makes one.
 
-    def __init__(self, shape: tuple[int, int, int, int], keep: int = 8) -> None:
-        self.shape, self.keep = shape, keep
-        self.buffers: list[PatchBuffer] = []
+    Keeps at most `keep` buffers; a new buffer replaces the smallest free one when full.
+    """
+
+    def __init__(self, keep: int = 8) -> None:
+        self.keep = keep
+        self.buffers: list[SharedBuffer] = []
         self.created = 0
 
-    def take(self) -> PatchBuffer:
-        """Return a buffer no receiver holds: a free one reused, else a new one."""
-        for buffer in self.buffers:
-            if not buffer.held:
-                return buffer
-        buffer = PatchBuffer(self.shape)
+    def take(self, capacity: int) -> SharedBuffer:
+        """Return a buffer of at least `capacity` bytes that no receiver holds."""
+        free = [b for b in self.buffers if not b.held]
+        fitting = [b for b in free if b.capacity >= capacity]
+        if fitting:
+            return min(fitting, key=lambda b: b.capacity)
+        buffer = SharedBuffer(capacity)
         self.created += 1
+        if len(self.buffers) >= self.keep and free:
+            self.buffers.remove(min(free, key=lambda b: b.capacity))
         if len(self.buffers) < self.keep:
             self.buffers.append(buffer)
         return buffer
