@@ -150,13 +150,12 @@ def decode_limit(root: Path, n: int = 2000) -> dict[str, float]:
     """Single-thread decodes/s of the corpus' JPEGs held in memory, and of ShardReader reads.
 
     The limit (``decode_per_s``) decodes into the rows of one reused (256, H, W, 3) array laid out
-    as a batched loader worker's (histmol.data.shm.misaligned_empty): the decoder's own cost.
+    as a batched loader worker's (histmol.shards.jpeg.misaligned_empty): the decoder's own cost.
     ``decode_fresh_array_per_s`` lets the decoder return a new array for each JPEG (dropped at
     once, so malloc hands the same memory back), for reference.
     """
-    from histmol.data.shm import misaligned_empty
     from histmol.shards.corpus import Corpus
-    from histmol.shards.jpeg import decode_patch
+    from histmol.shards.jpeg import decode_patch, misaligned_empty
     from histmol.shards.shard_reader import ShardReader
 
     path = root / Corpus.open(root).manifest()["images_path"].iloc[0]
@@ -182,7 +181,7 @@ def decode_limit(root: Path, n: int = 2000) -> dict[str, float]:
 
 def _decode_many(args: tuple[list[bytes], float]) -> float:
     """Decodes/s of one process decoding `jpegs` into reused batch rows for `seconds`."""
-    from histmol.data.shm import misaligned_empty
+    from histmol.shards.jpeg import misaligned_empty
 
     jpegs, seconds = args
     rows = misaligned_empty((256, PATCH_PX, PATCH_PX, 3))

@@ -16,7 +16,8 @@ from data_helpers import DEFAULT_SECTIONS, make_corpus, patch_value
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from histmol.data import PairDataset, pair_collate
-from histmol.data.shm import ROW_ALIGNMENT, ROW_OFFSET, BufferPool, SharedBuffer, misaligned_empty
+from histmol.data.shm import BufferPool, SharedBuffer
+from histmol.shards.jpeg import ROW_ALIGNMENT, ROW_OFFSET, misaligned_empty
 
 TOTAL = sum(s.n_pairs for s in DEFAULT_SECTIONS)  # 22
 SECTION = {s.section_id: i for i, s in enumerate(DEFAULT_SECTIONS)}
@@ -161,7 +162,8 @@ def memfds() -> int:
 @pytest.mark.parametrize("workers", [0, 1])
 def test_batch_rows_start_off_a_32_byte_boundary(corpus: Path, workers: int) -> None:
     # libjpeg-turbo writes 32-byte-aligned rows with non-temporal stores (slower; see shm.py):
-    # every patch row of a batch, in a worker's shared buffer or in the main process, is off it.
+    # every patch row of a batch, in a worker's shared buffer or in the main process, and every
+    # single decoded patch, is off it.
     for shape in [(3, 5), (256, 224, 224, 3), (7, 16, 16, 3)]:
         assert misaligned_empty(shape).ctypes.data % ROW_ALIGNMENT == ROW_OFFSET
     buffer = SharedBuffer(2 * 4 * 4 * 3)
@@ -169,6 +171,8 @@ def test_batch_rows_start_off_a_32_byte_boundary(corpus: Path, workers: int) -> 
         ROW_OFFSET
     for batch in batches(corpus, True, workers):
         assert batch["patch"].data_ptr() % ROW_ALIGNMENT == ROW_OFFSET
+    for sample in PairDataset(corpus, batch_size=3):  # per-sample patches too
+        assert sample["patch"].ctypes.data % ROW_ALIGNMENT == ROW_OFFSET
 
 
 def test_buffers_leave_nothing_in_dev_shm_and_close_their_files() -> None:

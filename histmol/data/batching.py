@@ -23,8 +23,9 @@ from torch.utils.data import get_worker_info
 
 from histmol.data.collate import pair_collate
 from histmol.data.part import PartUnits, ragged_arange
-from histmol.data.shm import BufferPool, SharedBuffer, misaligned_empty
+from histmol.data.shm import BufferPool, SharedBuffer
 from histmol.errors import CorpusError
+from histmol.shards.jpeg import misaligned_empty
 
 if TYPE_CHECKING:
     from histmol.data.dataset import PairDataset

@@ -13,16 +13,16 @@ benchmarks/bench_loader.py compares the loader modes end to end.
 A `SharedBuffer` is an anonymous ``memfd`` (``os.memfd_create``: no name in /dev/shm, freed by the
 kernel when the last descriptor or mapping of it goes, so a crash leaves nothing behind): a
 header of `FLAGS` one-byte flags, then the data, which starts 16 bytes past a 32-byte boundary
-(see `ROW_ALIGNMENT` for why). Arrays inside it are sent as `LeasedArray` objects, each with a
-flag of its own: pickled through the DataLoader's queue, one arrives in the main process as a
-plain tensor over the same memory (``_receive``), and a ``weakref.finalize`` on the array under
-that tensor clears its flag once the tensor's storage is freed (every view, numpy alias and the
-pin-memory copy's source included). `BufferPool` (one per worker and kind of buffer, built in the
-worker) hands out a buffer only when all its flags are clear, else makes a new one. A batch
-handed to the user is therefore never overwritten while any tensor over it is alive. (A flag is
-one byte written after the tensor is freed and read before the worker writes; CPython's GIL
-hand-offs between the two are full memory barriers in practice, and each flag has one writer
-on each side.) File descriptors cross processes the way torch shares storages
+(see `histmol.shards.jpeg.ROW_ALIGNMENT` for why). Arrays inside it are sent as `LeasedArray`
+objects, each with a flag of its own: pickled through the DataLoader's queue, one arrives in the
+main process as a plain tensor over the same memory (``_receive``), and a ``weakref.finalize``
+on the array under that tensor clears its flag once the tensor's storage is freed (every view,
+numpy alias and the pin-memory copy's source included). `BufferPool` (one per worker and kind
+of buffer, built in the worker) hands out a buffer only when all its flags are clear, else makes
+a new one. A batch handed to the user is therefore never overwritten while any tensor over it
+is alive. (A flag is one byte written after the tensor is freed and read before the worker
+writes; CPython's GIL hand-offs between the two are full memory barriers in practice, and each
+flag has one writer on each side.) File descriptors cross processes the way torch shares storages
 (``multiprocessing.reduction.DupFd``,
 https://docs.python.org/3/library/multiprocessing.html#module-multiprocessing.reduction).
 """
@@ -38,31 +38,12 @@ from typing import Any
 import numpy as np
 import torch
 
-# libjpeg-turbo's AVX2 colour conversion stores an output row that starts on a 32-byte boundary
-# with non-temporal stores (``vmovntdq``, bypassing the cache) and any other row with ordinary
-# ones (simd/x86_64/jdmrgext-avx2.asm, jdcolext-avx2.asm in
-# https://github.com/libjpeg-turbo/libjpeg-turbo). Decoding the benchmark corpus' 224 px patches
-# into 32-byte-aligned rows ran at ~3,700/s on the development machine against ~4,450/s into rows
-# 16 bytes off (as a fresh numpy array from glibc's malloc is, which is what the decode limit
-# measures). Batch rows therefore start 16 bytes past a 32-byte boundary; every row of a patch
-# does when its row stride (3 x width) is a multiple of 32 bytes (widths that are multiples of 32).
-ROW_ALIGNMENT, ROW_OFFSET = 32, 16
+from histmol.shards.jpeg import ROW_OFFSET
+
 FLAGS = 64  # header bytes: flag i is 1 while the receiver of leased array i may hold it
 HEADER = FLAGS + ROW_OFFSET  # a mapping is page-aligned: the data starts ROW_OFFSET past 32
 _FREE, _HELD = 0, 1
 _ALL_FREE = bytes(FLAGS)
-
-
-def misaligned_empty(shape: tuple[int, ...]) -> np.ndarray:
-    """An uninitialised uint8 array whose data starts `ROW_OFFSET` bytes past a 32-byte boundary.
-
-    Private memory for batch rows (see `ROW_ALIGNMENT`): decoding into it avoids libjpeg-turbo's
-    non-temporal stores.
-    """
-    n = int(np.prod(shape))
-    raw = np.empty(n + ROW_ALIGNMENT, np.uint8)
-    start = (ROW_OFFSET - raw.ctypes.data) % ROW_ALIGNMENT
-    return raw[start:start + n].reshape(shape)
 
 
 class SharedBuffer:

@@ -25,7 +25,7 @@ import google_crc32c  # zarr's own crc32c dependency; importing it does not impo
 import numpy as np
 
 from histmol.errors import CorpusError
-from histmol.shards.jpeg import CODEC_NAME, decode_patch
+from histmol.shards.jpeg import CODEC_NAME, decode_patch, misaligned_empty
 
 EMPTY = 2**64 - 1
 INDEX_ENTRY_BYTES = 16
@@ -209,9 +209,12 @@ class ShardReader:
         """Patch `i` decoded to a (patch_px, patch_px, 3) uint8 array, or into `out`.
 
         `out` (a C-contiguous (patch_px, patch_px, 3) uint8 view, e.g. a row of a batch) saves
-        the per-patch array and the copy into the batch (``imagecodecs.jpeg8_decode(out=)``).
+        the per-patch array and the copy into the batch (``imagecodecs.jpeg8_decode(out=)``);
+        without it the patch goes to a new array laid out for a fast decode (`misaligned_empty`).
         """
         data = self.read_jpeg(i)
+        if out is None:
+            out = misaligned_empty(self.shape[1:])
         try:
             patch = decode_patch(data, out=out)
         except Exception as error:  # imagecodecs raises its own JpegError types
