@@ -49,17 +49,10 @@ WRITERS: dict[str, Callable[..., Any]] = {
 }
 
 
-def main() -> None:
-    """Build every platform's synthetic section, then print and write the JSON table."""
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--size-mm", type=float, default=2.5)
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
-    assert set(WRITERS) == set(PLATFORMS), "every platform needs a synthetic writer here"
-    work = Path(tempfile.mkdtemp(prefix="histmol-bench-platforms-"))
-    side_um = args.size_mm * 1000
+def measure(work: Path, side_um: float, threads: int) -> list[dict]:
+    """Generate and build one section per platform in `work`; one row per platform."""
     slides: dict[float, synth.SyntheticSlide] = {}
-    cores = min(args.threads, os.cpu_count() or 1)
+    cores = min(threads, os.cpu_count() or 1)
     rows = []
     for platform, writer in WRITERS.items():
         mpp = SLIDE_MPP.get(platform, 0.25)
@@ -68,7 +61,13 @@ def main() -> None:
                 work / f"slide-{mpp}.tif", width_um=side_um, height_um=side_um, mpp=mpp, seed=7
             )
         started = time.perf_counter()
-        truth = writer(work / platform, slides[mpp], seed=7, **WRITER_OPTIONS.get(platform, {}))
+        try:
+            truth = writer(work / platform, slides[mpp], seed=7,
+                           **WRITER_OPTIONS.get(platform, {}))
+        except ValueError as error:  # e.g. a fixed-size chip that does not fit a small slide
+            rows.append({"platform": platform, "error": f"synthetic bundle: {error}"})
+            print(f"{platform}: NOT GENERATED {error}")
+            continue
         generate_s = time.perf_counter() - started
         out = work / f"corpus-{platform}"
         transform = truth.transform_path if platform in NEEDS_TRANSFORM else None
@@ -77,7 +76,7 @@ def main() -> None:
         )
         t0 = time.perf_counter()
         try:
-            result = build_section(request, out, BuildConfig(), threads=args.threads)
+            result = build_section(request, out, BuildConfig(), threads=threads)
         except Exception as error:  # noqa: BLE001 - report the platform, keep measuring the rest
             rows.append({"platform": platform, "error": f"{type(error).__name__}: {error}"})
             print(f"{platform}: FAILED {error}")
@@ -101,6 +100,21 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row))
         shutil.rmtree(out, ignore_errors=True)
+    return rows
+
+
+def main() -> None:
+    """Build every platform's synthetic section, then print and write the JSON table."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--size-mm", type=float, default=2.5)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    assert set(WRITERS) == set(PLATFORMS), "every platform needs a synthetic writer here"
+    work = Path(tempfile.mkdtemp(prefix="histmol-bench-platforms-"))
+    try:
+        rows = measure(work, args.size_mm * 1000, args.threads)
+    finally:  # generated slides and bundles are large: never leave them behind
+        shutil.rmtree(work, ignore_errors=True)
     report = {
         "benchmark": "platforms",
         "slide_mm": args.size_mm,
@@ -114,7 +128,6 @@ def main() -> None:
     path.write_text(json.dumps(report, indent=2))
     print(pd.DataFrame(rows).to_string(index=False))
     print(f"written to {path}")
-    shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
