@@ -28,6 +28,7 @@ from test_remote_ingest import (  # noqa: F401 - fixtures and helpers
     remote_tree,
 )
 
+from flows.build import SCRATCH_DIR
 from histmol.remote_inputs import CACHE_ENV
 from histmol.shards.atomic import is_temp_name
 from histmol.shards.remote import RemoteCorpus, scratch_root
@@ -96,7 +97,9 @@ def test_two_workers_publish_the_same_objects_as_an_in_process_remote_ingest(
     assert any(k.startswith("qc/syn-st/") for k in objects)  # figures made on the workers
     # the workers built every section: the flow's scratch corpus holds tables only
     assert sorted(p.name for p in (scratch_root(url) / "shards").iterdir()) == []
-    assert sorted(p.name for p in worker_tmp.iterdir() if p.name.startswith("histmol-")) == []
+    assert sorted(p.name for p in worker_tmp.iterdir() if p.name.startswith("histmol-")) == [
+        SCRATCH_DIR]
+    assert list((worker_tmp / SCRATCH_DIR).iterdir()) == []  # build folders and their locks gone
     # a re-run skips the three live sections (no scratch folders needed) and changes nothing
     rerun = {"syn-a": "skipped", "syn-broken": "failed", "syn-st": "skipped", "syn-b": "skipped"}
     assert ingest(cohort, url, options, dask_address=address) == rerun
