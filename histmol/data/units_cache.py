@@ -9,26 +9,27 @@ The first process to need a part decodes it and writes the checked columns as an
 Arrow IPC file (https://arrow.apache.org/docs/python/ipc.html); every process then memory-maps
 that file, zero copy, so its pages are shared through the page cache. Layout:
 ``<root>/<key>.arrow`` (the caller's key names the exact, checked file version), written as
-``<key>.arrow.tmp`` and renamed into place while holding an ``fcntl.flock`` on ``<key>.lock``:
-concurrent workers wait for one decode instead of repeating it, and a crash leaves at most a
-temporary file that the next build of that key overwrites (the kernel drops the lock with the
-process). Opening an entry refreshes its mtime; after each write the least recently used files
-are removed until the folder holds at most `max_bytes` (a removed file stays readable to those
-that mapped it). An entry that cannot be read is rebuilt; a cache that cannot be written (full
-or read-only disk) only costs the decode.
+``<key>.arrow.tmp`` and renamed into place while holding a flock on ``<key>.lock``
+(`histmol.shards.staging.CorpusLock`): concurrent workers wait for one decode instead of
+repeating it, and a crash leaves at most a temporary file that the next build of that key
+overwrites (the kernel drops the lock with the process). Opening an entry refreshes its mtime;
+after each write the least recently used files are removed until the folder holds at most
+`max_bytes` (a removed file stays readable to those that mapped it). An entry that cannot be
+read is rebuilt; a cache that cannot be written (full or read-only disk) only costs the decode.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pyarrow as pa
+
+from histmol.shards.staging import CorpusLock
 
 SUFFIX, TMP_SUFFIX, LOCK_SUFFIX = ".arrow", ".arrow.tmp", ".lock"
 ENTRY_FORMAT = 1  # bump when the stored columns change: older entries are never looked up again
@@ -43,16 +44,6 @@ def _read(path: Path) -> pa.Table:
     """Memory-map an entry and return its table (zero copy: buffers point into the mapping)."""
     with pa.ipc.open_file(pa.memory_map(str(path))) as reader:
         return reader.read_all()
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # closing drops the lock
 
 
 class UnitsCache:
@@ -74,7 +65,7 @@ class UnitsCache:
         decoded: pa.Table | None = None
         try:
             self.root.mkdir(parents=True, exist_ok=True)
-            with _locked(self.root / f"{key}{LOCK_SUFFIX}"):
+            with CorpusLock(self.root / f"{key}{LOCK_SUFFIX}").hold():
                 table = self._open(path)  # another process may have built it meanwhile
                 if table is not None:
                     return table
