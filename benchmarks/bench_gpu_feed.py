@@ -66,11 +66,13 @@ class Step:
 
     def __call__(self, batch: dict) -> float:
         """Run the step; returns the loss (synchronising, so timings are honest)."""
+        from histmol.data import to_float_chw
+
         device = self.device
         patches = batch["patch"].to(device, non_blocking=True)
         expression = batch["expression"].to(device, non_blocking=True)
         mask = batch["panel_mask"].to(device, non_blocking=True)
-        patches = patches.permute(0, 3, 1, 2).float().div_(255.0)
+        patches = to_float_chw(patches)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             out = self.model(patches, expression, mask)
             loss = out["contrastive"] + out["prediction"]

@@ -23,7 +23,7 @@ from data_helpers import (
 )
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from histmol.data import GENE_STATS, PairDataset, pair_collate
+from histmol.data import GENE_STATS, PairDataset, pair_collate, to_float_chw
 from histmol.data.genes import TARGET_SUM
 from histmol.errors import ConfigError, CorpusError
 from histmol.shards.corpus import Corpus
@@ -314,5 +314,5 @@ def test_package_exports_are_exactly_all_and_resolve_to_the_defining_modules() -
 
     assert list(histmol.data._EXPORTS) == histmol.data.__all__
     exported = [getattr(histmol.data, name) for name in histmol.data.__all__]
-    expected = [GENE_STATS, GeneSet, PairDataset, pair_collate, resolve_genes]
+    expected = [GENE_STATS, GeneSet, PairDataset, pair_collate, resolve_genes, to_float_chw]
     assert all(a is b for a, b in zip(exported, expected, strict=True))

@@ -9,11 +9,11 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from histmol.data.collate import pair_collate
+    from histmol.data.collate import pair_collate, to_float_chw
     from histmol.data.dataset import PairDataset
     from histmol.data.genes import GENE_STATS, GeneSet, resolve_genes
 
-__all__ = ["GENE_STATS", "GeneSet", "PairDataset", "pair_collate", "resolve_genes"]
+__all__ = ["GENE_STATS", "GeneSet", "PairDataset", "pair_collate", "resolve_genes", "to_float_chw"]
 
 # name -> module that defines it; the keys are exactly `__all__`
 _EXPORTS = {
@@ -22,6 +22,7 @@ _EXPORTS = {
     "PairDataset": "histmol.data.dataset",
     "pair_collate": "histmol.data.collate",
     "resolve_genes": "histmol.data.genes",
+    "to_float_chw": "histmol.data.collate",
 }
 
 

@@ -44,6 +44,15 @@ def _stack(values: list[Any]) -> torch.Tensor:
     return out
 
 
+def to_float_chw(patches: torch.Tensor) -> torch.Tensor:
+    """uint8 (..., H, W, 3) patches as float32 (..., 3, H, W) in [0, 1] (``float_chw``).
+
+    The one conversion for both paths: per sample in the dataset, or per batch on the device
+    after a uint8 batch was moved there (a quarter of the bytes), as `histmol train` does.
+    """
+    return patches.movedim(-1, -3).float().div_(255.0)
+
+
 def pair_collate(samples: Sequence[Mapping[str, Any]] | Mapping[str, Any]) -> dict[str, Any]:
     """Collate PairDataset samples (see the module docstring for the layout)."""
     if isinstance(samples, Mapping):

@@ -42,6 +42,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from histmol.data.batching import iter_batches
+from histmol.data.collate import to_float_chw
 from histmol.data.fetch import VERIFY_MODES, PartFetcher, Verify
 from histmol.data.genes import resolve_genes
 from histmol.data.mixing import MIX_KEYS, assign_groups
@@ -361,7 +362,7 @@ class PairDataset(IterableDataset):
             self._read_failed(part, error)
             return None
         if self.patch_format == "float_chw":
-            patch = torch.from_numpy(patch).permute(2, 0, 1).float().div_(255.0)
+            patch = to_float_chw(torch.from_numpy(patch))
         if self.patch_transform is not None:
             patch = self.patch_transform(patch)
         return {"patch": patch, **self._fields(part, open_part, pair, index)}

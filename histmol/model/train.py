@@ -29,7 +29,7 @@ from rich.console import Console
 from torch import nn
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from histmol.data import PairDataset, pair_collate
+from histmol.data import PairDataset, pair_collate, to_float_chw
 from histmol.errors import ConfigError
 from histmol.model.clip import HistMolCLIP, ModelConfig
 
@@ -150,11 +150,6 @@ def make_dataset(corpus: str | os.PathLike[str] | Sequence[str], config: TrainCo
             g.strip() for g in config.genes.split(",") if g.strip()]
     return PairDataset(corpus, genes=genes, seed=config.seed, batch_size=config.batch_size,
                        batched=True, aggregate_units=True, drop_last=True)
-
-
-def to_float_chw(patches: torch.Tensor) -> torch.Tensor:
-    """(B, H, W, 3) uint8 to (B, 3, H, W) float32 in [0, 1], as ``patch_format="float_chw"``."""
-    return patches.permute(0, 3, 1, 2).float().div_(255.0)
 
 
 class _Metrics:
