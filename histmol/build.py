@@ -20,7 +20,7 @@ import numpy as np
 from histmol.config import CORPUS_LEVEL_FIELDS, BuildConfig
 from histmol.errors import ConfigError, CorpusError, HistmolError, QCError
 from histmol.fingerprint import input_fingerprint
-from histmol.genes import infer_species
+from histmol.genes import gene_qc, infer_species
 from histmol.landmarks import check_residuals, fit_affine
 from histmol.pairs import unit_tables
 from histmol.progress import report
@@ -454,6 +454,7 @@ def section_row(
     }
     for column in section.control_counts.columns:
         row[f"control_{column}_total"] = int(section.control_counts[column].sum())
+    row.update(gene_qc(section.genes))
     row["mpp"] = registration.mpp
     row["mpp_source"] = registration.mpp_source
     row["pitch_um"] = section.pitch_um if section.pitch_um is not None else float("nan")

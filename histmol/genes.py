@@ -1,17 +1,22 @@
 """Gene keys and control probes.
 
-A gene's key (`gene_id`) is its Ensembl id where the bundle gives one, else its symbol. Control
-probes (negative controls, blanks, unassigned or deprecated codewords) are not genes: they are
-dropped from expression and their per-unit totals kept as QC columns.
+A gene's key (`gene_id`) is the Ensembl id of the reference gene its feature resolves to
+(`histmol.gene_reference`: Ensembl id, current symbol, previous symbol or alias), or the explicit
+``unresolved:<species>:<name>`` key of a feature that resolves to none; features resolving to one
+gene are summed. Control probes (negative controls, blanks, unassigned or deprecated codewords)
+are not genes: they are dropped from expression and their per-unit totals kept as QC columns.
 """
 
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
+
+from histmol.gene_reference import panel_species_of, resolve_features
 
 ENSEMBL_PATTERN = re.compile(r"ENS[A-Z]*G\d{11}(\.\d+)?")
 
@@ -43,7 +48,13 @@ ENSEMBL_SPECIES_PREFIX = {
 
 
 def infer_species(genes: pd.DataFrame) -> str | None:
-    """The species most of the panel's Ensembl ids belong to, or None when ids are absent."""
+    """The panel's species: from its resolution (``mixed`` included), else its Ensembl ids.
+
+    None when neither says (ids absent, or no species holds half of the panel).
+    """
+    resolved = panel_species_of(genes)
+    if resolved is not None:
+        return resolved
     prefixes = (
         genes["ensembl_id"].dropna().astype(str).str.extract(r"^(ENS[A-Z]*G)\d", expand=False)
     )
@@ -66,19 +77,33 @@ def control_category(name: str) -> str | None:
     return None
 
 
-def gene_table(ids: list[str] | np.ndarray, symbols: list[str] | np.ndarray) -> pd.DataFrame:
-    """Build the (gene_id, symbol, ensembl_id) table; gene_id is the Ensembl id when valid."""
-    ids_s = pd.Series(np.asarray(ids, dtype=object)).astype(str).str.strip()
-    symbols_s = pd.Series(np.asarray(symbols, dtype=object)).astype(str).str.strip()
-    ensembl = ids_s.where(ids_s.map(is_ensembl_id), None).str.replace(r"\.\d+$", "", regex=True)
-    gene_id = ensembl.where(ensembl.notna(), symbols_s)
-    return pd.DataFrame(
-        {
-            "gene_id": gene_id.to_numpy(object),
-            "symbol": symbols_s.to_numpy(object),
-            "ensembl_id": ensembl.to_numpy(object),
-        }
-    )
+def gene_table(
+    ids: list[str] | np.ndarray, symbols: list[str] | np.ndarray, species: str | None = None
+) -> pd.DataFrame:
+    """The panel's features resolved to the gene reference, one row per feature.
+
+    Columns gene_id (reference Ensembl id or ``unresolved:<species>:<name>``), symbol,
+    ensembl_id, feature (the name as given), species, resolved, index (stable global index):
+    `histmol.gene_reference.resolve_features`. `species` None infers it from the panel.
+    """
+    return resolve_features(ids, symbols, species)
+
+
+def gene_qc(genes: pd.DataFrame) -> dict[str, Any]:
+    """Per-section QC of gene resolution: the resolved fraction and the unresolved names.
+
+    ``qc_genes_resolved_fraction`` counts genes after duplicates were merged (a panel whose
+    features are all unresolvable reads 0.0; an empty panel 1.0, nothing failed to resolve);
+    ``genes_unresolved`` lists the unresolved features' names, sorted.
+    """
+    if "resolved" not in genes.columns:
+        return {}
+    resolved = genes["resolved"].to_numpy(bool)
+    names = sorted(genes.loc[~resolved, "feature"].astype(str))
+    return {
+        "qc_genes_resolved_fraction": float(resolved.mean()) if len(resolved) else 1.0,
+        "genes_unresolved": names,
+    }
 
 
 def split_controls(
@@ -104,7 +129,11 @@ def split_controls(
 def merge_duplicate_genes(
     genes: pd.DataFrame, counts: sp.csr_matrix
 ) -> tuple[pd.DataFrame, sp.csr_matrix]:
-    """Sum the columns of features that share a gene_id (e.g. a symbol listed twice)."""
+    """Sum the columns of features that share a gene_id; the first feature's row stays.
+
+    Features share a gene_id when a symbol is listed twice or when an alias and a current
+    symbol name one gene.
+    """
     codes, uniques = pd.factorize(genes["gene_id"], sort=False)
     if len(uniques) == len(genes):
         return genes.reset_index(drop=True), sp.csr_matrix(counts)

@@ -227,11 +227,19 @@ def build_gene_panel(
     names: Sequence[str] | np.ndarray,
     counts: sp.csr_matrix,
 ) -> GenePanel:
-    """Gene keys via `histmol.genes`: control probes split out, duplicate keys summed."""
-    genes = gene_table(ids, names)
-    n_features = len(genes)
-    genes, counts, controls = split_controls(genes, counts)
-    n_controls = n_features - len(genes)
+    """Gene keys via `histmol.genes`: controls split out, features resolved, duplicates summed.
+
+    Features are resolved to the gene reference after the control split; features resolving to
+    one gene are summed.
+    """
+    features = pd.DataFrame({
+        "id": pd.Series(np.asarray(ids, dtype=object)).astype(str).str.strip(),
+        "symbol": pd.Series(np.asarray(names, dtype=object)).astype(str).str.strip(),
+    })
+    n_features = len(features)
+    features, counts, controls = split_controls(features, counts)
+    n_controls = n_features - len(features)
+    genes = gene_table(features["id"].to_numpy(object), features["symbol"].to_numpy(object))
     genes, counts = merge_duplicate_genes(genes, counts)
     counts = sp.csr_matrix(counts, dtype=np.int32)
     counts.sort_indices()

@@ -21,12 +21,12 @@ Output, both sorted and written with fixed settings so the bytes depend on the i
   (int32 shared by a one-to-one human/mouse ortholog pair, -1 otherwise). Rows sorted by
   (species, ensembl_id). Parquet metadata ``histmol_reference`` holds the version string.
 - ``names.parquet``: species, name, index, kind (``symbol``, ``alias``, or ``folded``: an
-  upper-cased symbol or alias that names one gene, for case-insensitive matching): the names a feature may
-  carry, each naming exactly one gene. A current symbol that several genes carry (BioMart lists
-  alternate-haplotype copies, e.g. nine HLA-DRA genes) goes to the copy NCBI Gene maps it to,
-  then to the one with a one-to-one ortholog; still tied, it is left out (ambiguous). Previous
-  symbols and aliases (human only) are kept when they name one gene and are no gene's current
-  symbol in any letter case.
+  upper-cased symbol or alias that names one gene, for case-insensitive matching): the names a
+  feature may carry, each naming exactly one gene. A current symbol that several genes carry
+  (BioMart lists alternate-haplotype copies, e.g. nine HLA-DRA genes) goes to the copy NCBI Gene
+  maps it to, then to the one with a one-to-one ortholog; still tied, it is left out
+  (ambiguous). Previous symbols and aliases (human only) are kept when they name one gene and
+  are no gene's current symbol in any letter case.
 """
 
 from __future__ import annotations

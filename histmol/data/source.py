@@ -20,11 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import fsspec
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from histmol.errors import CorpusError
-from histmol.shards.corpus import CORPUS_JSON, FORMAT, FORMAT_VERSION, GENES, MANIFEST, SECTIONS
+from histmol.shards.corpus import CORPUS_JSON, GENES, MANIFEST, SECTIONS, check_format
 
 LOCAL_PROTOCOLS = frozenset({"file", "local"})
 
@@ -64,7 +65,12 @@ class CorpusSource:
         manifest_bytes = self.read_bytes(MANIFEST)
         self.manifest_sha256 = hashlib.sha256(manifest_bytes).hexdigest()
         self.manifest = self._parquet(MANIFEST, manifest_bytes)
-        self.genes = self._parquet(GENES, self.read_bytes(GENES))
+        genes_bytes = self.read_bytes(GENES)
+        self.genes_sha256 = hashlib.sha256(genes_bytes).hexdigest()
+        self.genes = self._parquet(GENES, genes_bytes)
+        self.gene_index = self.genes.column("index").to_numpy().astype(np.int64)
+        if len(self.gene_index) and np.any(np.diff(self.gene_index) <= 0):
+            raise CorpusError(f"{self.describe(GENES)}: index is not strictly increasing")
         self.sections = self._parquet(SECTIONS, self.read_bytes(SECTIONS))
 
     def path(self, relative: str) -> str:
@@ -97,11 +103,7 @@ class CorpusSource:
             raise CorpusError(f"{self.describe(CORPUS_JSON)}: not JSON ({error})") from error
         except CorpusError as error:
             raise CorpusError(f"{self.url}: not a histmol corpus ({error})") from error
-        if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
-            raise CorpusError(
-                f"{self.describe(CORPUS_JSON)}: format {meta.get('format')!r} version "
-                f"{meta.get('format_version')!r}; this loader reads {FORMAT!r} {FORMAT_VERSION}"
-            )
+        check_format(meta, self.describe(CORPUS_JSON), self.url)
         return meta
 
     def parts(self) -> list[PartRef]:

@@ -2,9 +2,11 @@
 
 Layout (DESIGN.md "Corpus layout")::
 
-    corpus.json        {"format": "histmol-corpus", "format_version": 1, "histmol_version",
-                        "build_config"}; sorted keys, no timestamps
-    genes.parquet      index int32 (0..n-1), gene_id, symbol, ensembl_id, species, kind
+    corpus.json        {"format": "histmol-corpus", "format_version": 2, "histmol_version",
+                        "gene_reference", "build_config"}; sorted keys, no timestamps
+    genes.parquet      index int32 (stable: the reference row, or 2**30 + hash for an
+                       unresolved key), gene_id, symbol, ensembl_id, species, kind,
+                       homolog_group; sorted by index
     sections.parquet   one row per section (committed or failed), sorted by section_id
     manifest.parquet   one row per committed part, sorted by (section_id, part)
     shards/<section_id>/part-NNNNN.{zarr,parquet}
@@ -17,12 +19,13 @@ local file system or one that honours it (not every NFS setup does). ``genes()``
 and ``manifest()`` return pandas DataFrames; ``read_table(name)`` returns the pyarrow Table. Each
 read takes one snapshot of the file's bytes, so it never mixes two versions of a table.
 
-Vocabulary. ``map_genes`` assigns new indices in the order given and appends them to
-``genes.parquet`` immediately, under the lock, BEFORE any shard that uses them is written. The
-vocabulary is append-only (indices never change, removal of a section keeps its genes), so the
-only effect of a crash or a failed section is unused vocabulary entries, which a re-run maps to
-the same indices. Committing the vocabulary with the section instead would let two processes hand
-out the same index to different genes.
+Vocabulary (``histmol.gene_reference``). A gene's index is a pure function of the gene: its row
+in the shipped reference, or ``2**30 + hash`` of its ``unresolved:<species>:<name>`` key.
+genes.parquet holds every reference gene plus the unresolved keys sections used; ``map_genes``
+adds a section's unresolved keys to it under the lock, BEFORE any shard that uses them is
+written. Adding is a set union (rows sorted by index), so any order of calls, from any number of
+processes, gives the same bytes; removal of a section keeps its keys. A corpus made with another
+format or gene reference is refused with the `histmol migrate` command to run.
 
 Commit protocol (``commit_section``, under the lock; ``M`` = manifest.parquet, ``S`` = sections):
 
@@ -68,14 +71,16 @@ import pyarrow.parquet as pq
 
 import histmol
 from histmol.errors import CorpusError
+from histmol.gene_reference import reference, resolve_features
 from histmol.section import validate_section_id
 from histmol.shards.atomic import atomic_write_json, atomic_write_parquet, fsync_dir, remove_path
 from histmol.shards.corpus_tables import (
     GENES_SCHEMA,
     MANIFEST_SCHEMA,
     SECTION_CORE_SCHEMA,
-    extend_vocabulary,
+    add_unresolved,
     manifest_table,
+    reference_vocabulary,
     section_row,
     sections_table,
 )
@@ -90,7 +95,7 @@ from histmol.shards.staging import (
 )
 
 FORMAT = "histmol-corpus"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: stable gene indices from the gene reference (1: build-order indices)
 CORPUS_JSON = "corpus.json"
 GENES = "genes.parquet"
 SECTIONS = "sections.parquet"
@@ -126,6 +131,36 @@ def _read(path: Path, schema: pa.Schema) -> pa.Table:
         return pq.read_table(pa.BufferReader(data))
     except (OSError, pa.ArrowInvalid) as error:
         raise CorpusError(f"{path}: unreadable ({error})") from error
+
+
+def corpus_meta(build_config: Mapping[str, Any]) -> dict[str, Any]:
+    """corpus.json of a corpus made by this histmol."""
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "gene_reference": reference().version,
+        "histmol_version": histmol.__version__,
+        "build_config": _canonical(dict(build_config)),
+    }
+
+
+def check_format(meta: Mapping[str, Any], where: str, root: str) -> None:
+    """CorpusError naming `where` unless `meta` is this format, version and gene reference.
+
+    A corpus of format 1 or of another gene reference names ``histmol migrate`` (which
+    rewrites its tables and units to this one).
+    """
+    if meta.get("format") != FORMAT:
+        raise CorpusError(f"{where}: format {meta.get('format')!r}; this histmol reads {FORMAT!r}")
+    version, genes = meta.get("format_version"), meta.get("gene_reference")
+    if version == FORMAT_VERSION and genes == reference().version:
+        return
+    if version in (1, FORMAT_VERSION):
+        found = "gene indices in build order" if version == 1 else f"gene reference {genes!r}"
+        raise CorpusError(f"{where}: corpus written with {found}; this histmol uses "
+                          f"{reference().version!r}. Run `histmol migrate {root}` to rewrite it")
+    raise CorpusError(f"{where}: format version {version!r}; this histmol reads "
+                      f"{FORMAT!r} {FORMAT_VERSION}")
 
 
 class Corpus:
@@ -165,11 +200,7 @@ class Corpus:
             meta = json.loads(meta_path.read_bytes())
         except (OSError, ValueError) as error:
             raise CorpusError(f"{meta_path}: unreadable ({error})") from error
-        if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
-            raise CorpusError(
-                f"{meta_path}: format {meta.get('format')!r} version "
-                f"{meta.get('format_version')!r}; this histmol reads {FORMAT!r} {FORMAT_VERSION}"
-            )
+        check_format(meta, str(meta_path), str(root))
         if build_config is not None:
             ours, theirs = _canonical(dict(build_config)), meta.get("build_config") or {}
             differing = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
@@ -183,17 +214,12 @@ class Corpus:
     @staticmethod
     def _initialise(root: Path, build_config: Mapping[str, Any]) -> None:
         (root / SHARDS).mkdir(exist_ok=True)
-        for name, schema in (
-            (GENES, GENES_SCHEMA), (SECTIONS, SECTION_CORE_SCHEMA), (MANIFEST, MANIFEST_SCHEMA)
-        ):
+        if not (root / GENES).exists():
+            atomic_write_parquet(root / GENES, reference_vocabulary())
+        for name, schema in ((SECTIONS, SECTION_CORE_SCHEMA), (MANIFEST, MANIFEST_SCHEMA)):
             if not (root / name).exists():
                 atomic_write_parquet(root / name, schema.empty_table())
-        atomic_write_json(root / CORPUS_JSON, {  # last: its presence means "a corpus"
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "histmol_version": histmol.__version__,
-            "build_config": _canonical(dict(build_config)),
-        })
+        atomic_write_json(root / CORPUS_JSON, corpus_meta(build_config))  # last: "a corpus"
 
     @property
     def build_config(self) -> dict[str, Any]:
@@ -262,18 +288,38 @@ class Corpus:
         return self.read_table("manifest").to_pylist()
 
     # ------------------------------------------------------------------ vocabulary
-    def map_genes(self, genes: pd.DataFrame, species: str) -> np.ndarray:
-        """Global vocabulary indices (int32) of `genes`, adding unknown ones in the given order.
+    def map_genes(self, genes: pd.DataFrame, species: str | None = None) -> np.ndarray:
+        """Stable global indices (int32) of a section's genes; adds its unresolved keys.
 
-        `genes` has columns gene_id, symbol, ensembl_id; a gene's key is ``(gene_id, species)``.
-        New entries are written to genes.parquet at once (under the lock), before any shard can
-        refer to them; see the module docstring.
+        `genes` has columns gene_id, symbol, ensembl_id (an adapter's resolved table, or raw
+        ids and names: both resolve through `histmol.gene_reference.resolve_features`, with
+        `species` as the panel's species when it is ``human`` or ``mouse``, else inferred).
+        Safe from any number of processes in any order: the indices do not depend on the
+        corpus, and the unresolved keys join genes.parquet as a set union under the lock,
+        before any shard can refer to them. Two genes resolving to one gene are a CorpusError
+        (merge them first: `histmol.genes.merge_duplicate_genes`).
         """
-        with self.lock():
-            indices, extended = extend_vocabulary(self.read_table("genes"), genes, species)
-            if extended is not None:
-                atomic_write_parquet(self.root / GENES, extended)
-        return indices
+        missing = [c for c in ("gene_id", "symbol", "ensembl_id") if c not in genes.columns]
+        if missing:
+            raise CorpusError(f"{self.root}: gene table lacks columns {missing}")
+        hint = species if species in ("human", "mouse") else None
+        resolved = resolve_features(genes["gene_id"].astype(str).to_numpy(object),
+                                    genes["symbol"].fillna("").astype(str).to_numpy(object),
+                                    hint)
+        duplicated = resolved["gene_id"].duplicated(keep=False)
+        if duplicated.any():
+            names = sorted(genes.loc[duplicated.to_numpy(), "gene_id"].astype(str))[:6]
+            raise CorpusError(f"{self.root}: features {names} resolve to the same genes; "
+                              "merge them first (histmol.genes.merge_duplicate_genes)")
+        if (~resolved["resolved"]).any():
+            with self.lock():
+                try:
+                    extended = add_unresolved(self.read_table("genes"), resolved)
+                except ValueError as error:
+                    raise CorpusError(f"{self.root / GENES}: {error}") from error
+                if extended is not None:
+                    atomic_write_parquet(self.root / GENES, extended)
+        return resolved["index"].to_numpy(np.int32)
 
     # ------------------------------------------------------------------ staging
     def staging_dir(self, section_id: str) -> Path:

@@ -12,6 +12,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
+
+from histmol.gene_reference import TAIL_BASE, reference
 
 GENES_SCHEMA = pa.schema([
     pa.field("index", pa.int32(), nullable=False),
@@ -20,6 +23,7 @@ GENES_SCHEMA = pa.schema([
     pa.field("ensembl_id", pa.string()),
     pa.field("species", pa.string(), nullable=False),
     pa.field("kind", pa.string(), nullable=False),
+    pa.field("homolog_group", pa.int32(), nullable=False),
 ])
 
 MANIFEST_SCHEMA = pa.schema([
@@ -124,52 +128,50 @@ def manifest_table(rows: Iterable[Mapping[str, Any]]) -> pa.Table:
     return pa.Table.from_pylist(list(ordered), schema=MANIFEST_SCHEMA)
 
 
-def _text(value: Any) -> str | None:
-    if value is None or (isinstance(value, float) and np.isnan(value)):
-        return None
-    return str(value)
+def reference_vocabulary() -> pa.Table:
+    """genes.parquet of a new corpus: every reference gene, index = its reference row."""
+    genes = reference().genes
+    return pa.table({
+        "index": pa.array(genes["index"].to_numpy(np.int32)),
+        "gene_id": pa.array(genes["ensembl_id"].to_numpy(object), pa.string()),
+        "symbol": pa.array(genes["symbol"].to_numpy(object), pa.string()),
+        "ensembl_id": pa.array(genes["ensembl_id"].to_numpy(object), pa.string()),
+        "species": pa.array(genes["species"].to_numpy(object), pa.string()),
+        "kind": pa.array(["gene"] * len(genes), pa.string()),
+        "homolog_group": pa.array(genes["homolog_group"].to_numpy(np.int32)),
+    }, schema=GENES_SCHEMA)
 
 
-def extend_vocabulary(
-    vocabulary: pa.Table, genes: pd.DataFrame, species: str
-) -> tuple[np.ndarray, pa.Table | None]:
-    """Indices (int32) of `genes` in `vocabulary`, appending unknown (gene_id, species) keys.
+def add_unresolved(vocabulary: pa.Table, genes: pd.DataFrame) -> pa.Table | None:
+    """`vocabulary` with the unresolved keys of `genes` (resolved rows) added; None if none new.
 
-    Returns the indices and the extended vocabulary, or None when nothing was added. New indices
-    follow the order of `genes`, so the result is a pure function of the inputs.
+    The tail is a set: rows are unique by index and sorted by it, so the result does not depend
+    on the order keys arrive in. A key whose index another key already holds is a ValueError
+    naming both (a 30-bit hash collision; see `histmol.gene_reference`).
     """
-    missing = [c for c in ("gene_id", "symbol", "ensembl_id") if c not in genes.columns]
-    if missing:
-        raise ValueError(f"gene table lacks columns {missing}")
-    if not isinstance(species, str) or not species:
-        raise ValueError(f"species must be a non-empty string, got {species!r}")
-    ids = [str(v) for v in genes["gene_id"].tolist()]
-    seen: set[str] = set()
-    for gene_id in ids:
-        if gene_id in seen:
-            raise ValueError(f"gene ids are not unique (e.g. {gene_id!r})")
-        seen.add(gene_id)
-    keys = zip(vocabulary.column("gene_id").to_pylist(), vocabulary.column("species").to_pylist(),
-               strict=True)
-    known = dict(zip(keys, vocabulary.column("index").to_pylist(), strict=True))
-    if sorted(known.values()) != list(range(len(known))):
-        raise ValueError("vocabulary indices are not 0..n-1 with unique (gene_id, species) keys")
-    out = np.empty(len(ids), dtype=np.int32)
-    new: list[dict[str, Any]] = []
-    symbols, ensembl = genes["symbol"].tolist(), genes["ensembl_id"].tolist()
-    for i, gene_id in enumerate(ids):
-        index = known.get((gene_id, species))
-        if index is None:
-            index = known[(gene_id, species)] = len(known)
-            new.append({"index": index, "gene_id": gene_id, "symbol": _text(symbols[i]),
-                        "ensembl_id": _text(ensembl[i]), "species": species, "kind": "gene"})
-        out[i] = index
+    tail = genes.loc[~genes["resolved"].to_numpy(bool), ["index", "gene_id", "symbol", "species"]]
+    if tail.empty:
+        return None
+    index = vocabulary.column("index").to_numpy()
+    held = dict(zip(index[index >= TAIL_BASE].tolist(),
+                    vocabulary.column("gene_id").to_numpy(zero_copy_only=False)[index >= TAIL_BASE],
+                    strict=True))
+    new: dict[int, dict[str, Any]] = {}
+    for row in tail.drop_duplicates("gene_id").itertuples(index=False):
+        other = held.get(int(row.index)) or new.get(int(row.index), {}).get("gene_id")
+        if other is not None and other != row.gene_id:
+            raise ValueError(f"gene keys {other!r} and {row.gene_id!r} hash to one index "
+                             f"{int(row.index)}")
+        if other is None:
+            new[int(row.index)] = {"index": int(row.index), "gene_id": row.gene_id,
+                                   "symbol": row.symbol, "ensembl_id": None,
+                                   "species": row.species, "kind": "unresolved",
+                                   "homolog_group": -1}
     if not new:
-        return out, None
-    if len(known) > np.iinfo(np.int32).max:
-        raise ValueError("gene vocabulary exceeds int32")
-    added = pa.Table.from_pylist(new, schema=GENES_SCHEMA)
-    return out, pa.concat_tables([vocabulary.cast(GENES_SCHEMA), added])
+        return None
+    added = pa.Table.from_pylist(list(new.values()), schema=GENES_SCHEMA)
+    merged = pa.concat_tables([vocabulary.cast(GENES_SCHEMA), added])
+    return merged.take(pc.sort_indices(merged.column("index")))
 
 
 def section_row(
