@@ -77,6 +77,8 @@ class PairDataset(IterableDataset):
     ``pair_index`` (the part of the section and the pair in it, as stored), ``section_id``,
     ``platform``, ``tissue`` and ``corpus`` (index into `sources`). With ``batched=True`` it
     yields batches of `batch_size` samples laid out as `pair_collate` lays them out.
+    `gene_space` ``"homolog"`` gives human and mouse one-to-one orthologs one column
+    (`histmol.data.genes`).
     """
 
     def __init__(
@@ -84,6 +86,7 @@ class PairDataset(IterableDataset):
         sources: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
         *,
         genes: str | Sequence[str] = "all",
+        gene_space: str = "gene",
         seed: int = 0,
         batch_size: int = 1,
         batched: bool = False,
@@ -132,7 +135,7 @@ class PairDataset(IterableDataset):
             Path(tempfile.gettempdir()) / "histmol-cache")
         self.sources = open_sources(sources if isinstance(sources, str | os.PathLike)
                                     else list(sources), storage_options)
-        self.gene_set = resolve_genes(genes, self.sources)
+        self.gene_set = resolve_genes(genes, self.sources, gene_space)
         self._setup_parts(mix, epoch_size, shuffle, block_size, seed)
         self.epoch = 0
         self._resume: tuple[int, int] | None = None  # (epoch, consumed), set by load_state_dict
@@ -325,14 +328,16 @@ class PairDataset(IterableDataset):
         """A part's checked units, decoded once per machine (`histmol.data.units_cache`)."""
         assert self._fetcher is not None and self._units_cache is not None
         fetcher, lookup = self._fetcher, self.gene_set.lookups[ref.corpus]
+        source = self.sources[ref.corpus]
 
         def decode() -> pa.Table:
-            where = self.sources[ref.corpus].describe(ref.units_path)
-            return decode_units(fetcher.units(ref), ref.n_pairs, len(lookup), where)
+            where = source.describe(ref.units_path)
+            return decode_units(fetcher.units(ref), ref.n_pairs, source.gene_index, where)
 
         if not self.units_cache_bytes:
             return PartUnits(decode(), ref.n_pairs, lookup)
-        key = entry_key(fetcher.units_version(ref), ref.n_pairs, len(lookup))
+        # decoded gene rows depend on genes.parquet (a new unresolved key shifts later rows)
+        key = entry_key(fetcher.units_version(ref), ref.n_pairs, source.genes_sha256)
         return PartUnits(self._units_cache.table(key, decode), ref.n_pairs, lookup)
 
     def _corrupt(self, part: int, error: CorpusError) -> None:

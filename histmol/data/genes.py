@@ -1,21 +1,31 @@
-"""The gene set a loader emits: all genes, a named list, or the top-k variable genes (``hvg:K``).
+"""The gene set a loader emits: all measured genes, a named list, or the top-k variable genes.
 
-Several corpora have separate vocabularies; genes are matched across them by the key
-``(gene_id, species)`` of ``genes.parquet``, and each corpus gets a lookup from its vocabulary
-index to the output column (-1 when the gene is not emitted).
+Every corpus of one histmol shares one gene space (`histmol.gene_reference`): a gene's stable
+index and ``gene_id`` (reference Ensembl id, or ``unresolved:<species>:<name>``) mean the same
+gene in every corpus, so corpora are matched by ``gene_id``. ``genes.parquet`` lists every
+reference gene; ``"all"`` means the genes some committed section's panel measured. Each corpus
+gets a lookup from its genes.parquet ROW (the dense position that `histmol.data.part` maps unit
+gene indices to) to the output column (-1 when the gene is not emitted).
 
-``hvg:K`` ranks genes by the variance of ``log1p(counts / unit_total * 1e4)`` (the normalisation
+Gene spaces: ``"gene"`` (default: one column per gene) or ``"homolog"`` (human and mouse genes
+of a one-to-one ortholog pair share one column, ``gene_id`` ``homolog:<group>``; every other gene
+keeps its own column). Choose it with ``gene_space=`` or a ``homolog:`` prefix on the spec
+(``"homolog:all"``, ``"homolog:hvg:2000"``). A section's panel mask marks a column measured when
+its panel holds any gene mapping to it.
+
+``hvg:K`` ranks columns by the variance of ``log1p(counts / unit_total * 1e4)`` (the normalisation
 HEST-Benchmark and scanpy's ``normalize_total`` + ``log1p`` use) over the units of the sections
 whose panel measured the gene: a unit of a section that never measured a gene does not count as
 a zero. Per-gene sums are computed once per corpus and cached in the corpus as
-``gene_stats.parquet`` (``GENE_STATS``): one row per vocabulary entry with ``index`` (int32),
-``n_units`` (int64, units whose panel includes the gene), ``sum`` and ``sum_sq`` (float64, of the
-normalised values) and ``manifest_sha256`` (the sha256 of the ``manifest.parquet`` they were
-computed from: a corpus that gained or lost sections recomputes them). Local corpora get the file
-through ``histmol.shards.atomic.atomic_write_parquet``; other file systems through one
-``pipe_file`` (an object store PUT is atomic); a corpus that cannot be written to keeps working
-with the statistics in memory and a warning. Pooled over corpora, the K genes of highest variance
-are emitted in descending order of variance (ties: vocabulary order).
+``gene_stats.parquet`` (``GENE_STATS``): one row per genes.parquet row with ``index`` (int32, the
+stable index), ``n_units`` (int64, units whose panel includes the gene), ``sum`` and ``sum_sq``
+(float64, of the normalised values) and ``manifest_sha256`` (the sha256 of the
+``manifest.parquet`` they were computed from: a corpus that gained or lost sections recomputes
+them). Local corpora get the file through ``histmol.shards.atomic.atomic_write_parquet``; other
+file systems through one ``pipe_file`` (an object store PUT is atomic); a corpus that cannot be
+written to keeps working with the statistics in memory and a warning. In the homolog space a
+column's sums pool its genes'. Pooled over corpora, the K columns of highest variance are
+emitted in descending order of variance (ties: stable index order).
 """
 
 from __future__ import annotations
@@ -46,17 +56,21 @@ GENE_STATS_SCHEMA = pa.schema([
 ])
 TARGET_SUM = 1e4
 _HVG = re.compile(r"^hvg:([1-9][0-9]*)$")
-GeneKey = tuple[str, str]
+
+
+GENE_SPACES = ("gene", "homolog")
 
 
 @dataclass(frozen=True)
 class GeneSet:
-    """The emitted genes (output column order) and each corpus' vocabulary -> column lookup."""
+    """The emitted columns (in order) and each corpus' genes.parquet row -> column lookup."""
 
     gene_id: tuple[str, ...]
     symbol: tuple[str | None, ...]
     species: tuple[str, ...]
     lookups: tuple[np.ndarray, ...]
+    vocab: tuple[np.ndarray, ...]  # per corpus: the sorted stable indices of genes.parquet
+    space: str = "gene"
 
     def __len__(self) -> int:
         return len(self.gene_id)
@@ -67,32 +81,55 @@ class GeneSet:
                              "species": self.species})
 
     def panel_mask(self, corpus: int, panel: Sequence[int] | np.ndarray | None) -> np.ndarray:
-        """Which output genes a section with this panel (vocabulary indices) measured."""
+        """Which output columns a section with this panel (stable gene indices) measured."""
         mask = np.zeros(len(self), dtype=bool)
         if panel is not None and len(panel):
-            lookup = self.lookups[corpus]
-            panel = np.asarray(panel, dtype=np.int64)
-            cols = lookup[panel[(panel >= 0) & (panel < len(lookup))]]
+            rows = dense_rows(self.vocab[corpus], np.asarray(panel, dtype=np.int64))
+            cols = self.lookups[corpus][rows[rows >= 0]]
             mask[cols[cols >= 0]] = True
         return mask
 
 
-def _keys(source: CorpusSource) -> list[GeneKey]:
+def dense_rows(vocab: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """Rows of the stable indices `index` in the sorted `vocab`; -1 where absent."""
+    rows = np.searchsorted(vocab, index)
+    inside = rows < len(vocab)
+    found = np.zeros(len(index), dtype=bool)
+    found[inside] = vocab[rows[inside]] == index[inside]
+    return np.where(found, rows, -1)
+
+
+def _frame(source: CorpusSource, space: str) -> pd.DataFrame:
+    """A corpus' genes.parquet rows with their column key and whether a panel measured them."""
     genes = source.genes
-    index = genes.column("index").to_numpy()
-    if not np.array_equal(index, np.arange(len(index))):
-        raise CorpusError(f"{source.describe('genes.parquet')}: index is not 0..n-1 in order")
-    return list(zip(genes.column("gene_id").to_pylist(), genes.column("species").to_pylist(),
-                    strict=True))
+    index = source.gene_index
+    gene_id = genes.column("gene_id").to_numpy(zero_copy_only=False).astype(object)
+    key = gene_id
+    if space == "homolog":
+        group = genes.column("homolog_group").to_numpy()
+        key = np.where(group >= 0, np.char.add("homolog:", group.astype(str)).astype(object),
+                       gene_id)
+    measured = np.zeros(len(index), dtype=bool)
+    for row in source.section_rows().values():
+        rows = dense_rows(index, np.asarray(row.get("panel") or [], dtype=np.int64))
+        measured[rows[rows >= 0]] = True
+    return pd.DataFrame({
+        "key": key, "index": index, "gene_id": gene_id,
+        "ensembl_id": genes.column("ensembl_id").to_numpy(zero_copy_only=False),
+        "symbol": genes.column("symbol").to_numpy(zero_copy_only=False),
+        "species": genes.column("species").to_numpy(zero_copy_only=False),
+        "measured": measured,
+    })
 
 
 def compute_gene_stats(source: CorpusSource) -> pa.Table:
     """Per-gene n_units, sum and sum of squares of log1p-CP10k values over a corpus' units."""
-    n_vocab = source.genes.num_rows
+    vocab = source.gene_index
+    n_vocab = len(vocab)
     n = np.zeros(n_vocab, dtype=np.int64)
     sums = np.zeros(n_vocab)
     sums_sq = np.zeros(n_vocab)
-    panels = {sid: np.asarray(row["panel"] or [], dtype=np.int64)
+    panels = {sid: dense_rows(vocab, np.asarray(row["panel"] or [], dtype=np.int64))
               for sid, row in source.section_rows().items()}
     for ref in source.parts():
         data = source.read_bytes(ref.units_path)
@@ -101,20 +138,21 @@ def compute_gene_stats(source: CorpusSource) -> pa.Table:
         table = pq.read_table(pa.BufferReader(data), columns=["gene_idx", "counts"])
         genes = table.column("gene_idx").combine_chunks()
         offsets = genes.offsets.to_numpy()
-        gene = genes.values.to_numpy()[offsets[0]:offsets[-1]]
+        gene = dense_rows(vocab, genes.values.to_numpy()[offsets[0]:offsets[-1]].astype(np.int64))
         count = table.column("counts").combine_chunks().values.to_numpy()[offsets[0]:offsets[-1]]
         n_units = len(offsets) - 1
         unit = np.repeat(np.arange(n_units), np.diff(offsets))
         total = np.bincount(unit, weights=count, minlength=n_units)
         with np.errstate(divide="ignore", invalid="ignore"):
             x = np.log1p(np.where(total[unit] > 0, count / total[unit] * TARGET_SUM, 0.0))
-        if len(gene) and (gene.min() < 0 or gene.max() >= n_vocab):
-            raise CorpusError(f"{where}: gene_idx outside the vocabulary 0..{n_vocab - 1}")
+        if len(gene) and gene.min() < 0:
+            raise CorpusError(f"{where}: gene_idx holds indices that genes.parquet lacks")
         sums += np.bincount(gene, weights=x, minlength=n_vocab)
         sums_sq += np.bincount(gene, weights=x * x, minlength=n_vocab)
-        n[panels[ref.section_id]] += n_units
+        panel = panels[ref.section_id]
+        n[panel[panel >= 0]] += n_units
     return pa.table({
-        "index": pa.array(np.arange(n_vocab, dtype=np.int32)),
+        "index": pa.array(vocab.astype(np.int32)),
         "n_units": pa.array(n), "sum": pa.array(sums), "sum_sq": pa.array(sums_sq),
         "manifest_sha256": pa.array([source.manifest_sha256] * n_vocab, type=pa.string()),
     }, schema=GENE_STATS_SCHEMA)
@@ -125,7 +163,8 @@ def gene_stats(source: CorpusSource) -> pa.Table:
     try:
         data = bytes(source.fs.cat_file(source.path(GENE_STATS)))
         cached = pq.read_table(pa.BufferReader(data))
-        if (cached.schema.equals(GENE_STATS_SCHEMA) and cached.num_rows == source.genes.num_rows
+        if (cached.schema.equals(GENE_STATS_SCHEMA) and cached.num_rows == len(source.gene_index)
+                and np.array_equal(cached.column("index").to_numpy(), source.gene_index)
                 and set(cached.column("manifest_sha256").to_pylist())
                 <= {source.manifest_sha256}):
             return cached
@@ -145,39 +184,36 @@ def gene_stats(source: CorpusSource) -> pa.Table:
     return stats
 
 
-def _hvg(k: int, sources: list[CorpusSource], keys: list[list[GeneKey]],
-         union: dict[GeneKey, int]) -> list[GeneKey]:
-    n = np.zeros(len(union), dtype=np.int64)
-    sums, sums_sq = np.zeros(len(union)), np.zeros(len(union))
-    for source, corpus_keys in zip(sources, keys, strict=True):
+def _hvg(k: int, sources: list[CorpusSource], frames: list[pd.DataFrame]) -> list[str]:
+    pooled = []
+    for source, frame in zip(sources, frames, strict=True):
         stats = gene_stats(source)
-        at = np.array([union[key] for key in corpus_keys], dtype=np.int64)
-        np.add.at(n, at, stats.column("n_units").to_numpy())
-        np.add.at(sums, at, stats.column("sum").to_numpy())
-        np.add.at(sums_sq, at, stats.column("sum_sq").to_numpy())
-    measured = np.flatnonzero(n > 0)
+        pooled.append(frame[["key", "index"]].assign(
+            n=stats.column("n_units").to_numpy(), s=stats.column("sum").to_numpy(),
+            s2=stats.column("sum_sq").to_numpy()))
+    sums = pd.concat(pooled).groupby("key", sort=False).agg(
+        index=("index", "min"), n=("n", "sum"), s=("s", "sum"), s2=("s2", "sum"))
+    measured = sums[sums["n"] > 0]
     if k > len(measured):
         raise ConfigError(
             f"genes='hvg:{k}' asks for {k} genes; the corpora measured {len(measured)}"
         )
-    mean = sums[measured] / n[measured]
-    variance = sums_sq[measured] / n[measured] - mean * mean
-    top = measured[np.lexsort((measured, -variance))[:k]]
-    ordered = list(union)
-    return [ordered[i] for i in top]
+    mean = measured["s"] / measured["n"]
+    variance = (measured["s2"] / measured["n"] - mean * mean).to_numpy()
+    order = np.lexsort((measured["index"].to_numpy(), -variance))[:k]
+    return measured.index[order].tolist()
 
 
-def _listed(names: Sequence[str], union: dict[GeneKey, int],
-            symbols: dict[GeneKey, str | None]) -> list[GeneKey]:
-    by_id: dict[str, list[GeneKey]] = {}
-    by_symbol: dict[str, list[GeneKey]] = {}
-    for key in union:
-        by_id.setdefault(key[0], []).append(key)
-        if symbols.get(key):
-            by_symbol.setdefault(str(symbols[key]), []).append(key)
+def _listed(names: Sequence[str], rows: pd.DataFrame) -> list[str]:
+    """The column key of each named gene (key, gene_id, Ensembl id or symbol, exact case)."""
+    candidates = pd.concat([
+        rows[[column, "key"]].rename(columns={column: "name"})
+        for column in ("key", "gene_id", "ensembl_id", "symbol")
+    ]).dropna().drop_duplicates()
+    by_name = candidates.groupby("name")["key"].agg(list)
     chosen, problems = [], []
     for name in names:
-        found = by_id.get(name) or by_symbol.get(name) or []
+        found = by_name.get(name, [])
         if len(found) != 1:
             problems.append(f"{name!r} ({'ambiguous' if found else 'unknown'})")
         else:
@@ -189,34 +225,43 @@ def _listed(names: Sequence[str], union: dict[GeneKey, int],
     return chosen
 
 
-def resolve_genes(spec: str | Sequence[str], sources: list[CorpusSource]) -> GeneSet:
-    """The GeneSet for ``"all"``, ``"hvg:K"`` or a list of gene ids / symbols."""
-    keys = [_keys(source) for source in sources]
-    union: dict[GeneKey, int] = {}
-    symbols: dict[GeneKey, str | None] = {}
-    for source, corpus_keys in zip(sources, keys, strict=True):
-        for key, symbol in zip(corpus_keys, source.genes.column("symbol").to_pylist(),
-                               strict=True):
-            union.setdefault(key, len(union))
-            symbols.setdefault(key, symbol)
+def resolve_genes(spec: str | Sequence[str], sources: list[CorpusSource],
+                  gene_space: str = "gene") -> GeneSet:
+    """The GeneSet for ``"all"``, ``"hvg:K"`` or a list of gene ids / symbols.
+
+    `gene_space` is ``gene`` or ``homolog``; a ``homolog:`` prefix on a string spec selects the
+    homolog space too.
+    """
+    if isinstance(spec, str) and spec.startswith("homolog:"):
+        spec, gene_space = spec[len("homolog:"):], "homolog"
+    if gene_space not in GENE_SPACES:
+        raise ConfigError(f"gene_space must be one of {GENE_SPACES}, got {gene_space!r}")
+    frames = [_frame(source, gene_space) for source in sources]
+    rows = pd.concat(frames, ignore_index=True)
     if isinstance(spec, str):
         match = _HVG.match(spec)
         if spec == "all":
-            chosen = list(union)
+            measured = rows[rows["measured"]]
+            chosen = measured.groupby("key")["index"].min().sort_values().index.tolist()
         elif match:
-            chosen = _hvg(int(match.group(1)), sources, keys, union)
+            chosen = _hvg(int(match.group(1)), sources, frames)
         else:
-            raise ConfigError(f"genes must be 'all', 'hvg:K' or a list of genes, got {spec!r}")
+            raise ConfigError(f"genes must be 'all', 'hvg:K' (optionally prefixed 'homolog:') or "
+                              f"a list of genes, got {spec!r}")
     else:
-        chosen = _listed([str(g) for g in spec], union, symbols)
+        chosen = _listed([str(g) for g in spec], rows)
     if not chosen:
         raise ConfigError("the gene set is empty")
-    column = {key: i for i, key in enumerate(chosen)}
-    lookups = tuple(
-        np.array([column.get(key, -1) for key in corpus_keys], dtype=np.int64)
-        for corpus_keys in keys
-    )
+    columns = pd.Index(chosen)
+    lookups = tuple(columns.get_indexer(frame["key"].to_numpy()).astype(np.int64)
+                    for frame in frames)
+    # each column's symbol and species: those of its members, lowest stable index first
+    members = rows[columns.get_indexer(rows["key"].to_numpy()) >= 0].sort_values("index")
+    first = members.drop_duplicates("key").set_index("key")
+    species = members.drop_duplicates(["key", "species"]).groupby("key")["species"].agg(
+        lambda s: "+".join(sorted(s)))
     return GeneSet(
-        gene_id=tuple(k[0] for k in chosen), symbol=tuple(symbols[k] for k in chosen),
-        species=tuple(k[1] for k in chosen), lookups=lookups,
+        gene_id=tuple(chosen), symbol=tuple(first.loc[chosen, "symbol"].tolist()),
+        species=tuple(species.loc[chosen].tolist()), lookups=lookups,
+        vocab=tuple(source.gene_index for source in sources), space=gene_space,
     )

@@ -4,8 +4,10 @@ Images are served by ``histmol.shards.shard_reader.ShardReader`` (shard index pa
 ``os.pread`` per JPEG). The units parquet is decoded once with only the needed columns
 (`decode_units`, shared between processes by `histmol.data.units_cache`); its ``gene_idx``/
 ``counts`` list columns are read as CSR arrays straight from the Arrow list offsets and values
-(no per-row Python objects); a batch's dense expression is a few slices, a lookup of vocabulary
-indices to output columns and one scatter per part.
+(no per-row Python objects). Units store stable gene indices (`histmol.gene_reference`);
+`decode_units` maps them once per part to their dense row in the corpus' genes.parquet, so a
+batch's dense expression is a few slices, a lookup of rows to output columns and one scatter per
+part.
 """
 
 from __future__ import annotations
@@ -43,12 +45,13 @@ def _floats(table: pa.Table, name: str) -> np.ndarray:
     return np.asarray(array.to_numpy(), dtype=np.float32)
 
 
-def decode_units(data: bytes, n_pairs: int, n_vocab: int, where: str) -> pa.Table:
+def decode_units(data: bytes, n_pairs: int, vocab: np.ndarray, where: str) -> pa.Table:
     """Read and check a part's units parquet: its `UNIT_COLUMNS`, one chunk per column.
 
-    Raises a CorpusError naming `where` when the file is unreadable, ``pair_index`` is not
-    sorted within the part, ``gene_idx`` and ``counts`` lists differ in length, or a gene index
-    lies outside the corpus vocabulary (`n_vocab` genes).
+    ``gene_idx`` comes back as dense rows of `vocab` (the corpus' sorted stable gene indices,
+    i.e. genes.parquet's ``index`` column). Raises a CorpusError naming `where` when the file
+    is unreadable, ``pair_index`` is not sorted within the part, ``gene_idx`` and ``counts``
+    lists differ in length, or a gene index is not in genes.parquet.
     """
     try:  # one thread: in a loader worker Arrow's pool would compete with the other workers
         table = pq.read_table(pa.BufferReader(data), columns=UNIT_COLUMNS,
@@ -61,9 +64,14 @@ def decode_units(data: bytes, n_pairs: int, n_vocab: int, where: str) -> pa.Tabl
     offsets, genes = _list_csr(table.column("gene_idx"))
     if not np.array_equal(offsets, _list_csr(table.column("counts"))[0]):
         raise CorpusError(f"{where}: gene_idx and counts lists differ in length")
-    if len(genes) and (genes.min() < 0 or genes.max() >= n_vocab):
-        raise CorpusError(f"{where}: gene_idx outside the vocabulary 0..{n_vocab - 1}")
-    return table
+    rows = np.searchsorted(vocab, genes)
+    inside = rows < len(vocab)
+    if not inside.all() or not np.array_equal(vocab[rows], genes):
+        missing = genes[~inside] if not inside.all() else genes[vocab[rows] != genes]
+        raise CorpusError(f"{where}: gene_idx {int(missing[0])} is not in genes.parquet")
+    column = pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)),
+                                      pa.array(rows.astype(np.int32)))
+    return table.set_column(table.schema.get_field_index("gene_idx"), "gene_idx", column)
 
 
 class PartUnits:

@@ -32,7 +32,7 @@ import pyarrow as pa
 from histmol.shards.staging import CorpusLock
 
 SUFFIX, TMP_SUFFIX, LOCK_SUFFIX = ".arrow", ".arrow.tmp", ".lock"
-ENTRY_FORMAT = 1  # bump when the stored columns change: older entries are never looked up again
+ENTRY_FORMAT = 2  # bump when the stored columns change: older entries are never looked up again
 
 
 def entry_key(*identity: object) -> str:
