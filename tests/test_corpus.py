@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from histmol.errors import CorpusError
+from histmol.gene_reference import reference, tail_index, unresolved_key
 from histmol.shards.corpus import Corpus
 from histmol.shards.corpus_tables import GENES_SCHEMA, MANIFEST_SCHEMA
 from histmol.shards.shard_reader import ShardReader
@@ -24,11 +25,18 @@ PX = 32
 
 
 def gene_frame(ids: list[str]) -> pd.DataFrame:
-    return pd.DataFrame({
-        "gene_id": ids,
-        "symbol": [f"SYM{g}" for g in ids],
-        "ensembl_id": [None if g.startswith("x") else f"ENSG{g}" for g in ids],
-    })
+    """A raw gene table: ids double as names (made-up ones resolve to unresolved keys)."""
+    return pd.DataFrame({"gene_id": ids, "symbol": ids, "ensembl_id": [None] * len(ids)})
+
+
+def tail(corpus: Corpus) -> pd.DataFrame:
+    """The corpus' unresolved-key rows (genes.parquet past the reference)."""
+    genes = corpus.genes()
+    return genes[genes["kind"] == "unresolved"].reset_index(drop=True)
+
+
+def key_index(name: str, species: str = "human") -> int:
+    return tail_index(unresolved_key(species, name))
 
 
 def stage_section(
@@ -64,9 +72,13 @@ def test_create_open_and_config_clash(tmp_path: Path) -> None:
     corpus = Corpus.open(tmp_path / "c", create=True, build_config={"patch_px": 224, "mpp": 0.5})
     meta = json.loads((tmp_path / "c" / "corpus.json").read_text())
     assert meta == {"build_config": {"mpp": 0.5, "patch_px": 224}, "format": "histmol-corpus",
-                    "format_version": 1, "histmol_version": meta["histmol_version"]}
+                    "format_version": 2, "gene_reference": reference().version,
+                    "histmol_version": meta["histmol_version"]}
     assert list(meta) == sorted(meta)
-    assert corpus.read_table("genes").schema.equals(GENES_SCHEMA) and len(corpus.genes()) == 0
+    genes = corpus.genes()  # a new corpus lists every reference gene, index = reference row
+    assert corpus.read_table("genes").schema.equals(GENES_SCHEMA)
+    assert genes["index"].tolist() == list(range(len(reference().genes)))
+    assert genes["gene_id"].tolist() == reference().genes["ensembl_id"].tolist()
     assert corpus.read_table("manifest").schema.equals(MANIFEST_SCHEMA)
     assert len(corpus.manifest()) == 0
     assert len(corpus.sections()) == 0 and "panel" in corpus.sections().columns
@@ -77,33 +89,61 @@ def test_create_open_and_config_clash(tmp_path: Path) -> None:
 
 def test_gene_mapping_is_stable_across_sections_and_reopen(tmp_path: Path) -> None:
     corpus = Corpus.open(tmp_path, create=True)
-    first = corpus.map_genes(gene_frame(["g1", "g2", "x3"]), "human")
-    second = corpus.map_genes(gene_frame(["x3", "g4", "g1"]), "human")
-    mouse = corpus.map_genes(gene_frame(["g1"]), "mouse")
+    epcam, gfap, mouse_gfap = 4979, 6404, 73646  # rows of the shipped reference
+    first = corpus.map_genes(gene_frame(["EPCAM", "GFAP", "nag_x3"]), "human")
+    second = corpus.map_genes(gene_frame(["nag_x3", "nag_g4", "ENSG00000119888.5"]), "human")
+    mouse = corpus.map_genes(gene_frame(["Gfap", "nag_x3"]), "mouse")
     assert first.dtype == np.int32
-    assert first.tolist() == [0, 1, 2] and second.tolist() == [2, 3, 0] and mouse.tolist() == [4]
-    again = Corpus.open(tmp_path).map_genes(gene_frame(["g4", "g2"]), "human")
-    assert again.tolist() == [3, 1]
-    genes = Corpus.open(tmp_path).genes()
-    assert genes["index"].tolist() == [0, 1, 2, 3, 4]
-    assert genes["gene_id"].tolist() == ["g1", "g2", "x3", "g4", "g1"]
-    assert genes["species"].tolist() == ["human"] * 4 + ["mouse"]
-    assert genes["ensembl_id"].tolist()[:3] == ["ENSGg1", "ENSGg2", None]
-    assert set(genes["kind"]) == {"gene"}
-    with pytest.raises(ValueError, match="not unique"):
-        corpus.map_genes(gene_frame(["g1", "g1"]), "human")
+    assert first.tolist() == [epcam, gfap, key_index("nag_x3")]
+    assert second.tolist() == [key_index("nag_x3"), key_index("nag_g4"), epcam]
+    assert mouse.tolist() == [mouse_gfap, key_index("nag_x3", "mouse")]
+    again = Corpus.open(tmp_path).map_genes(gene_frame(["nag_g4", "GFAP"]), "human")
+    assert again.tolist() == [key_index("nag_g4"), gfap]
+    rows = tail(Corpus.open(tmp_path))
+    keys = ["unresolved:human:nag_x3", "unresolved:human:nag_g4", "unresolved:mouse:nag_x3"]
+    assert rows["gene_id"].tolist() == sorted(keys, key=lambda k: tail_index(k))
+    assert rows["index"].tolist() == sorted(tail_index(k) for k in keys)
+    assert rows["species"].tolist() == [k.split(":")[1] for k in rows["gene_id"]]
+    assert (rows["homolog_group"] == -1).all() and rows["ensembl_id"].isna().all()
+    with pytest.raises(CorpusError, match="resolve to the same genes"):
+        corpus.map_genes(gene_frame(["EPCAM", "ENSG00000119888"]), "human")
+
+
+def test_unresolved_keys_are_an_order_free_union(tmp_path: Path) -> None:
+    panels = [["nag_a1", "EPCAM", "nag_b2"], ["nag_c3", "nag_a1"], ["nag_d4"], ["GFAP", "nag_e5", "nag_c3"]]
+    contents = set()
+    for name, order in (("fwd", panels), ("rev", panels[::-1]),
+                        ("mixed", [panels[2], panels[0], panels[3], panels[1]])):
+        corpus = Corpus.open(tmp_path / name, create=True)
+        for genes in order:
+            corpus.map_genes(gene_frame(genes), "human")
+        contents.add((tmp_path / name / "genes.parquet").read_bytes())
+    assert len(contents) == 1
+    assert tail(Corpus.open(tmp_path / "fwd"))["gene_id"].str.split(":").str[2].tolist() == \
+        sorted(["nag_a1", "nag_b2", "nag_c3", "nag_d4", "nag_e5"], key=key_index)
+
+
+def test_hash_collision_of_two_keys_is_refused(tmp_path: Path, monkeypatch: Any) -> None:
+    corpus = Corpus.open(tmp_path, create=True)
+    corpus.map_genes(gene_frame(["nag_a1"]), "human")
+    import histmol.gene_reference as reference_module
+
+    monkeypatch.setattr(reference_module, "tail_index", lambda key: key_index("nag_a1"))
+    with pytest.raises(CorpusError, match="'unresolved:human:nag_a1' and 'unresolved:human:nag_b2'"):
+        corpus.map_genes(gene_frame(["nag_b2"]), "human")
 
 
 def test_commit_then_reopen_shows_rows_and_readable_parts(tmp_path: Path) -> None:
     corpus = Corpus.open(tmp_path, create=True)
-    build(corpus, "s2", ["g1", "g2"], n_pairs=3, tissue="brain", qc_score=0.5)
-    build(corpus, "s1", ["g2", "g3"], n_pairs=1, tissue="lung", qc_passed=True)
+    build(corpus, "s2", ["nag_g1", "nag_g2"], n_pairs=3, tissue="brain", qc_score=0.5)
+    build(corpus, "s1", ["nag_g2", "nag_g3"], n_pairs=1, tissue="lung", qc_passed=True)
     reopened = Corpus.open(tmp_path)
     sections = reopened.read_table("sections").to_pylist()
     assert [r["section_id"] for r in sections] == ["s1", "s2"]
     s1, s2 = sections
     assert s2["status"] == "committed" and s2["n_pairs"] == 3 and s2["n_parts"] == 2
-    assert s2["panel"] == [0, 1] and s2["n_genes"] == 2 and s2["tissue"] == "brain"
+    assert s2["panel"] == sorted([key_index("nag_g1"), key_index("nag_g2")])
+    assert s2["n_genes"] == 2 and s2["tissue"] == "brain"
     assert s1["qc_passed"] is True and s2["qc_passed"] is None and s1["qc_score"] is None
     manifest = reopened.read_table("manifest").to_pylist()
     assert [(m["section_id"], m["part"]) for m in manifest] == [("s1", 0), ("s2", 0), ("s2", 1)]
@@ -121,9 +161,8 @@ def test_commit_then_reopen_shows_rows_and_readable_parts(tmp_path: Path) -> Non
 def test_table_bytes_do_not_depend_on_commit_order(tmp_path: Path) -> None:
     for name, order in (("a", ["s1", "s2"]), ("b", ["s2", "s1"])):
         corpus = Corpus.open(tmp_path / name, create=True, build_config={"k": 1})
-        corpus.map_genes(gene_frame(["g1", "g2", "g3"]), "human")  # vocabulary order fixed
         for section_id in order:
-            build(corpus, section_id, ["g1", "g3"] if section_id == "s1" else ["g2"])
+            build(corpus, section_id, ["nag_g1", "nag_g3"] if section_id == "s1" else ["nag_g2"])
     for table in ("corpus.json", "genes.parquet", "sections.parquet", "manifest.parquet"):
         assert (tmp_path / "a" / table).read_bytes() == (tmp_path / "b" / table).read_bytes()
     for section_id in ("s1", "s2"):
@@ -134,10 +173,10 @@ def test_table_bytes_do_not_depend_on_commit_order(tmp_path: Path) -> None:
 
 def test_recommit_requires_force_and_force_replaces(tmp_path: Path) -> None:
     corpus = Corpus.open(tmp_path, create=True)
-    build(corpus, "s1", ["g1"], n_pairs=3)
+    build(corpus, "s1", ["nag_g1"], n_pairs=3)
     with pytest.raises(CorpusError, match="already committed"):
-        build(corpus, "s1", ["g1"], n_pairs=1)
-    build(corpus, "s1", ["g1"], n_pairs=1, force=True)
+        build(corpus, "s1", ["nag_g1"], n_pairs=1)
+    build(corpus, "s1", ["nag_g1"], n_pairs=1, force=True)
     assert corpus.section_status("s1")["n_pairs"] == 1  # type: ignore[index]
     assert [m["part"] for m in corpus.read_table("manifest").to_pylist()] == [0]
     assert sorted(p.name for p in (tmp_path / "shards" / "s1").iterdir()) == [
@@ -154,19 +193,19 @@ def test_record_failure_keeps_committed_data(tmp_path: Path) -> None:
     failed = corpus.section_status("s9")
     assert failed is not None and failed["status"] == "failed"
     assert failed["reason"] == "mpp disagreement" and failed["n_pairs"] == 0
-    build(corpus, "s1", ["g1"])
+    build(corpus, "s1", ["nag_g1"])
     before = corpus.read_table("manifest")
     assert corpus.record_failure("s1", {"platform": "visium"}, "later failure") is False
     assert corpus.section_status("s1")["status"] == "committed"  # type: ignore[index]
     assert corpus.read_table("manifest").equals(before)
-    build(corpus, "s9", ["g1"])  # a failed section can be committed later without force
+    build(corpus, "s9", ["nag_g1"])  # a failed section can be committed later without force
     assert corpus.section_status("s9")["status"] == "committed"  # type: ignore[index]
 
 
 def test_remove_section(tmp_path: Path) -> None:
     corpus = Corpus.open(tmp_path, create=True)
-    build(corpus, "s1", ["g1"])
-    build(corpus, "s2", ["g2"])
+    build(corpus, "s1", ["nag_g1"])
+    build(corpus, "s2", ["nag_g2"])
     (tmp_path / "qc" / "s1").mkdir(parents=True)
     (tmp_path / "qc" / "s1" / "overview.png").write_bytes(b"png")
     assert corpus.remove_section("s1") is True
@@ -175,20 +214,21 @@ def test_remove_section(tmp_path: Path) -> None:
     assert [r["section_id"] for r in corpus.read_table("sections").to_pylist()] == ["s2"]
     assert {m["section_id"] for m in corpus.read_table("manifest").to_pylist()} == {"s2"}
     assert not (tmp_path / "shards" / "s1").exists()
-    assert len(corpus.genes()) == 2  # vocabulary indices never move
+    assert tail(corpus)["gene_id"].tolist() == sorted(  # a removed section's keys stay
+        ["unresolved:human:nag_g1", "unresolved:human:nag_g2"], key=tail_index)
 
 
 def test_interrupted_commit_reads_incomplete_and_recovers(tmp_path: Path) -> None:
     corpus = Corpus.open(tmp_path, create=True)
-    build(corpus, "s1", ["g1"])
-    build(corpus, "s2", ["g1"])
+    build(corpus, "s1", ["nag_g1"])
+    build(corpus, "s2", ["nag_g1"])
     # Simulate a crash of a forced re-commit of s1 right after step 1 (manifest rewritten).
     manifest = corpus.read_table("manifest")
     keep = pa.compute.not_equal(manifest.column("section_id"), "s1")
     pq.write_table(manifest.filter(keep), tmp_path / "manifest.parquet")
     assert corpus.section_status("s1")["status"] == "incomplete"  # type: ignore[index]
     assert corpus.section_status("s2")["status"] == "committed"  # type: ignore[index]
-    build(corpus, "s1", ["g1"], n_pairs=2)  # no force needed: it is not committed
+    build(corpus, "s1", ["nag_g1"], n_pairs=2)  # no force needed: it is not committed
     assert corpus.section_status("s1")["status"] == "committed"  # type: ignore[index]
     assert {m["section_id"] for m in corpus.read_table("manifest").to_pylist()} == {"s1", "s2"}
 
@@ -218,7 +258,7 @@ def test_staging_cleanup_removes_only_stale_debris(tmp_path: Path) -> None:
 
 def test_commit_rejects_mismatched_staging(tmp_path: Path) -> None:
     corpus = Corpus.open(tmp_path, create=True)
-    indices = corpus.map_genes(gene_frame(["g1"]), "human")
+    indices = corpus.map_genes(gene_frame(["nag_g1"]), "human")
     staging, records = stage_section(corpus, "s1", 3, indices)
     with pytest.raises(CorpusError, match="do not match"):
         corpus.commit_section("s1", staging, records=records[:1], row={"platform": "visium"})
@@ -241,7 +281,7 @@ def _commit_many(root: str, worker: int, barrier: Any) -> dict[str, list[int]]:
     mapped: dict[str, list[int]] = {}
     for k in range(5):
         section_id = f"w{worker}-s{k}"
-        genes = [f"g{(worker + k + j) % 7}" for j in range(4)]
+        genes = [f"nag_g{(worker + k + j) % 7}" for j in range(4)]
         indices = corpus.map_genes(gene_frame(genes), "human")
         staging, records = stage_section(corpus, section_id, 3, indices, seed=worker * 10 + k)
         corpus.commit_section(section_id, staging, records=records,
@@ -265,13 +305,14 @@ def test_concurrent_commits_from_two_processes_all_land(tmp_path: Path) -> None:
     assert len(manifest) == 10 * 2  # 3 pairs at 2 per shard: 2 parts per section
     assert all(r["status"] == "committed" for r in corpus.read_table("sections").to_pylist())
     genes = corpus.genes()
-    assert genes["index"].tolist() == list(range(len(genes)))
+    assert np.all(np.diff(genes["index"].to_numpy()) > 0)
     assert not genes["gene_id"].duplicated().any()
     lookup = dict(zip(genes["gene_id"], genes["index"], strict=True))
+    assert len(tail(corpus)) == 7
     for mapped in results:
         for values in mapped.values():
             ids, indices = values[:4], [int(v) for v in values[4:]]
-            assert [lookup[g] for g in ids] == indices
+            assert [lookup[f"unresolved:human:{g}"] for g in ids] == indices
     assert sorted(os.listdir(tmp_path / "shards")) == sorted(
         f"w{w}-s{k}" for w in (1, 2) for k in range(5)
     )
@@ -279,22 +320,22 @@ def test_concurrent_commits_from_two_processes_all_land(tmp_path: Path) -> None:
 
 def test_section_metadata_columns_are_typed_and_checked(tmp_path: Path) -> None:
     corpus = Corpus.open(tmp_path, create=True)
-    build(corpus, "s1", ["g1"], qc_score=1)
-    build(corpus, "s2", ["g1"], qc_score=2.5, flag=np.bool_(True))
+    build(corpus, "s1", ["nag_g1"], qc_score=1)
+    build(corpus, "s2", ["nag_g1"], qc_score=2.5, flag=np.bool_(True))
     table = corpus.read_table("sections")
     assert table.schema.field("qc_score").type == pa.float64()
     assert table.schema.field("flag").type == pa.bool_()
     assert table.column("qc_score").to_pylist() == [1.0, 2.5]
     with pytest.raises(ValueError, match="'qc_score'"):
-        build(corpus, "s3", ["g1"], qc_score="high")
+        build(corpus, "s3", ["nag_g1"], qc_score="high")
     assert [r["section_id"] for r in corpus.read_table("sections").to_pylist()] == ["s1", "s2"]
     assert not (tmp_path / "shards" / "s3").exists()  # refused before anything moved
 
 
 def test_list_valued_metadata_and_dataframe_readers(tmp_path: Path) -> None:
     corpus = Corpus.open(tmp_path, create=True)
-    build(corpus, "s1", ["g1"], native_to_wsi=np.eye(3).ravel(), tags=["a", "b"])
-    build(corpus, "s2", ["g1"], native_to_wsi=[1, 0, 0, 0, 1, 0, 0, 0, 1])
+    build(corpus, "s1", ["nag_g1"], native_to_wsi=np.eye(3).ravel(), tags=["a", "b"])
+    build(corpus, "s2", ["nag_g1"], native_to_wsi=[1, 0, 0, 0, 1, 0, 0, 0, 1])
     table = corpus.read_table("sections")
     assert table.schema.field("native_to_wsi").type == pa.list_(pa.float64())
     assert table.schema.field("tags").type == pa.list_(pa.string())
@@ -302,7 +343,7 @@ def test_list_valued_metadata_and_dataframe_readers(tmp_path: Path) -> None:
     assert isinstance(frame, pd.DataFrame) and frame["section_id"].tolist() == ["s1", "s2"]
     assert frame["native_to_wsi"].iloc[1].tolist() == [1.0, 0, 0, 0, 1, 0, 0, 0, 1]
     assert corpus.manifest()["n_pairs"].sum() == 6
-    assert corpus.genes()["gene_id"].tolist() == ["g1"]
+    assert tail(corpus)["gene_id"].tolist() == ["unresolved:human:nag_g1"]
     empty = Corpus.open(tmp_path / "empty", create=True)
     assert list(empty.manifest().columns) == MANIFEST_SCHEMA.names
     assert len(empty.sections()) == 0 and "panel" in empty.sections().columns
