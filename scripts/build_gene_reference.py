@@ -97,7 +97,7 @@ def build(wheel_path: Path, deb_path: Path) -> tuple[pd.DataFrame, pd.DataFrame,
     ])
     tables = []
     for species, rows in (("human", human), ("mouse", mouse)):
-        rows = rows.dropna(subset=["ensembl_id"])
+        rows = rows[rows["ensembl_id"].str.fullmatch(r"ENS(MUS)?G\d{11}").fillna(False)]
         # the best source that names the gene gives its symbol (BioMart, then HCOP, then NCBI)
         rows = rows.sort_values(["ensembl_id", "rank"], kind="stable")
         named = rows.dropna(subset=["symbol"]).drop_duplicates("ensembl_id")

@@ -1,7 +1,9 @@
 """Small synthetic corpora for the loader tests, built with SectionShardWriter + Corpus directly.
 
 Every value is a function of (section, pair, unit, gene), so tests can check a sample's patch,
-expression, positions and panel exactly: `expected_units` recomputes what was written.
+expression, positions and panel exactly: `expected_units` recomputes what was written. Panels
+name genes by token (``g0``..``g7``): the first eight human genes of the shipped reference
+(stable indices 0..7), written by their Ensembl ids; `ENSEMBL`, `SYMBOL` and `tokens` translate.
 """
 
 from __future__ import annotations
@@ -12,10 +14,20 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from histmol.gene_reference import reference
 from histmol.shards.corpus import Corpus
 from histmol.shards.shard_writer import SectionShardWriter
 
 PX = 16
+_FIRST = reference().genes.iloc[:8]
+ENSEMBL = {f"g{i}": str(e) for i, e in enumerate(_FIRST["ensembl_id"])}
+SYMBOL = {f"g{i}": str(e) for i, e in enumerate(_FIRST["symbol"])}
+TOKEN = {e: g for g, e in ENSEMBL.items()}
+
+
+def tokens(gene_ids: list[str]) -> list[str]:
+    """The tokens of emitted gene ids (Ensembl ids of the reference)."""
+    return [TOKEN[g] for g in gene_ids]
 
 
 @dataclass(frozen=True)
@@ -64,8 +76,8 @@ def unit_position(pair: int, unit: int) -> tuple[float, float]:
 def write_section(corpus: Corpus, index: int, spec: SectionSpec, pairs_per_shard: int) -> None:
     """Write and commit one section."""
     vocab = corpus.map_genes(pd.DataFrame({
-        "gene_id": list(spec.genes), "symbol": [f"SYM-{g}" for g in spec.genes],
-        "ensembl_id": [None] * len(spec.genes)}), spec.species)
+        "gene_id": [ENSEMBL[g] for g in spec.genes], "symbol": [SYMBOL[g] for g in spec.genes],
+        "ensembl_id": [ENSEMBL[g] for g in spec.genes]}), spec.species)
     position = {g: int(i) for g, i in zip(spec.genes, vocab, strict=True)}
     staging = corpus.staging_dir(spec.section_id)
     with SectionShardWriter(staging, patch_px=PX, pairs_per_shard=pairs_per_shard) as writer:

@@ -35,6 +35,11 @@ def tail(corpus: Corpus) -> pd.DataFrame:
     return genes[genes["kind"] == "unresolved"].reset_index(drop=True)
 
 
+def ref_index(ensembl_id: str) -> int:
+    """A gene's stable index: its row in the shipped reference."""
+    return int(reference().ensembl.get_loc(ensembl_id))
+
+
 def key_index(name: str, species: str = "human") -> int:
     return tail_index(unresolved_key(species, name))
 
@@ -89,7 +94,8 @@ def test_create_open_and_config_clash(tmp_path: Path) -> None:
 
 def test_gene_mapping_is_stable_across_sections_and_reopen(tmp_path: Path) -> None:
     corpus = Corpus.open(tmp_path, create=True)
-    epcam, gfap, mouse_gfap = 4979, 6404, 73646  # rows of the shipped reference
+    epcam, gfap = ref_index("ENSG00000119888"), ref_index("ENSG00000131095")
+    mouse_gfap = ref_index("ENSMUSG00000020932")
     first = corpus.map_genes(gene_frame(["EPCAM", "GFAP", "nag_x3"]), "human")
     second = corpus.map_genes(gene_frame(["nag_x3", "nag_g4", "ENSG00000119888.5"]), "human")
     mouse = corpus.map_genes(gene_frame(["Gfap", "nag_x3"]), "mouse")
@@ -110,7 +116,8 @@ def test_gene_mapping_is_stable_across_sections_and_reopen(tmp_path: Path) -> No
 
 
 def test_unresolved_keys_are_an_order_free_union(tmp_path: Path) -> None:
-    panels = [["nag_a1", "EPCAM", "nag_b2"], ["nag_c3", "nag_a1"], ["nag_d4"], ["GFAP", "nag_e5", "nag_c3"]]
+    panels = [["nag_a1", "EPCAM", "nag_b2"], ["nag_c3", "nag_a1"], ["nag_d4"],
+              ["GFAP", "nag_e5", "nag_c3"]]
     contents = set()
     for name, order in (("fwd", panels), ("rev", panels[::-1]),
                         ("mixed", [panels[2], panels[0], panels[3], panels[1]])):
@@ -129,7 +136,8 @@ def test_hash_collision_of_two_keys_is_refused(tmp_path: Path, monkeypatch: Any)
     import histmol.gene_reference as reference_module
 
     monkeypatch.setattr(reference_module, "tail_index", lambda key: key_index("nag_a1"))
-    with pytest.raises(CorpusError, match="'unresolved:human:nag_a1' and 'unresolved:human:nag_b2'"):
+    clash = "'unresolved:human:nag_a1' and 'unresolved:human:nag_b2'"
+    with pytest.raises(CorpusError, match=clash):
         corpus.map_genes(gene_frame(["nag_b2"]), "human")
 
 

@@ -15,10 +15,13 @@ import pytest
 import torch
 from data_helpers import (
     DEFAULT_SECTIONS,
+    ENSEMBL,
     PX,
+    SYMBOL,
     expected_units,
     make_corpus,
     patch_value,
+    tokens,
     unit_position,
 )
 from torchdata.stateful_dataloader import StatefulDataLoader
@@ -49,7 +52,7 @@ def dense(spec, pair: int, genes: list[str]) -> np.ndarray:
 
 def test_samples_hold_exact_patch_expression_positions_and_panel(corpus: Path) -> None:
     ds = PairDataset(corpus, seed=3, batch_size=4)
-    genes = ds.genes["gene_id"].tolist()
+    genes = tokens(ds.genes["gene_id"].tolist())
     assert genes == [f"g{i}" for i in range(8)] and ds.epoch_length == TOTAL
     seen = set()
     for sample in ds:
@@ -68,9 +71,10 @@ def test_samples_hold_exact_patch_expression_positions_and_panel(corpus: Path) -
 
 
 def test_aggregation_gene_list_and_float_patches(corpus: Path) -> None:
-    ds = PairDataset(corpus, genes=["g6", "SYM-g2", "g0"], aggregate_units=True,
+    ds = PairDataset(corpus, genes=[ENSEMBL["g6"], SYMBOL["g2"], ENSEMBL["g0"]],
+                     aggregate_units=True,
                      patch_format="float_chw", shuffle="none", batch_size=2)
-    assert ds.genes["gene_id"].tolist() == ["g6", "g2", "g0"]
+    assert tokens(ds.genes["gene_id"].tolist()) == ["g6", "g2", "g0"]
     samples = list(ds)
     for sample in samples:
         index, spec = SPEC[sample["section_id"]]
@@ -85,7 +89,7 @@ def test_aggregation_gene_list_and_float_patches(corpus: Path) -> None:
     assert batch["expression"].shape == (5, 3) and batch["patch"].shape == (5, 3, PX, PX)
     assert "unit_batch" not in batch
     with pytest.raises(ConfigError, match=r"'nope' \(unknown\)"):
-        PairDataset(corpus, genes=["g1", "nope"])
+        PairDataset(corpus, genes=[ENSEMBL["g1"], "nope"])
 
 
 def test_collate_concatenates_units(corpus: Path) -> None:
@@ -115,12 +119,13 @@ def test_hvg_matches_direct_computation_and_is_cached(corpus: Path, monkeypatch)
                         np.log1p(unit.get(gene, 0) / total * TARGET_SUM) if total else 0.0)
     variance = {g: np.var(v) for g, v in values.items()}
     expected = sorted(variance, key=lambda g: (-variance[g], int(g[1:])))[:3]
-    assert ds.genes["gene_id"].tolist() == expected
+    assert tokens(ds.genes["gene_id"].tolist()) == expected
     stats = pq.read_table(cache)
+    assert stats.column("index").to_pylist()[:2] == [0, 1]  # stable indices of g0, g1
     assert stats.column("n_units").to_pylist()[:2] == [len(values["g0"]), len(values["g1"])]
     monkeypatch.setattr("histmol.data.genes.compute_gene_stats",
                         lambda source: pytest.fail("recomputed despite the cache"))
-    assert PairDataset(corpus, genes="hvg:3").genes["gene_id"].tolist() == expected
+    assert tokens(PairDataset(corpus, genes="hvg:3").genes["gene_id"].tolist()) == expected
     with pytest.raises(ConfigError, match="measured 8"):
         PairDataset(corpus, genes="hvg:9")
 
@@ -214,7 +219,7 @@ def test_memory_filesystem_source_matches_local(corpus: Path, tmp_path: Path) ->
     # Two corpora at once: the same pairs twice, ids offset by the first corpus' size.
     both = PairDataset([corpus, "memory://remote-corpus"], batch_size=2, cache_dir=tmp_path)
     indices = sorted(s["index"] for s in both)
-    assert indices == list(range(2 * TOTAL)) and both.genes["gene_id"].tolist()[-1] == "g7"
+    assert indices == list(range(2 * TOTAL)) and tokens(both.genes["gene_id"].tolist())[-1] == "g7"
 
 
 def corrupt_copy(corpus: Path, tmp_path: Path) -> tuple[Path, Path]:

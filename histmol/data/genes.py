@@ -207,7 +207,7 @@ def _hvg(k: int, sources: list[CorpusSource], frames: list[pd.DataFrame]) -> lis
 def _listed(names: Sequence[str], rows: pd.DataFrame) -> list[str]:
     """The column key of each named gene (key, gene_id, Ensembl id or symbol, exact case)."""
     candidates = pd.concat([
-        rows[[column, "key"]].rename(columns={column: "name"})
+        pd.DataFrame({"name": rows[column].to_numpy(), "key": rows["key"].to_numpy()})
         for column in ("key", "gene_id", "ensembl_id", "symbol")
     ]).dropna().drop_duplicates()
     by_name = candidates.groupby("name")["key"].agg(list)
