@@ -12,13 +12,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from data_helpers import DEFAULT_SECTIONS, make_corpus, patch_value
+from data_helpers import DEFAULT_SECTIONS, ENSEMBL, make_corpus, patch_value
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from histmol.data import PairDataset, pair_collate
 from histmol.data.shm import BufferPool, SharedBuffer
 from histmol.shards.jpeg import ROW_ALIGNMENT, ROW_OFFSET, misaligned_empty
 
+GENE_LIST = [ENSEMBL["g6"], ENSEMBL["g2"], ENSEMBL["g0"]]
 TOTAL = sum(s.n_pairs for s in DEFAULT_SECTIONS)  # 22
 SECTION = {s.section_id: i for i, s in enumerate(DEFAULT_SECTIONS)}
 PAIRS_PER_SHARD = 4
@@ -75,8 +76,8 @@ def test_batched_mode_yields_exactly_the_collated_batches(
 
 def test_float_patches_transforms_and_aggregation_match_per_sample_batches(corpus: Path) -> None:
     for kw in ({"patch_format": "float_chw"}, {"patch_transform": lambda p: p[::2, ::2]},
-               {"aggregate_units": True}, {"genes": ["g6", "g2", "g0"]},
-               {"genes": ["g6", "g2", "g0"], "aggregate_units": True}, {"max_open_parts": 1}):
+               {"aggregate_units": True}, {"genes": GENE_LIST},
+               {"genes": GENE_LIST, "aggregate_units": True}, {"max_open_parts": 1}):
         assert_same(batches(corpus, True, 1, **kw), batches(corpus, False, 1, **kw))
 
 
