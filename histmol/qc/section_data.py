@@ -164,19 +164,27 @@ def load_section(
     table = pa.concat_tables(tables)
     scalar = [n for n in table.column_names if n not in ("gene_idx", "counts")]
     units = table.select(scalar).to_pandas()
-    matrix = _csr(table, len(corpus.genes())) if counts else None
+    matrix = _csr(table, corpus.genes()["index"].to_numpy()) if counts else None
     return StoredSection(corpus.root, row, parts.reset_index(drop=True), units, matrix)
 
 
-def _csr(table: pa.Table, n_genes: int) -> sp.csr_matrix:
-    """Units x vocabulary CSR from the gene_idx/counts list columns (no Python lists)."""
+def _csr(table: pa.Table, vocab: np.ndarray) -> sp.csr_matrix:
+    """Units x genes.parquet rows CSR from the gene_idx/counts list columns (no Python lists).
+
+    Columns are genes.parquet rows (`vocab` is its sorted ``index`` column): units hold stable
+    gene indices, mapped here to their rows.
+    """
     genes = table.column("gene_idx").combine_chunks()
     counts = table.column("counts").combine_chunks()
     offsets = genes.offsets.to_numpy()  # flatten() honours a sliced array's offset, .values not
     data = counts.flatten().to_numpy().astype(np.int32)
-    indices = genes.flatten().to_numpy().astype(np.int32)
+    stable = genes.flatten().to_numpy().astype(np.int64)
+    indices = np.searchsorted(vocab, stable)
+    if len(stable) and (indices.max() >= len(vocab) or not np.array_equal(vocab[indices], stable)):
+        raise CorpusError("units reference gene indices that genes.parquet lacks")
     indptr = (offsets - offsets[0]).astype(np.int64)
-    return sp.csr_matrix((data, indices, indptr), shape=(table.num_rows, n_genes))
+    return sp.csr_matrix((data, indices.astype(np.int32), indptr),
+                         shape=(table.num_rows, len(vocab)))
 
 
 @dataclass(frozen=True)
