@@ -105,14 +105,15 @@ def _r_unmangled(names: pd.Series) -> pd.Series:
 
 def panel_species(ensembl: pd.Series, names: pd.Series) -> str:
     """``human``, ``mouse``, ``mixed`` or ``unknown`` from a panel's ids and names."""
-    prefixes = ensembl.dropna().astype(str).str.extract(r"^(ENS[A-Z]*G)\d", expand=False)
+    has_id = ensembl.notna().to_numpy()
+    prefixes = ensembl[has_id].astype(str).str.extract(r"^(ENS[A-Z]*G)\d", expand=False)
     counts = prefixes.map(ENSEMBL_PREFIX_SPECIES).value_counts()
-    if counts.empty:  # symbols: which species' current names (exact case) the panel uses
-        ref = reference()
-        hits = {s: _lookup(ref.exact[s], names) >= 0 for s in REFERENCE_SPECIES}
-        counts = pd.Series({"human": int((hits["human"] & ~hits["mouse"]).sum()),
-                            "mouse": int((hits["mouse"] & ~hits["human"]).sum())})
-        counts = counts[counts > 0].sort_values(ascending=False)
+    # features without an id: which species' names (exact case) they are
+    ref = reference()
+    hits = {s: _lookup(ref.exact[s], names[~has_id]) >= 0 for s in REFERENCE_SPECIES}
+    for species, other in (("human", "mouse"), ("mouse", "human")):
+        counts[species] = counts.get(species, 0) + int((hits[species] & ~hits[other]).sum())
+    counts = counts[counts > 0].sort_values(ascending=False, kind="stable")
     if counts.empty:
         return UNKNOWN
     minority = counts.iloc[1:].sum()
