@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import scipy.sparse as sp
+from gene_space_helpers import truth_columns
 
 from histmol.synth import GroundTruth
 
@@ -32,10 +33,10 @@ def assert_binned_corpus_exact(truth: GroundTruth, out: Path, bin_px: float) -> 
     where = pd.Series(np.arange(len(ids)), index=ids).loc[units["unit_id"]].to_numpy()
     np.testing.assert_allclose(units["x_wsi_px"], (col[first][where] + 0.5) * bin_px, atol=1e-9)
     np.testing.assert_allclose(units["y_wsi_px"], (row[first][where] + 0.5) * bin_px, atol=1e-9)
-    vocabulary = pd.read_parquet(out / "genes.parquet")["gene_id"].to_numpy()
-    column = pd.Series(np.arange(len(truth.genes)), index=truth.genes["symbol"]).loc[vocabulary]
+    symbols = truth.genes["symbol"]
+    column = truth_columns(symbols, symbols)  # stable gene index -> truth column (by symbol)
     got = np.zeros((len(units), len(truth.genes)), np.int64)
     for i, (genes, values) in enumerate(zip(units["gene_idx"], units["counts"], strict=True)):
-        got[i, column.to_numpy()[np.asarray(genes)]] = values
+        got[i, column.loc[np.asarray(genes)].to_numpy()] = values
     np.testing.assert_array_equal(got, expected[where])
     return section

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from histmol.genes import gene_qc, infer_species
+from histmol.genes import gene_qc, gene_table, infer_species
 from histmol.shards.corpus import Corpus
 from histmol.shards.shard_writer import SectionShardWriter
 
@@ -40,3 +40,9 @@ def write_counts(
     return corpus.commit_section(section_id, staging, records=records, row={
         "platform": platform, "panel": np.sort(index), "species": species,
         "config_hash": "test", "input_fingerprint": section_id, **gene_qc(genes)})
+
+
+def truth_columns(ids: object, symbols: object) -> pd.Series:
+    """Stable gene index -> column of a ground-truth gene table, resolved as adapters do."""
+    index = gene_table(np.asarray(ids, dtype=object), np.asarray(symbols, dtype=object))["index"]
+    return pd.Series(np.arange(len(index)), index=index.to_numpy())

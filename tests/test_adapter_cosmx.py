@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 from adapter_contract import AdapterContract, BundleCase
 from conftest import fixture_path
+from gene_space_helpers import truth_columns
 
 from histmol.build import SectionRequest, build_section
 from histmol.config import BuildConfig
@@ -79,7 +80,8 @@ def test_hand_written_cells(tmp_path: Path) -> None:
         section.units["y_native"], -np.array([150200.0, 150030.0, 153000.0]) * 0.18
     )
     np.testing.assert_array_equal(section.counts.toarray(), [[3, 0], [0, 5], [7, 2]])
-    assert section.genes["gene_id"].tolist() == ["GAPDH", "ACTB"]
+    assert section.genes["feature"].tolist() == ["GAPDH", "ACTB"]
+    assert section.genes["gene_id"].tolist() == ["ENSG00000111640", "ENSG00000075624"]
     np.testing.assert_array_equal(section.control_counts["negative_probe"], [1, 1, 0])
     assert section.qc["n_background_rows"] == 1 and section.qc["background_counts"] == 7
     assert section.qc["layout"] == "legacy" and section.qc["global_y_sign"] == 1.0
@@ -97,7 +99,7 @@ def test_hand_written_bins_and_pixel_size_override(tmp_path: Path) -> None:
     # GAPDH x2 share a bin; the NegPrb-only bin is dropped and counted; ACTB in its own bin.
     # Bins come sorted by (row, col): the ACTB bin (y further up, so smaller) first.
     assert section.qc["n_bins_controls_only"] == 1 and section.n_units == 2
-    assert section.genes["gene_id"].tolist() == ["GAPDH", "ACTB"]  # order of first appearance
+    assert section.genes["feature"].tolist() == ["GAPDH", "ACTB"]  # order of first appearance
     assert section.counts.toarray().tolist() == [[0, 1], [2, 0]]
     col, row = np.floor(1100.5 * 0.12028 / 8.0), np.floor(-150210.0 * 0.12028 / 8.0)
     gapdh = section.units.iloc[1]
@@ -151,7 +153,7 @@ def test_lung12_transcripts_binned_exactly() -> None:
     row = np.floor(-tx["y_global_px"] * 0.18 / 8.0).astype(int)
     genes = ~tx["target"].str.startswith("NegPrb")
     expected = tx[genes].groupby([col[genes], row[genes], tx["target"][genes]]).size()
-    symbols = section.genes["symbol"].to_numpy()
+    symbols = section.genes["feature"].to_numpy()
     coo = section.counts.tocsr().tocoo()
     units = section.units
     got = pd.Series(
@@ -228,11 +230,12 @@ def test_synthetic_cells_end_to_end(
     rows = index.loc[units["unit_id"]].to_numpy()
     np.testing.assert_allclose(units["x_wsi_px"], atomx.x_wsi_px[rows], atol=1e-6)
     np.testing.assert_allclose(units["y_wsi_px"], atomx.y_wsi_px[rows], atol=1e-6)
-    vocabulary = pd.read_parquet(tmp_path / "corpus" / "genes.parquet")["symbol"].to_numpy()
     truth = atomx.counts.toarray()
     symbols = atomx.genes["symbol"].to_numpy()
+    column = truth_columns(symbols, symbols)  # stable gene index -> truth column
     for record, r in zip(units.itertuples(), rows, strict=True):
-        got = dict(zip(vocabulary[np.asarray(record.gene_idx)], record.counts, strict=True))
+        names = symbols[column.loc[np.asarray(record.gene_idx)].to_numpy()]
+        got = dict(zip(names, record.counts, strict=True))
         expected = {
             s: v
             for s, v in zip(

@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 import scipy.sparse as sp
 from adapter_contract import AdapterContract, BundleCase
+from gene_space_helpers import truth_columns
 
 from histmol.build import SectionRequest, build_section
 from histmol.config import BuildConfig
@@ -208,11 +209,11 @@ def test_synthetic_chip_placed_by_its_corners_exactly(
     assert truth.in_tissue[rows].all()
     np.testing.assert_allclose(units["x_wsi_px"], truth.x_wsi_px[rows], atol=1e-6)
     np.testing.assert_allclose(units["y_wsi_px"], truth.y_wsi_px[rows], atol=1e-6)
-    vocabulary = pd.read_parquet(out / "genes.parquet")["gene_id"].to_numpy()
-    column = pd.Series(np.arange(len(truth.genes)), index=truth.genes["gene_id"]).loc[vocabulary]
+    # the matrix names genes by id only: resolve them the same way
+    column = truth_columns(truth.genes["gene_id"], truth.genes["gene_id"])  # stable idx -> col
     got = np.zeros((len(units), len(truth.genes)), np.int64)
     for i, (genes, values) in enumerate(zip(units["gene_idx"], units["counts"], strict=True)):
-        got[i, column.to_numpy()[np.asarray(genes)]] = values
+        got[i, column.loc[np.asarray(genes)].to_numpy()] = values
     np.testing.assert_array_equal(got, truth.counts[rows].toarray())
     assert section["n_pairs"] == len(units)  # spot mode: one patch per pixel
     assert section["qc_placement"] == "corners" and section["qc_corner_max_um"] < 1e-6

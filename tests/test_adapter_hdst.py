@@ -74,7 +74,7 @@ def test_beads_are_binned_exactly_in_pixel_coordinates(tmp_path: Path) -> None:
     assert section.units["unit_id"].tolist() == ["c0_r0", "c1_r0", "c1_r1"]
     assert section.units["x_native"].tolist() == [8.0, 24.0, 24.0]  # H&E px
     assert section.units["y_native"].tolist() == [8.0, 8.0, 24.0]
-    assert section.genes["gene_id"].tolist() == ["Gapdh", "Actb", "Mbp"]
+    assert section.genes["feature"].tolist() == ["Gapdh", "Actb", "Mbp"]
     np.testing.assert_array_equal(section.counts.toarray(), EXPECTED)
     assert section.native_to_wsi is None and section.native_um_per_unit == 0.5
     assert section.qc["um_per_px_source"] == "user" and section.qc["bead_match_rate"] == 1.0

@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 from adapter_contract import AdapterContract, BundleCase
 from conftest import fixture_path
+from gene_space_helpers import truth_columns
 
 from histmol.build import SectionRequest, build_section
 from histmol.config import BuildConfig
@@ -69,7 +70,8 @@ def test_hand_written_cells(tmp_path: Path) -> None:
     assert section.units["x_native"].tolist() == [100.25, 130.0, 300.0]
     assert section.units["y_native"].tolist() == [2000.5, 2010.0, 1900.0]
     assert section.units["volume"].tolist() == [400.5, 300.0, 350.0]
-    assert section.genes["gene_id"].tolist() == ["Gapdh", "Actb"]
+    assert section.genes["feature"].tolist() == ["Gapdh", "Actb"]
+    assert section.genes["gene_id"].tolist() == ["ENSMUSG00000057666", "ENSMUSG00000029580"]
     np.testing.assert_array_equal(section.counts.toarray(), [[3, 0], [0, 5], [2, 2]])
     assert section.control_counts["blank"].tolist() == [1, 0, 2]
     assert section.qc["mosaic_px_per_um"] == pytest.approx(9.259259)
@@ -188,11 +190,12 @@ def test_synthetic_cells_end_to_end(
     rows = index.loc[units["unit_id"]].to_numpy()
     np.testing.assert_allclose(units["x_wsi_px"], truth.x_wsi_px[rows], atol=1e-6)
     np.testing.assert_allclose(units["y_wsi_px"], truth.y_wsi_px[rows], atol=1e-6)
-    vocabulary = pd.read_parquet(tmp_path / "corpus" / "genes.parquet")["symbol"].to_numpy()
     dense = truth.counts.toarray()
     symbols = truth.genes["symbol"].to_numpy()
+    column = truth_columns(symbols, symbols)  # stable gene index -> truth column
     for record, r in zip(units.itertuples(), rows, strict=True):
-        got = dict(zip(vocabulary[np.asarray(record.gene_idx)], record.counts, strict=True))
+        names = symbols[column.loc[np.asarray(record.gene_idx)].to_numpy()]
+        got = dict(zip(names, record.counts, strict=True))
         expected = {
             s: v
             for s, v in zip(

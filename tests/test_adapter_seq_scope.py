@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import scipy.sparse as sp
 from adapter_contract import AdapterContract, BundleCase
+from gene_space_helpers import truth_columns
 
 from histmol.build import SectionRequest, build_section
 from histmol.config import BuildConfig
@@ -244,11 +245,10 @@ def test_synthetic_section_counts_and_coordinates_are_exact(
     x, y = (truth.native_to_wsi @ np.stack([centres["x"], centres["y"], np.ones(len(units))]))[:2]
     np.testing.assert_allclose(units["x_wsi_px"], x, atol=1e-6)
     np.testing.assert_allclose(units["y_wsi_px"], y, atol=1e-6)
-    vocabulary = pd.read_parquet(out / "genes.parquet")["gene_id"].to_numpy()
-    column = pd.Series(np.arange(len(truth.genes)), index=truth.genes["gene_id"]).loc[vocabulary]
+    column = truth_columns(truth.genes["gene_id"], truth.genes["symbol"])  # stable idx -> col
     got = np.zeros((len(units), len(truth.genes)), np.int64)
     for i, (genes, values) in enumerate(zip(units["gene_idx"], units["counts"], strict=True)):
-        got[i, column.to_numpy()[np.asarray(genes)]] = values
+        got[i, column.loc[np.asarray(genes)].to_numpy()] = values
     np.testing.assert_array_equal(got, np.stack(centres["counts"].to_numpy()))
     assert bool(row["qc_transform_mirrored"])  # NovaScope swaps x and y: a mirror, handled
     assert row["mpp_source"] == "embedded" and abs(row["qc_mpp_scalefactors_vs_pitch"]) < 1e-9

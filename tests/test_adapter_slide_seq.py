@@ -69,7 +69,7 @@ def test_hand_written_bundle(tmp_path: Path) -> None:
     np.testing.assert_array_equal(section.units["y_native"], np.array([200.0, 205.5, 230.0]) * 0.65)
     assert section.units["x_coordinate"].tolist() == [100.0, 120.0, 90.5]
     np.testing.assert_array_equal(section.counts.toarray(), DGE.T)
-    assert section.genes["gene_id"].tolist() == GENES
+    assert section.genes["feature"].tolist() == GENES
     assert section.metadata == {"adjacent_section": "true"}
     assert (section.unit_shape, section.unit_size_um, section.pitch_um) == ("circle", 10.0, None)
     assert section.native_um_per_unit == 1.0 and section.native_to_wsi is None
@@ -112,7 +112,7 @@ def test_spacexr_cerebellum_vignette() -> None:
     assert units.loc["TTGGACGTTTCAAT", "x_coordinate"] == 3411.272727
     assert units.loc["TTGGACGTTTCAAT", "x_native"] == 3411.272727 * 0.65
     np.testing.assert_array_equal(units["y_native"], beads.loc[units.index, "ycoord"] * 0.65)
-    assert section.genes["gene_id"].tolist() == dge.index.tolist()
+    assert section.genes["feature"].tolist() == dge.index.tolist()
     np.testing.assert_array_equal(section.counts.toarray(), dge[units.index].to_numpy().T)
 
 
@@ -138,7 +138,7 @@ def test_synthetic_puck_reads_exactly(puck: tuple[SyntheticSlide, GroundTruth]) 
     np.testing.assert_array_equal(section.units["x_native"], truth.x_native)
     np.testing.assert_array_equal(section.units["y_native"], truth.y_native)
     np.testing.assert_array_equal(section.counts.toarray(), truth.counts.toarray())
-    assert section.genes["gene_id"].tolist() == truth.genes["symbol"].tolist()
+    assert section.genes["feature"].tolist() == truth.genes["symbol"].tolist()
 
 
 @pytest.mark.parametrize("placement", ["transform", "landmarks"])

@@ -116,7 +116,8 @@ def test_selection_bundle_spots_as_rows(tmp_path: Path) -> None:
     assert units.loc["3x1", ["array_x", "array_y"]].tolist() == [3, 1]
     assert units.loc["1x1", ["new_x", "new_y"]].tolist() == [1.02, 0.98]
     # Versioned duplicates of one Ensembl id are summed; the control probe is split out.
-    assert section.genes["gene_id"].tolist() == ["ENSMUSG00000000001", "Gapdh", "Actb"]
+    assert section.genes["gene_id"].tolist() == [  # Gapdh and Actb resolved by symbol
+        "ENSMUSG00000000001", "ENSMUSG00000057666", "ENSMUSG00000029580"]
     keep = [0, 2, 3, 4]
     expected = np.stack([COUNTS[:, 0] + COUNTS[:, 3], COUNTS[:, 1], COUNTS[:, 4]], axis=1)[keep]
     np.testing.assert_array_equal(section.counts.toarray(), expected)
@@ -287,7 +288,10 @@ def test_mob1_every_aligned_spot() -> None:
     assert len(missing) == 11 and "34x6" in missing
     assert not set(missing) & set(section.units["unit_id"])
     unversioned = counts.columns.str.replace(r"\.\d+$", "", regex=True)
-    assert section.genes["gene_id"].tolist() == unversioned.tolist()
+    assert section.genes["feature"].tolist() == counts.columns.tolist()
+    resolved = section.genes["resolved"].to_numpy()
+    assert resolved.sum() == 997  # 3 ids retired from Ensembl stay under unresolved keys
+    assert section.genes["gene_id"][resolved].tolist() == unversioned[resolved].tolist()
     units = section.units.set_index("unit_id")
     for spot in ("10x10", "12x28", "65x33", "64x62"):
         x, y = (int(v) for v in spot.split("x"))

@@ -19,6 +19,7 @@ import pytest
 import scipy.sparse as sp
 from adapter_contract import AdapterContract, BundleCase
 from conftest import fixture_path
+from gene_space_helpers import truth_columns
 
 from histmol.build import SectionRequest, build_section
 from histmol.config import BuildConfig
@@ -228,13 +229,12 @@ def test_grid_build_keeps_every_count_and_places_bins_exactly(
     assert row["n_units_read"] == len(expected)
     # counts: the sum over all pairs is the sum over the 2 um bins of the kept coarse bins
     assert shard["counts"].map(sum).sum() == counts[np.flatnonzero(inside)].sum()
-    genes = pd.read_parquet(out / "genes.parquet")["gene_id"].to_numpy()
-    truth_col = pd.Series(np.arange(len(truth.genes)), index=truth.genes["gene_id"])
+    truth_col = truth_columns(truth.genes["gene_id"], truth.genes["symbol"])  # stable -> col
     position = pd.Series(np.arange(len(expected)), index=expected.index)
     dense = counts.toarray()
     for record in shard.itertuples():
         got = np.zeros(len(truth.genes), np.int64)
-        got[truth_col.loc[genes[np.asarray(record.gene_idx)]].to_numpy()] = record.counts
+        got[truth_col.loc[np.asarray(record.gene_idx)].to_numpy()] = record.counts
         np.testing.assert_array_equal(got, dense[position[record.unit_id]])
 
 

@@ -82,7 +82,7 @@ def test_mousebrain_subset_cells_exact() -> None:
         barcodes = [v.decode() for v in m["barcodes"][()]]
     assert section.units["unit_id"].tolist() == barcodes
     genes = [i for i, n in enumerate(names) if control_category(n) is None]
-    assert section.genes["symbol"].tolist() == [names[i] for i in genes]
+    assert section.genes["feature"].tolist() == [names[i] for i in genes]
     assert (section.counts != raw[:, genes]).nnz == 0
     for category in ("blank", "negative_codeword", "negative_probe"):
         columns = [i for i, n in enumerate(names) if control_category(n) == category]

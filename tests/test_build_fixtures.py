@@ -13,6 +13,7 @@ from conftest import fixture_path
 from histmol.build import SectionRequest, build_section
 from histmol.config import BuildConfig
 from histmol.errors import ConfigError, CorpusError, QCError
+from histmol.genes import gene_table
 from histmol.shards.shard_reader import ShardReader
 
 MOB1 = "legacy_st_stutility_MOB1/counts"
@@ -44,9 +45,16 @@ def test_mob1_builds_end_to_end_with_exact_counts(tmp_path: Path) -> None:
     # counts of one spot equal the raw matrix, gene by gene
     counts = pd.read_csv(folder_counts(), sep="\t", index_col=0)
     spot = units.set_index("unit_id").loc["12x28"]
-    stored = dict(zip(genes["symbol"].to_numpy()[spot["gene_idx"]], spot["counts"], strict=True))
+    ids = genes.set_index("index")["gene_id"]  # stable gene index -> reference Ensembl id
+    stored = dict(zip(ids.loc[spot["gene_idx"]], spot["counts"], strict=True))
     raw = counts.loc["12x28"]
-    assert stored == {gene: int(v) for gene, v in raw[raw > 0].items()}
+    # keys: the unversioned id, or the unresolved key of an id retired from Ensembl
+    keys = dict(zip(counts.columns, gene_table(counts.columns, counts.columns)["gene_id"],
+                    strict=True))
+    assert stored == {keys[gene]: int(v) for gene, v in raw[raw > 0].items()}
+    assert "unresolved:mouse:ENSMUSG00000098178.1" in stored
+    assert row["qc_genes_resolved_fraction"] == 0.997  # 3 ids retired from Ensembl
+    assert len(row["genes_unresolved"]) == 3
     assert spot["x_wsi_px"] == 506.25 and spot["y_wsi_px"] == 720.95
     # the patch is centred on the spot: centre of a 64 px patch
     assert spot["x_in_patch_px"] == pytest.approx(32.0)

@@ -101,16 +101,22 @@ def test_gene_keys_controls_and_duplicates() -> None:
         ["ENSMUSG00000064339.1", "Gad1", "NegControlProbe_00042", "BLANK_0006", "Gad1"],
         ["mt-Rnr2", "Gad1", "NegControlProbe_00042", "BLANK_0006", "Gad1"],
     )
-    assert genes["gene_id"].tolist()[:2] == ["ENSMUSG00000064339", "Gad1"]
+    # ids and symbols resolve to the reference: Gad1 by its current symbol
+    assert genes["gene_id"].tolist()[:2] == ["ENSMUSG00000064339", "ENSMUSG00000070880"]
     counts = sp.csr_matrix(np.array([[1, 2, 3, 4, 5], [0, 1, 0, 7, 1]], dtype=np.int32))
     kept, kept_counts, controls = split_controls(genes, counts)
-    assert kept["gene_id"].tolist() == ["ENSMUSG00000064339", "Gad1", "Gad1"]
+    assert kept["gene_id"].tolist() == ["ENSMUSG00000064339", "ENSMUSG00000070880"] * 1 + [
+        "ENSMUSG00000070880"]
     assert controls.to_dict("list") == {"blank": [4, 7], "negative_probe": [3, 0]}
     merged, merged_counts = merge_duplicate_genes(kept, kept_counts)
-    assert merged["gene_id"].tolist() == ["ENSMUSG00000064339", "Gad1"]
+    assert merged["gene_id"].tolist() == ["ENSMUSG00000064339", "ENSMUSG00000070880"]
     np.testing.assert_array_equal(merged_counts.toarray(), [[1, 7], [0, 2]])
-    assert infer_species(merged) == "mouse"  # half the panel has mouse Ensembl ids
-    assert infer_species(gene_table(["ENSMUSG00000064339", "A", "B"], ["x", "A", "B"])) is None
+    assert infer_species(merged) == "mouse"
+    # the panel's one Ensembl id names its species; A and B stay unresolved mouse keys
+    one_id = gene_table(["ENSMUSG00000064339", "zzA", "zzB"], ["x", "zzA", "zzB"])
+    assert infer_species(one_id) == "mouse"
+    assert one_id["gene_id"].tolist()[1:] == ["unresolved:mouse:zzA", "unresolved:mouse:zzB"]
+    assert infer_species(gene_table(["zzA", "zzB"], ["zzA", "zzB"])) is None  # no evidence
 
 
 def test_file_errors_survive_pickling() -> None:
