@@ -42,7 +42,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 from prefect import flow, get_run_logger
@@ -53,16 +53,22 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from flows.build import (
     SectionFailed,
-    cache_key,
-    gene_keys,
     map_genes,
+    place_section,
     read_section,
     record_failure,
-    register_section,
+    section_gene_keys,
     write_section,
     write_section_remote,
 )
-from histmol.build import BuildResult, SectionRequest
+from histmol.build import (
+    SKIP,
+    BuildResult,
+    SectionRequest,
+    section_key,
+    skip_decision,
+    skipped_result,
+)
 from histmol.config import BuildConfig
 from histmol.errors import ConfigError, HistmolError
 from histmol.manifest import IngestPlan, load_manifest
@@ -71,19 +77,6 @@ from histmol.shards.corpus import COMMITTED, Corpus
 from histmol.shards.remote import RemoteCorpus
 
 POLL_S = 0.02
-
-
-@dataclass
-class SectionOutcome:
-    """One manifest entry's fate in one run."""
-
-    section_id: str
-    platform: str
-    status: str  # committed | skipped | failed
-    reason: str = ""
-    n_pairs: int = 0
-    n_units: int = 0
-    seconds: float = 0.0
 
 
 class IngestFailed(HistmolError):
@@ -166,7 +159,7 @@ def _reason(futures: list[PrefectFuture[Any]]) -> str:
 
 
 def _plan_work(plan: IngestPlan, out: str, force: bool, published: set[str] | None = None
-               ) -> tuple[list[_Run], list[SectionOutcome]]:
+               ) -> tuple[list[_Run], list[BuildResult]]:
     """Split the manifest into sections to build and unchanged committed ones (skipped).
 
     `published`: for a remote corpus, the sections live there (its tables are the truth; a
@@ -178,15 +171,14 @@ def _plan_work(plan: IngestPlan, out: str, force: bool, published: set[str] | No
     todo, skipped = [], []
     for index, (request, config) in enumerate(zip(plan.requests, plan.configs, strict=True)):
         section_id = request.resolved_section_id()
-        key = cache_key(request, config)
+        key = section_key(request, config)
         row = rows.get(section_id)
         live = (section_id in published if published is not None else
                 (corpus.section_status(section_id) or {}).get("status") == COMMITTED)
-        if not force and row is not None and row.get("cache_key") == key and live:
-            skipped.append(SectionOutcome(section_id, request.platform, "skipped",
-                                          "unchanged since its last commit",
-                                          int(row["n_pairs"]), int(row["n_units"])))
-        else:
+        if skip_decision(row, key, live=live, force=force) == SKIP:
+            assert row is not None
+            skipped.append(skipped_result(section_id, request.platform, row))
+        else:  # a changed committed section is rebuilt: the manifest says what it should be
             todo.append(_Run(index, section_id, request, config, key, published=live))
     return todo, skipped
 
@@ -225,9 +217,9 @@ class _Scheduler:
                  storage_options: dict[str, Any] | None = None) -> None:
         self.runner, self.out, self.window, self.threads = runner, out, window, threads
         self.remote, self.upload, self.storage_options = remote, upload, storage_options
-        self.outcomes: list[SectionOutcome] = []
+        self.outcomes: list[BuildResult] = []
 
-    def run(self, todo: list[_Run]) -> list[SectionOutcome]:
+    def run(self, todo: list[_Run]) -> list[BuildResult]:
         queue, mapping, writing = deque(todo), deque[_Run](), list[_Run]()
         while queue or mapping or writing:
             while queue and len(mapping) + len(writing) < self.window:
@@ -248,10 +240,11 @@ class _Scheduler:
     def _start(self, run: _Run) -> _Run:
         common = {"section_id": run.section_id, "request": run.request}
         read = self.runner.submit(read_section, {**common, "config": run.config})
-        register = self.runner.submit(register_section,
-                                      {**common, "section": read, "config": run.config})
-        keys = self.runner.submit(gene_keys, {**common, "section": read, "placement": register})
-        run.stages = [read, register, keys]
+        place = self.runner.submit(place_section,
+                                   {**common, "section": read, "config": run.config})
+        keys = self.runner.submit(section_gene_keys,
+                                  {**common, "section": read, "placement": place})
+        run.stages = [read, place, keys]
         return run
 
     def _submit_write(self, run: _Run) -> bool:
@@ -266,9 +259,9 @@ class _Scheduler:
         except SectionFailed as err:
             self._fail(run, err.reason)
             return False
-        read, register, _ = run.stages
+        read, place, _ = run.stages
         common = {"section_id": run.section_id, "request": run.request, "section": read,
-                  "placement": register, "gene_index": gene_index, "species": keys.species,
+                  "placement": place, "gene_index": gene_index, "species": keys.species,
                   "config": run.config, "key": run.key, "threads": self.threads}
         if self.upload:
             assert self.remote is not None
@@ -296,9 +289,8 @@ class _Scheduler:
             self.remote.publish_built(value[1])
         elif self.remote is not None:
             self.remote.publish_section(run.section_id)
-        self._add(SectionOutcome(run.section_id, run.request.platform, "committed", "",
-                                 result.n_pairs, result.n_units,
-                                 time.perf_counter() - run.started))
+        result.seconds = time.perf_counter() - run.started
+        self._add(result)
 
     def _fail(self, run: _Run, reason: str) -> None:
         # a live remote section whose parts are still listed keeps its last good data, as a
@@ -307,12 +299,12 @@ class _Scheduler:
             record_failure(self.out, run.config, run.section_id, run.request.platform, reason)
             if self.remote is not None:
                 self.remote.publish_failure(run.section_id)
-        self._add(SectionOutcome(run.section_id, run.request.platform, "failed", reason,
-                                 seconds=time.perf_counter() - run.started))
+        self._add(BuildResult(run.section_id, run.request.platform, "failed", reason,
+                              seconds=time.perf_counter() - run.started))
 
-    def _add(self, outcome: SectionOutcome) -> None:
+    def _add(self, outcome: BuildResult) -> None:
         self.outcomes.append(outcome)
-        _emit("section", asdict(outcome))
+        _emit("section", outcome.summary())
 
 
 def summary_text(outcomes: list[dict[str, Any]]) -> str:
@@ -358,7 +350,7 @@ def ingest_corpus(
         remote.initialise()
     _emit("start", {"total": len(plan.requests), "to_build": len(todo)})
     for outcome in skipped:
-        _emit("section", asdict(outcome))
+        _emit("section", outcome.summary())
     with runner:
         if dask_address is not None and max_parallel is None:
             window = max(1, sum(runner.client.nthreads().values()))  # type: ignore[attr-defined]
@@ -367,7 +359,7 @@ def ingest_corpus(
                                storage_options=storage_options)
         built = scheduler.run(todo) if todo else []
     order = {request.resolved_section_id(): i for i, request in enumerate(plan.requests)}
-    outcomes = sorted((asdict(o) for o in skipped + built), key=lambda o: order[o["section_id"]])
+    outcomes = sorted((o.summary() for o in skipped + built), key=lambda o: order[o["section_id"]])
     get_run_logger().info("ingest of %s into %s:\n%s", manifest, out, summary_text(outcomes))
     if any(o["status"] == "failed" for o in outcomes):
         raise IngestFailed(outcomes)

@@ -163,9 +163,7 @@ def build(
     threads: Annotated[int, typer.Option(help="Tile-reading threads.")] = 2,
 ) -> None:
     """Build one section from a platform bundle and its H&E into a corpus."""
-    quiet_prefect()
-    from flows.build import build_sections
-    from histmol.build import SectionRequest
+    from histmol.build import SectionRequest, build_section
     from histmol.config import BuildConfig
     from platform_adapters import get_platform
 
@@ -207,7 +205,7 @@ def build(
         get_platform(platform)
         request.resolved_section_id()  # refuse an unsafe id before any work starts
         with progress_display():
-            [result] = build_sections([request], str(out), config, force=force, threads=threads)
+            result = build_section(request, out, config, force=force, threads=threads)
     except HistmolError as err:
         fail(err)
     verb = "already in the corpus, skipped" if result.status == "skipped" else "committed"
@@ -345,7 +343,6 @@ def demo(
     threads: Annotated[int, typer.Option(help="Tile-reading threads.")] = 2,
 ) -> None:
     """Generate sample bundles and a synthetic WSI, build them into a corpus, summarise it."""
-    quiet_prefect()
     from histmol.demo import run_demo
 
     try:

@@ -189,6 +189,10 @@ class RemoteInputRequest(SectionRequest):
             text = text.replace(str(source.local_path()), source.url.rstrip("/"))
         return text
 
+    def local(self, *fields: str) -> SectionRequest:
+        """This request with its URL inputs among `fields` (default all) fetched here."""
+        return with_local_inputs(self, *fields)
+
 
 def with_local_inputs(request: SectionRequest, *fields: str) -> SectionRequest:
     """`request` with its URL inputs among `fields` (default: all) fetched to this process' cache.
