@@ -24,7 +24,6 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from prefect import task
@@ -170,7 +169,7 @@ def worker_scratch(section_id: str) -> Iterator[Path]:
 
 @task(name="tile-write-upload", task_run_name="write-{section_id}", **_STAGE)
 def write_section_remote(
-    section_id: str, url: str, storage_options: dict[str, Any] | None, request: SectionRequest,
+    section_id: str, url: str, request: SectionRequest,
     section: Section, placement: Placement, gene_index: np.ndarray, species: str,
     config: BuildConfig, key: str, threads: int,
 ) -> tuple[BuildResult, BuiltSection]:
@@ -189,7 +188,7 @@ def write_section_remote(
         result = write_section.fn(section_id, str(root), request, section, placement, gene_index,
                                   species, config, key, True, threads)
         with section_errors():
-            remote = RemoteCorpus(url, local=root, storage_options=storage_options)
+            remote = RemoteCorpus(url, local=root)  # options: the worker's fsspec config
             built = remote.upload_section(section_id)
     return result, built
 

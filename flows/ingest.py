@@ -129,6 +129,7 @@ class _Run:
     config: BuildConfig
     key: str
     published: bool = False  # remote --out: live in the remote corpus when the run started
+    problem: str = ""  # why planning this entry failed (it is recorded failed, never built)
     dropped: bool = False  # remote --out: its parts left the remote manifest (step 1)
     started: float = field(default_factory=time.perf_counter)
     stages: list[PrefectFuture[Any]] = field(default_factory=list)
@@ -163,7 +164,9 @@ def _plan_work(plan: IngestPlan, out: str, force: bool, published: set[str] | No
     """Split the manifest into sections to build and unchanged committed ones (skipped).
 
     `published`: for a remote corpus, the sections live there (its tables are the truth; a
-    section built on a Dask worker has no folder in the scratch corpus `out`).
+    section built on a Dask worker has no folder in the scratch corpus `out`). An entry whose
+    planning fails (an input that cannot be listed or stat'ed: missing, unreadable, bad URL)
+    comes back as a run with its `problem`, to be recorded failed; the others go on.
     """
     corpus = Corpus.open(out, create=True, build_config=plan.corpus_fields)
     corpus.cleanup_staging()  # debris of a killed run: stale staging folders, temporary files
@@ -171,7 +174,15 @@ def _plan_work(plan: IngestPlan, out: str, force: bool, published: set[str] | No
     todo, skipped = [], []
     for index, (request, config) in enumerate(zip(plan.requests, plan.configs, strict=True)):
         section_id = request.resolved_section_id()
-        key = section_key(request, config)
+        problem = plan.problems.get(index, "")
+        try:
+            key = "" if problem else section_key(request, config)
+        except HistmolError as err:
+            problem = str(err)
+        if problem:  # a live remote section keeps its last good data (as a local one does)
+            todo.append(_Run(index, section_id, request, config, "", problem=problem,
+                             published=published is not None and section_id in published))
+            continue
         row = rows.get(section_id)
         live = (section_id in published if published is not None else
                 (corpus.section_status(section_id) or {}).get("status") == COMMITTED)
@@ -188,15 +199,20 @@ def _runner(dask_address: str | None, window: int) -> TaskRunner[Any]:
         # Threads blocked on an upstream stage hold no core; 4 per section lets every stage
         # of the window be queued without starving the running ones.
         return ThreadPoolTaskRunner(max_workers=4 * window)
-    if not get_current_settings().api.url:
-        raise ConfigError(
-            "a Dask run needs a Prefect API the workers can reach (Dask worker processes cannot "
-            "use this process' temporary one): start `prefect server start --host <host>` (or "
-            "use Prefect Cloud) and set PREFECT_API_URL=http://<host>:4200/api"
-        )
+    _require_api()
     from prefect_dask import DaskTaskRunner
 
     return DaskTaskRunner(address=dask_address)
+
+
+def _require_api() -> None:
+    """Refuse a Dask run without a Prefect API of the user's (a private one is loopback-only)."""
+    if not get_current_settings().api.url:
+        raise ConfigError(
+            "a Dask run needs a Prefect API the workers can reach (Dask worker processes cannot "
+            "use this process' private one): start `prefect server start --host <host>` (or "
+            "use Prefect Cloud) and set PREFECT_API_URL=http://<host>:4200/api"
+        )
 
 
 def default_parallel(threads: int) -> int:
@@ -208,19 +224,23 @@ class _Scheduler:
     """Feeds the window, maps genes in manifest order, collects outcomes.
 
     With `remote`, `out` is its scratch corpus and each outcome is published. `upload` (a remote
-    corpus on Dask, `storage_options` travel to the workers): workers build and upload each
-    section's objects, and this process only writes the remote tables.
+    corpus on Dask): workers build and upload each section's objects (with the storage options
+    of their fsspec config, flows/worker_config.py), and this process only writes the remote
+    tables.
     """
 
     def __init__(self, runner: TaskRunner[Any], out: str, window: int, threads: int,
-                 remote: RemoteCorpus | None = None, upload: bool = False,
-                 storage_options: dict[str, Any] | None = None) -> None:
+                 remote: RemoteCorpus | None = None, upload: bool = False) -> None:
         self.runner, self.out, self.window, self.threads = runner, out, window, threads
-        self.remote, self.upload, self.storage_options = remote, upload, storage_options
+        self.remote, self.upload = remote, upload
         self.outcomes: list[BuildResult] = []
 
     def run(self, todo: list[_Run]) -> list[BuildResult]:
-        queue, mapping, writing = deque(todo), deque[_Run](), list[_Run]()
+        for run in todo:
+            if run.problem:
+                self._fail(run, run.problem)
+        queue = deque(run for run in todo if not run.problem)
+        mapping, writing = deque[_Run](), list[_Run]()
         while queue or mapping or writing:
             while queue and len(mapping) + len(writing) < self.window:
                 mapping.append(self._start(queue.popleft()))
@@ -269,8 +289,7 @@ class _Scheduler:
             run.dropped = True
             # a scratch copy from an in-process run is stale now (and would hide a failure)
             Corpus.open(self.out).remove_section(run.section_id)
-            run.write = self.runner.submit(write_section_remote, {
-                **common, "url": self.remote.url, "storage_options": self.storage_options})
+            run.write = self.runner.submit(write_section_remote, {**common, "url": self.remote.url})
             return True
         # force: a committed section reaching here changed; the manifest says rebuild it
         run.write = self.runner.submit(write_section, {**common, "out": self.out, "force": True})
@@ -324,15 +343,17 @@ def ingest_corpus(
     max_parallel: int | None = None,
     threads: int = 1,
     force: bool = False,
-    storage_options: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Build every section of `manifest` into the corpus at `out`; return one outcome per entry.
 
     `max_parallel` sections run at once (default: the Dask cluster's threads, else one per
     `threads` cores); `threads` tile-reading threads each. `force` rebuilds unchanged sections.
-    `out` may be a remote fsspec URL (``s3://bucket/corpus``; `storage_options` for its file
-    system, also handed to Dask workers; without them each process uses its fsspec config):
-    sections are built in a local scratch corpus, or on Dask in each worker's temp dir, and
+    `out` may be a remote fsspec URL (``s3://bucket/corpus``): its file system takes its options
+    (credentials, endpoint) from fsspec's configuration of this process (``FSSPEC_S3_*``
+    variables, fsspec config files, or `run_ingest`'s `storage_options`), shipped to Dask
+    workers in memory (flows/worker_config.py): never a flow or task parameter, so never in
+    Prefect's database.
+    Sections are built in a local scratch corpus, or on Dask in each worker's temp dir, and
     published by this process (see the module docstring). Raises IngestFailed (after every
     other section committed) when any section failed.
     """
@@ -341,7 +362,7 @@ def ingest_corpus(
     runner = _runner(dask_address, window)  # refuses a Dask run without an API, before any work
     remote, local_out, published = None, out, None
     if is_url(out):
-        remote = RemoteCorpus(out, storage_options=storage_options)
+        remote = RemoteCorpus(out)
         remote.pull()
         local_out = str(remote.local)
         published = remote.published_sections() if remote.local.is_dir() else set()
@@ -352,11 +373,16 @@ def ingest_corpus(
     for outcome in skipped:
         _emit("section", outcome.summary())
     with runner:
-        if dask_address is not None and max_parallel is None:
-            window = max(1, sum(runner.client.nthreads().values()))  # type: ignore[attr-defined]
+        if dask_address is not None:
+            client = runner.client  # type: ignore[attr-defined]
+            if max_parallel is None:
+                window = max(1, sum(client.nthreads().values()))
+            if remote is not None:
+                from flows.worker_config import ship_fsspec_config
+
+                ship_fsspec_config(client, out)
         scheduler = _Scheduler(runner, local_out, window, threads, remote,
-                               upload=remote is not None and dask_address is not None,
-                               storage_options=storage_options)
+                               upload=remote is not None and dask_address is not None)
         built = scheduler.run(todo) if todo else []
     order = {request.resolved_section_id(): i for i, request in enumerate(plan.requests)}
     outcomes = sorted((o.summary() for o in skipped + built), key=lambda o: order[o["section_id"]])
@@ -364,3 +390,64 @@ def ingest_corpus(
     if any(o["status"] == "failed" for o in outcomes):
         raise IngestFailed(outcomes)
     return outcomes
+
+
+def _protocol(url: str) -> str:
+    import fsspec
+
+    return str(fsspec.core.split_protocol(url)[0])
+
+
+@contextmanager
+def storage_config(out: str, storage_options: dict[str, Any] | None) -> Iterator[None]:
+    """Put `storage_options` in fsspec's in-memory config for `out`'s protocol while the block runs.
+
+    fsspec applies its config to every file system of that protocol it creates (this process',
+    the loader's, the workers' through flows.worker_config); nothing is written anywhere.
+    """
+    if not storage_options:
+        yield
+        return
+    import fsspec
+
+    protocol = _protocol(out)
+    before = fsspec.config.conf.get(protocol)
+    fsspec.config.conf[protocol] = {**(before or {}), **storage_options}
+    try:
+        yield
+    finally:
+        if before is None:
+            fsspec.config.conf.pop(protocol, None)
+        else:
+            fsspec.config.conf[protocol] = before
+
+
+def run_ingest(
+    manifest: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    dask_address: str | None = None,
+    max_parallel: int | None = None,
+    threads: int = 1,
+    force: bool = False,
+    storage_options: dict[str, Any] | None = None,
+) -> list[dict[str, Any]]:
+    """Run the `ingest-corpus` flow here: the library and `histmol ingest` entry point.
+
+    Against the user's Prefect API (``PREFECT_API_URL``), else a private server that ends with
+    this process (flows/server.py). `storage_options` for a remote `out` reach the file systems
+    through fsspec's in-memory config (`storage_config`), never as flow parameters. Returns one
+    outcome per entry; raises IngestFailed when any section failed (the others committed).
+    """
+    from flows.server import prefect_api
+
+    if dask_address is not None:
+        _require_api()  # before any server starts or any work
+    with storage_config(str(out), storage_options), prefect_api():
+        state = ingest_corpus(str(manifest), str(out), dask_address=dask_address,
+                              max_parallel=max_parallel, threads=threads, force=force,
+                              return_state=True)
+        result = state.result(raise_on_failure=False)
+    if isinstance(result, BaseException):
+        raise result
+    return result  # type: ignore[no-any-return]

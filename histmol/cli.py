@@ -489,39 +489,41 @@ def ingest(
 ) -> None:
     """Build every section of a manifest into one corpus: resumable, failures isolated."""
     quiet_prefect()
-    from flows.ingest import IngestFailed, ingest_corpus
+    from flows.ingest import IngestFailed, run_ingest
     from histmol.ingest_view import ingest_display, outcome_table
 
-    with ingest_display(console):
-        state = ingest_corpus(
-            str(manifest),
-            str(out),
-            dask_address=dask_address,
-            max_parallel=max_parallel,
-            threads=threads,
-            force=force,
-            return_state=True,
-        )
-    result = state.result(raise_on_failure=False)
-    if isinstance(result, IngestFailed):
-        out_console.print(outcome_table(result.outcomes, f"{manifest} -> {out}"))
-        raise typer.Exit(1)
-    if isinstance(result, HistmolError):
-        fail(result)
-    if isinstance(result, BaseException):
-        raise result
-    out_console.print(outcome_table(result, f"{manifest} -> {out}"))
+    try:
+        with ingest_display(console):
+            outcomes = run_ingest(manifest, out, dask_address=dask_address,
+                                  max_parallel=max_parallel, threads=threads, force=force)
+    except IngestFailed as failed:
+        out_console.print(outcome_table(failed.outcomes, f"{manifest} -> {out}"))
+        raise typer.Exit(1) from None
+    except HistmolError as err:
+        fail(err)
+    out_console.print(outcome_table(outcomes, f"{manifest} -> {out}"))
 
 
 @app.command()
 def serve(
     name: Annotated[str, typer.Option(help="Deployment name.")] = "default",
 ) -> None:
-    """Serve the ingest-corpus flow for `prefect deployment run 'ingest-corpus/NAME'`."""
+    """Serve the ingest-corpus flow for `prefect deployment run 'ingest-corpus/NAME'`.
+
+    Without PREFECT_API_URL a private Prefect server runs as long as this command does.
+    """
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from flows.ingest import ingest_corpus
+    from flows.server import prefect_api
 
-    ingest_corpus.serve(name=name)
+    try:
+        with prefect_api(ephemeral=False) as url:
+            if url is not None:
+                console.print(f"a private Prefect server for this command: to run the flow, "
+                              f"set PREFECT_API_URL={url} in another shell", highlight=False)
+            ingest_corpus.serve(name=name)
+    except HistmolError as err:
+        fail(err)
 
 
 @app.command()
