@@ -331,8 +331,8 @@ def section_key(request: SectionRequest, config: BuildConfig) -> str:
     sources = getattr(request, "sources", {})
     files = [Path(v) for k, v in sorted(request.options.items()) if k in FILE_OPTIONS
              and k not in sources and isinstance(v, str | Path) and Path(v).exists()]
-    options = {k: Path(v).name if k in FILE_OPTIONS and isinstance(v, str | Path) else v
-               for k, v in request.options.items()}
+    options = {k: Path(v).name if k in FILE_OPTIONS and isinstance(v, str | Path)
+               else _plain_number(v) for k, v in request.options.items()}
     try:
         inputs = [request.fingerprint(), input_fingerprint(*files)]
     except OSError as err:
@@ -349,6 +349,13 @@ def section_key(request: SectionRequest, config: BuildConfig) -> str:
     }
     text = json.dumps(payload, sort_keys=True, default=str, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def _plain_number(value: Any) -> Any:
+    """An integral float as an int: `bin_um=16` (library) and `16.0` (CLI, manifest) agree."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
 
 
 def skip_decision(row: Mapping[str, Any] | None, key: str, *, live: bool, force: bool) -> str:
