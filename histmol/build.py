@@ -52,7 +52,7 @@ from histmol.tiling import (
     plan_grid,
     plan_spot,
 )
-from histmol.tissue import TissueMask, mask_at, tissue_mask
+from histmol.tissue import TissueMask, mask_at, slide_tissue_mask
 from histmol.wsi import SlideReader, open_wsi
 from platform_adapters import get_platform, load_reader
 
@@ -200,14 +200,7 @@ def register_stage(
 
 def tissue_stage(slide: SlideReader, mpp: float, config: BuildConfig) -> TissueMask:
     """Tissue mask from a thumbnail at about `config.tissue_mpp` um/px."""
-    width, height = slide.dimensions
-    max_side = int(np.clip(max(width, height) * mpp / config.tissue_mpp, 64, 4096))
-    thumbnail, _ = slide.thumbnail(max_side)
-    return tissue_mask(
-        thumbnail,
-        downsample_x=width / thumbnail.shape[1],
-        downsample_y=height / thumbnail.shape[0],
-    )
+    return slide_tissue_mask(slide, mpp, config.tissue_mpp)
 
 
 def plan_stage(
