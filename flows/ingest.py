@@ -42,7 +42,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 from prefect import flow, get_run_logger
@@ -53,16 +53,22 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from flows.build import (
     SectionFailed,
-    cache_key,
-    gene_keys,
     map_genes,
+    place_section,
     read_section,
     record_failure,
-    register_section,
+    section_gene_keys,
     write_section,
     write_section_remote,
 )
-from histmol.build import BuildResult, SectionRequest
+from histmol.build import (
+    SKIP,
+    BuildResult,
+    SectionRequest,
+    section_key,
+    skip_decision,
+    skipped_result,
+)
 from histmol.config import BuildConfig
 from histmol.errors import ConfigError, HistmolError
 from histmol.manifest import IngestPlan, load_manifest
@@ -71,19 +77,6 @@ from histmol.shards.corpus import COMMITTED, Corpus
 from histmol.shards.remote import RemoteCorpus
 
 POLL_S = 0.02
-
-
-@dataclass
-class SectionOutcome:
-    """One manifest entry's fate in one run."""
-
-    section_id: str
-    platform: str
-    status: str  # committed | skipped | failed
-    reason: str = ""
-    n_pairs: int = 0
-    n_units: int = 0
-    seconds: float = 0.0
 
 
 class IngestFailed(HistmolError):
@@ -136,6 +129,7 @@ class _Run:
     config: BuildConfig
     key: str
     published: bool = False  # remote --out: live in the remote corpus when the run started
+    problem: str = ""  # why planning this entry failed (it is recorded failed, never built)
     dropped: bool = False  # remote --out: its parts left the remote manifest (step 1)
     started: float = field(default_factory=time.perf_counter)
     stages: list[PrefectFuture[Any]] = field(default_factory=list)
@@ -166,11 +160,13 @@ def _reason(futures: list[PrefectFuture[Any]]) -> str:
 
 
 def _plan_work(plan: IngestPlan, out: str, force: bool, published: set[str] | None = None
-               ) -> tuple[list[_Run], list[SectionOutcome]]:
+               ) -> tuple[list[_Run], list[BuildResult]]:
     """Split the manifest into sections to build and unchanged committed ones (skipped).
 
     `published`: for a remote corpus, the sections live there (its tables are the truth; a
-    section built on a Dask worker has no folder in the scratch corpus `out`).
+    section built on a Dask worker has no folder in the scratch corpus `out`). An entry whose
+    planning fails (an input that cannot be listed or stat'ed: missing, unreadable, bad URL)
+    comes back as a run with its `problem`, to be recorded failed; the others go on.
     """
     corpus = Corpus.open(out, create=True, build_config=plan.corpus_fields)
     corpus.cleanup_staging()  # debris of a killed run: stale staging folders, temporary files
@@ -178,15 +174,22 @@ def _plan_work(plan: IngestPlan, out: str, force: bool, published: set[str] | No
     todo, skipped = [], []
     for index, (request, config) in enumerate(zip(plan.requests, plan.configs, strict=True)):
         section_id = request.resolved_section_id()
-        key = cache_key(request, config)
+        problem = plan.problems.get(index, "")
+        try:
+            key = "" if problem else section_key(request, config)
+        except HistmolError as err:
+            problem = str(err)
+        if problem:  # a live remote section keeps its last good data (as a local one does)
+            todo.append(_Run(index, section_id, request, config, "", problem=problem,
+                             published=published is not None and section_id in published))
+            continue
         row = rows.get(section_id)
         live = (section_id in published if published is not None else
                 (corpus.section_status(section_id) or {}).get("status") == COMMITTED)
-        if not force and row is not None and row.get("cache_key") == key and live:
-            skipped.append(SectionOutcome(section_id, request.platform, "skipped",
-                                          "unchanged since its last commit",
-                                          int(row["n_pairs"]), int(row["n_units"])))
-        else:
+        if skip_decision(row, key, live=live, force=force) == SKIP:
+            assert row is not None
+            skipped.append(skipped_result(section_id, request.platform, row))
+        else:  # a changed committed section is rebuilt: the manifest says what it should be
             todo.append(_Run(index, section_id, request, config, key, published=live))
     return todo, skipped
 
@@ -196,15 +199,20 @@ def _runner(dask_address: str | None, window: int) -> TaskRunner[Any]:
         # Threads blocked on an upstream stage hold no core; 4 per section lets every stage
         # of the window be queued without starving the running ones.
         return ThreadPoolTaskRunner(max_workers=4 * window)
-    if not get_current_settings().api.url:
-        raise ConfigError(
-            "a Dask run needs a Prefect API the workers can reach (Dask worker processes cannot "
-            "use this process' temporary one): start `prefect server start --host <host>` (or "
-            "use Prefect Cloud) and set PREFECT_API_URL=http://<host>:4200/api"
-        )
+    _require_api()
     from prefect_dask import DaskTaskRunner
 
     return DaskTaskRunner(address=dask_address)
+
+
+def _require_api() -> None:
+    """Refuse a Dask run without a Prefect API of the user's (a private one is loopback-only)."""
+    if not get_current_settings().api.url:
+        raise ConfigError(
+            "a Dask run needs a Prefect API the workers can reach (Dask worker processes cannot "
+            "use this process' private one): start `prefect server start --host <host>` (or "
+            "use Prefect Cloud) and set PREFECT_API_URL=http://<host>:4200/api"
+        )
 
 
 def default_parallel(threads: int) -> int:
@@ -216,19 +224,23 @@ class _Scheduler:
     """Feeds the window, maps genes in manifest order, collects outcomes.
 
     With `remote`, `out` is its scratch corpus and each outcome is published. `upload` (a remote
-    corpus on Dask, `storage_options` travel to the workers): workers build and upload each
-    section's objects, and this process only writes the remote tables.
+    corpus on Dask): workers build and upload each section's objects (with the storage options
+    of their fsspec config, flows/worker_config.py), and this process only writes the remote
+    tables.
     """
 
     def __init__(self, runner: TaskRunner[Any], out: str, window: int, threads: int,
-                 remote: RemoteCorpus | None = None, upload: bool = False,
-                 storage_options: dict[str, Any] | None = None) -> None:
+                 remote: RemoteCorpus | None = None, upload: bool = False) -> None:
         self.runner, self.out, self.window, self.threads = runner, out, window, threads
-        self.remote, self.upload, self.storage_options = remote, upload, storage_options
-        self.outcomes: list[SectionOutcome] = []
+        self.remote, self.upload = remote, upload
+        self.outcomes: list[BuildResult] = []
 
-    def run(self, todo: list[_Run]) -> list[SectionOutcome]:
-        queue, mapping, writing = deque(todo), deque[_Run](), list[_Run]()
+    def run(self, todo: list[_Run]) -> list[BuildResult]:
+        for run in todo:
+            if run.problem:
+                self._fail(run, run.problem)
+        queue = deque(run for run in todo if not run.problem)
+        mapping, writing = deque[_Run](), list[_Run]()
         while queue or mapping or writing:
             while queue and len(mapping) + len(writing) < self.window:
                 mapping.append(self._start(queue.popleft()))
@@ -248,10 +260,11 @@ class _Scheduler:
     def _start(self, run: _Run) -> _Run:
         common = {"section_id": run.section_id, "request": run.request}
         read = self.runner.submit(read_section, {**common, "config": run.config})
-        register = self.runner.submit(register_section,
-                                      {**common, "section": read, "config": run.config})
-        keys = self.runner.submit(gene_keys, {**common, "section": read, "placement": register})
-        run.stages = [read, register, keys]
+        place = self.runner.submit(place_section,
+                                   {**common, "section": read, "config": run.config})
+        keys = self.runner.submit(section_gene_keys,
+                                  {**common, "section": read, "placement": place})
+        run.stages = [read, place, keys]
         return run
 
     def _submit_write(self, run: _Run) -> bool:
@@ -266,9 +279,9 @@ class _Scheduler:
         except SectionFailed as err:
             self._fail(run, err.reason)
             return False
-        read, register, _ = run.stages
+        read, place, _ = run.stages
         common = {"section_id": run.section_id, "request": run.request, "section": read,
-                  "placement": register, "gene_index": gene_index, "species": keys.species,
+                  "placement": place, "gene_index": gene_index, "species": keys.species,
                   "config": run.config, "key": run.key, "threads": self.threads}
         if self.upload:
             assert self.remote is not None
@@ -276,8 +289,7 @@ class _Scheduler:
             run.dropped = True
             # a scratch copy from an in-process run is stale now (and would hide a failure)
             Corpus.open(self.out).remove_section(run.section_id)
-            run.write = self.runner.submit(write_section_remote, {
-                **common, "url": self.remote.url, "storage_options": self.storage_options})
+            run.write = self.runner.submit(write_section_remote, {**common, "url": self.remote.url})
             return True
         # force: a committed section reaching here changed; the manifest says rebuild it
         run.write = self.runner.submit(write_section, {**common, "out": self.out, "force": True})
@@ -296,9 +308,8 @@ class _Scheduler:
             self.remote.publish_built(value[1])
         elif self.remote is not None:
             self.remote.publish_section(run.section_id)
-        self._add(SectionOutcome(run.section_id, run.request.platform, "committed", "",
-                                 result.n_pairs, result.n_units,
-                                 time.perf_counter() - run.started))
+        result.seconds = time.perf_counter() - run.started
+        self._add(result)
 
     def _fail(self, run: _Run, reason: str) -> None:
         # a live remote section whose parts are still listed keeps its last good data, as a
@@ -307,12 +318,12 @@ class _Scheduler:
             record_failure(self.out, run.config, run.section_id, run.request.platform, reason)
             if self.remote is not None:
                 self.remote.publish_failure(run.section_id)
-        self._add(SectionOutcome(run.section_id, run.request.platform, "failed", reason,
-                                 seconds=time.perf_counter() - run.started))
+        self._add(BuildResult(run.section_id, run.request.platform, "failed", reason,
+                              seconds=time.perf_counter() - run.started))
 
-    def _add(self, outcome: SectionOutcome) -> None:
+    def _add(self, outcome: BuildResult) -> None:
         self.outcomes.append(outcome)
-        _emit("section", asdict(outcome))
+        _emit("section", outcome.summary())
 
 
 def summary_text(outcomes: list[dict[str, Any]]) -> str:
@@ -332,15 +343,17 @@ def ingest_corpus(
     max_parallel: int | None = None,
     threads: int = 1,
     force: bool = False,
-    storage_options: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Build every section of `manifest` into the corpus at `out`; return one outcome per entry.
 
     `max_parallel` sections run at once (default: the Dask cluster's threads, else one per
     `threads` cores); `threads` tile-reading threads each. `force` rebuilds unchanged sections.
-    `out` may be a remote fsspec URL (``s3://bucket/corpus``; `storage_options` for its file
-    system, also handed to Dask workers; without them each process uses its fsspec config):
-    sections are built in a local scratch corpus, or on Dask in each worker's temp dir, and
+    `out` may be a remote fsspec URL (``s3://bucket/corpus``): its file system takes its options
+    (credentials, endpoint) from fsspec's configuration of this process (``FSSPEC_S3_*``
+    variables, fsspec config files, or `run_ingest`'s `storage_options`), shipped to Dask
+    workers in memory (flows/worker_config.py): never a flow or task parameter, so never in
+    Prefect's database.
+    Sections are built in a local scratch corpus, or on Dask in each worker's temp dir, and
     published by this process (see the module docstring). Raises IngestFailed (after every
     other section committed) when any section failed.
     """
@@ -349,7 +362,7 @@ def ingest_corpus(
     runner = _runner(dask_address, window)  # refuses a Dask run without an API, before any work
     remote, local_out, published = None, out, None
     if is_url(out):
-        remote = RemoteCorpus(out, storage_options=storage_options)
+        remote = RemoteCorpus(out)
         remote.pull()
         local_out = str(remote.local)
         published = remote.published_sections() if remote.local.is_dir() else set()
@@ -358,17 +371,83 @@ def ingest_corpus(
         remote.initialise()
     _emit("start", {"total": len(plan.requests), "to_build": len(todo)})
     for outcome in skipped:
-        _emit("section", asdict(outcome))
+        _emit("section", outcome.summary())
     with runner:
-        if dask_address is not None and max_parallel is None:
-            window = max(1, sum(runner.client.nthreads().values()))  # type: ignore[attr-defined]
+        if dask_address is not None:
+            client = runner.client  # type: ignore[attr-defined]
+            if max_parallel is None:
+                window = max(1, sum(client.nthreads().values()))
+            if remote is not None:
+                from flows.worker_config import ship_fsspec_config
+
+                ship_fsspec_config(client, out)
         scheduler = _Scheduler(runner, local_out, window, threads, remote,
-                               upload=remote is not None and dask_address is not None,
-                               storage_options=storage_options)
+                               upload=remote is not None and dask_address is not None)
         built = scheduler.run(todo) if todo else []
     order = {request.resolved_section_id(): i for i, request in enumerate(plan.requests)}
-    outcomes = sorted((asdict(o) for o in skipped + built), key=lambda o: order[o["section_id"]])
+    outcomes = sorted((o.summary() for o in skipped + built), key=lambda o: order[o["section_id"]])
     get_run_logger().info("ingest of %s into %s:\n%s", manifest, out, summary_text(outcomes))
     if any(o["status"] == "failed" for o in outcomes):
         raise IngestFailed(outcomes)
     return outcomes
+
+
+def _protocol(url: str) -> str:
+    import fsspec
+
+    return str(fsspec.core.split_protocol(url)[0])
+
+
+@contextmanager
+def storage_config(out: str, storage_options: dict[str, Any] | None) -> Iterator[None]:
+    """Put `storage_options` in fsspec's in-memory config for `out`'s protocol while the block runs.
+
+    fsspec applies its config to every file system of that protocol it creates (this process',
+    the loader's, the workers' through flows.worker_config); nothing is written anywhere.
+    """
+    if not storage_options:
+        yield
+        return
+    import fsspec
+
+    protocol = _protocol(out)
+    before = fsspec.config.conf.get(protocol)
+    fsspec.config.conf[protocol] = {**(before or {}), **storage_options}
+    try:
+        yield
+    finally:
+        if before is None:
+            fsspec.config.conf.pop(protocol, None)
+        else:
+            fsspec.config.conf[protocol] = before
+
+
+def run_ingest(
+    manifest: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    dask_address: str | None = None,
+    max_parallel: int | None = None,
+    threads: int = 1,
+    force: bool = False,
+    storage_options: dict[str, Any] | None = None,
+) -> list[dict[str, Any]]:
+    """Run the `ingest-corpus` flow here: the library and `histmol ingest` entry point.
+
+    Against the user's Prefect API (``PREFECT_API_URL``), else a private server that ends with
+    this process (flows/server.py). `storage_options` for a remote `out` reach the file systems
+    through fsspec's in-memory config (`storage_config`), never as flow parameters. Returns one
+    outcome per entry; raises IngestFailed when any section failed (the others committed).
+    """
+    from flows.server import prefect_api
+
+    if dask_address is not None:
+        _require_api()  # before any server starts or any work
+    with storage_config(str(out), storage_options), prefect_api():
+        state = ingest_corpus(str(manifest), str(out), dask_address=dask_address,
+                              max_parallel=max_parallel, threads=threads, force=force,
+                              return_state=True)
+        result = state.result(raise_on_failure=False)
+    if isinstance(result, BaseException):
+        raise result
+    return result  # type: ignore[no-any-return]

@@ -1,11 +1,18 @@
-"""Build one section into a corpus: read -> register -> plan -> extract/write -> commit.
+"""The one definition of a section build: read -> place -> map genes -> write + commit.
 
-Each stage is a plain function with typed input and output so the Prefect flow (flows/) only
-wires them, and tests can call any stage alone. `build_section` chains them for one section.
+Each stage is a plain function with typed input and output (`Section`, `Placement`, `GeneKeys`,
+`BuildResult`). `build_section` runs them here, one after another: that is `histmol build`,
+`histmol demo` and the library call, with no Prefect at all. The flows (flows/) wrap the same
+stages as Prefect tasks (retries on I/O) and only schedule sections. One skip key
+(`section_key`: inputs, adapter options, metadata, build config, histmol version) decides on
+every path whether a committed section is skipped (`skip_decision`). Every path writes the QC
+figures (`commit_stage`). Layer: pipeline (imports core, geometry, adapters, storage; never
+flows or the app).
 """
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import json
 import logging
@@ -16,7 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
+from histmol import __version__
 from histmol.config import CORPUS_LEVEL_FIELDS, BuildConfig
 from histmol.errors import ConfigError, CorpusError, HistmolError, QCError
 from histmol.fingerprint import input_fingerprint
@@ -32,7 +41,7 @@ from histmol.registration import (
     register,
 )
 from histmol.section import Section, slugify, validate_section_id
-from histmol.shards.corpus import Corpus
+from histmol.shards.corpus import COMMITTED, Corpus
 from histmol.shards.shard_writer import SectionShardWriter
 from histmol.tiling import (
     ExtractionTimes,
@@ -43,12 +52,14 @@ from histmol.tiling import (
     plan_grid,
     plan_spot,
 )
-from histmol.tissue import TissueMask, mask_at, tissue_mask
+from histmol.tissue import TissueMask, mask_at, slide_tissue_mask
 from histmol.wsi import SlideReader, open_wsi
 from platform_adapters import get_platform, load_reader
 
 log = logging.getLogger(__name__)
 ProgressCallback = Callable[[int, int], None]
+FILE_OPTIONS = ("alignment", "counts", "positions", "transform")  # adapter options naming files
+BUILD, SKIP, CHANGED = "build", "skip", "changed"  # skip_decision's answers
 
 
 @dataclass(frozen=True)
@@ -75,6 +86,14 @@ class SectionRequest:
         """Stat fingerprint of the bundle, the image and the transform or landmarks file."""
         return input_fingerprint(self.bundle, self.wsi, self.transform, self.landmarks)
 
+    def local(self, *fields: str) -> SectionRequest:
+        """This request with its URL inputs among `fields` (default all) fetched: none here."""
+        return self
+
+    def name_urls(self, text: str) -> str:
+        """`text` with local copies of URL inputs named by their URL: none here."""
+        return text
+
 
 @dataclass
 class BuildResult:
@@ -92,9 +111,16 @@ class BuildResult:
     qc: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
 
+    def summary(self) -> dict[str, Any]:
+        """The outcome in a few JSON-ready fields (ingest's per-section record and display)."""
+        return {"section_id": self.section_id, "platform": self.platform, "status": self.status,
+                "reason": self.reason, "n_pairs": self.n_pairs, "n_units": self.n_units,
+                "seconds": self.seconds}
+
 
 def read_stage(request: SectionRequest, config: BuildConfig) -> Section:
     """Run the platform adapter on the bundle (unknown adapter options are refused by name)."""
+    request = request.local()
     read = load_reader(request.platform)
     accepted = {
         name
@@ -174,14 +200,7 @@ def register_stage(
 
 def tissue_stage(slide: SlideReader, mpp: float, config: BuildConfig) -> TissueMask:
     """Tissue mask from a thumbnail at about `config.tissue_mpp` um/px."""
-    width, height = slide.dimensions
-    max_side = int(np.clip(max(width, height) * mpp / config.tissue_mpp, 64, 4096))
-    thumbnail, _ = slide.thumbnail(max_side)
-    return tissue_mask(
-        thumbnail,
-        downsample_x=width / thumbnail.shape[1],
-        downsample_y=height / thumbnail.shape[0],
-    )
+    return slide_tissue_mask(slide, mpp, config.tissue_mpp)
 
 
 def plan_stage(
@@ -275,9 +294,179 @@ def write_stage(
     return records, timings
 
 
+@dataclass
+class Placement:
+    """The place stage's result: units on the slide, the kept patch plan and its QC."""
+
+    registration: Registration
+    plan: PatchPlan
+    plan_qc: dict[str, Any]
+    pair_tissue: np.ndarray
+
+
+@dataclass(frozen=True)
+class GeneKeys:
+    """What gene mapping needs from a read section: its gene table and species (small)."""
+
+    genes: pd.DataFrame
+    species: str
+
+
+def section_key(request: SectionRequest, config: BuildConfig) -> str:
+    """The skip key: what decides a section's bytes, hashed.
+
+    Covers the inputs (stat fingerprints of bundle, image, transform or landmarks, and of adapter
+    options naming files such as `alignment`/`positions`), the adapter options, the metadata,
+    the build config and the histmol version. Option files count by stat and by name only, so a
+    moved source tree keeps its key; URL inputs count by their listing (`RemoteInputRequest`),
+    so no copy is needed. An input that cannot be stat'ed is a ConfigError naming it.
+    """
+    sources = getattr(request, "sources", {})
+    files = [Path(v) for k, v in sorted(request.options.items()) if k in FILE_OPTIONS
+             and k not in sources and isinstance(v, str | Path) and Path(v).exists()]
+    options = {k: Path(v).name if k in FILE_OPTIONS and isinstance(v, str | Path)
+               else _plain_number(v) for k, v in request.options.items()}
+    try:
+        inputs = [request.fingerprint(), input_fingerprint(*files)]
+    except OSError as err:
+        raise ConfigError(f"{err.filename}: cannot read input: {err.strerror or err}") from None
+    payload = {
+        "histmol": __version__,
+        "config": config.fingerprint(),
+        "inputs": [*inputs, *(sources[k].fingerprint for k in sorted(request.options)
+                              if k in sources)],
+        "platform": request.platform,
+        "section_id": request.resolved_section_id(),
+        "options": options,
+        "metadata": {k: v for k, v in request.metadata.items() if v},
+    }
+    text = json.dumps(payload, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def _plain_number(value: Any) -> Any:
+    """An integral float as an int: `bin_um=16` (library) and `16.0` (CLI, manifest) agree."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def skip_decision(row: Mapping[str, Any] | None, key: str, *, live: bool, force: bool) -> str:
+    """BUILD, SKIP (committed from the same key) or CHANGED (committed from another key).
+
+    `live`: the row's section is readable (committed, its parts all listed). What CHANGED means
+    is the caller's: `histmol build` refuses without --force, an ingest rebuilds (the manifest
+    says what the section should be).
+    """
+    if row is None or not live or force:
+        return BUILD
+    return SKIP if row.get("cache_key") == key else CHANGED
+
+
+def skipped_result(section_id: str, platform: str, row: Mapping[str, Any]) -> BuildResult:
+    """The outcome of a section left as committed."""
+    return BuildResult(section_id, platform, "skipped", "unchanged since its last commit",
+                       int(row["n_pairs"]), int(row["n_units"]), int(row["n_genes"] or 0))
+
+
+def place_stage(request: SectionRequest, section: Section, config: BuildConfig) -> Placement:
+    """Register, mask tissue and plan patches on one open of the slide (QC failures raise)."""
+    request = request.local("wsi", "transform", "landmarks")
+    with open_wsi(request.wsi) as slide:
+        registration = register_stage(section, slide, config, request.transform,
+                                      request.landmarks)
+        mask = tissue_stage(slide, registration.mpp, config)
+        plan, plan_qc, pair_tissue = plan_stage(section, registration, mask, config)
+    return Placement(registration, plan, plan_qc, pair_tissue)
+
+
+def gene_keys(request: SectionRequest, section: Section) -> GeneKeys:
+    """The section's gene table and species (given, else inferred from Ensembl ids)."""
+    species = request.metadata.get("species") or infer_species(section.genes) or "unknown"
+    return GeneKeys(section.genes[["gene_id", "symbol", "ensembl_id"]].copy(), species)
+
+
+def map_stage(out: str | Path, config: BuildConfig, keys: GeneKeys) -> np.ndarray:
+    """Vocabulary indices of a section's genes, creating the corpus if needed."""
+    corpus = Corpus.open(out, create=True, build_config=config.corpus_fields())
+    return corpus.map_genes(keys.genes, species=keys.species)
+
+
+def commit_stage(
+    out: str | Path,
+    request: SectionRequest,
+    section: Section,
+    placement: Placement,
+    gene_index: np.ndarray,
+    species: str,
+    config: BuildConfig,
+    key: str,
+    *,
+    force: bool,
+    threads: int = 2,
+    progress: ProgressCallback | None = None,
+) -> BuildResult:
+    """Write every kept patch into a staging folder, commit it, then draw the QC figures.
+
+    One function, so the staging folder's owner lock is held by one process from its creation
+    to its commit. `force` replaces a committed section.
+    """
+    started = time.perf_counter()
+    section_id = section.section_id
+    request = request.local("wsi")
+    reg, plan = placement.registration, placement.plan
+    with Corpus.open(out, build_config=config.corpus_fields()) as corpus:
+        staging = corpus.staging_dir(section_id)
+        committed = False
+        try:
+            with open_wsi(request.wsi) as slide:
+                records, timings = write_stage(
+                    staging, section, reg, plan, placement.pair_tissue, gene_index, slide, config,
+                    threads=threads, progress=progress,
+                )
+                qc = {**placement.plan_qc, **reg.qc, **section.qc}
+                row = section_row(section, request, reg, plan, config, request.fingerprint(),
+                                  species, gene_index, slide, qc)
+            row["cache_key"] = key
+            corpus.commit_section(section_id, staging, records=records, row=row, force=force)
+            committed = True
+        finally:
+            if not committed:
+                corpus.discard_staging(staging)
+    tick = time.perf_counter()
+    write_figures(out, section_id, request.wsi)
+    timings["qc_figures_s"] = time.perf_counter() - tick
+    return BuildResult(
+        section_id, request.platform, "committed", "", plan.n_pairs,
+        int((plan.unit_pair >= 0).sum()), section.n_genes,
+        sum(r.images_bytes + r.units_bytes for r in records), time.perf_counter() - started,
+        {k: v for k, v in row.items() if k != "panel"}, timings,
+    )
+
+
+def write_figures(out: str | Path, section_id: str, wsi: Path) -> None:
+    """QC figures of a committed section under `<out>/qc/<section_id>/` (about 2 s).
+
+    A drawing failure must not undo a good build: it is logged, and `histmol qc` can redo it.
+    """
+    from histmol.qc.figures import write_section_figures
+
+    try:
+        write_section_figures(out, section_id, Path(out) / "qc", slide=wsi)
+    except Exception as error:  # noqa: BLE001 - figures are a by-product, never a failure
+        log.warning("%s: QC figures not written: %s", section_id, error)
+
+
+def record_failed(out: str | Path, config: BuildConfig, section_id: str, platform: str,
+                  reason: str) -> None:
+    """Write a `failed` row with the reason (a committed section keeps its last good data)."""
+    corpus = Corpus.open(out, create=True, build_config=config.corpus_fields())
+    corpus.record_failure(section_id, {"platform": platform}, reason)
+
+
 def build_section(
     request: SectionRequest,
-    out: Path,
+    out: str | Path,
     config: BuildConfig | None = None,
     *,
     force: bool = False,
@@ -285,119 +474,50 @@ def build_section(
     record_failure: bool = False,
     progress: ProgressCallback | None = None,
 ) -> BuildResult:
-    """Build one section into the corpus at `out` (created if needed).
+    """Build one section into the corpus at `out` (created if needed), stage by stage, here.
 
-    Skips a section already committed from the same inputs and config; refuses to replace one
-    built differently unless `force`. On error nothing is written (or, with `record_failure`,
-    only a failed row in sections.parquet) and the error propagates.
+    The one definition of a section build: `histmol build`/`demo` call it as it is, the flows
+    wrap the same stages as Prefect tasks. Skips a section committed from the same skip key
+    (`section_key`); refuses one committed from another key unless `force`. On error nothing
+    is written (or, with `record_failure`, only a failed row in sections.parquet) and the error
+    propagates.
     """
     config = config or BuildConfig()
+    out = Path(out)
     get_platform(request.platform)
     section_id = request.resolved_section_id()
     started = time.perf_counter()
-    # Open (never create) first: a config clash or an already-built section is known before any
-    # work, and a failing build leaves no corpus behind where there was none.
-    corpus_fields = config.corpus_fields()
-    corpus = (
-        Corpus.open(out, build_config=corpus_fields) if (out / "corpus.json").exists() else None
-    )
-    fingerprint = request.fingerprint()
-    if corpus is not None:
-        skipped = check_existing(corpus, section_id, request.platform, config, fingerprint, force)
-        if skipped is not None:
-            return skipped
-    staging: Path | None = None
     try:
+        key = section_key(request, config)
+        # Open (never create) first: a config clash or an already-built section is known before
+        # any work, and a failing build leaves no corpus behind where there was none.
+        if (out / "corpus.json").exists():
+            corpus = Corpus.open(out, build_config=config.corpus_fields())
+            row = corpus.section_status(section_id)
+            live = row is not None and row["status"] == COMMITTED
+            decision = skip_decision(row, key, live=live, force=force)
+            if decision == SKIP:
+                assert row is not None
+                return skipped_result(section_id, request.platform, row)
+            if decision == CHANGED:
+                raise CorpusError(
+                    f"{corpus.root}: section {section_id!r} is already in the corpus, built from "
+                    "other inputs, adapter options, metadata or config (or another histmol "
+                    "version); pass --force to rebuild it"
+                )
         section = read_stage(request, config)
-        with open_wsi(request.wsi) as slide:
-            registration = register_stage(
-                section, slide, config, request.transform, request.landmarks
-            )
-            mask = tissue_stage(slide, registration.mpp, config)
-            plan, plan_qc, pair_tissue = plan_stage(section, registration, mask, config)
-            species = request.metadata.get("species") or infer_species(section.genes) or "unknown"
-            corpus = corpus or Corpus.open(out, create=True, build_config=corpus_fields)
-            gene_index = corpus.map_genes(section.genes, species=species)
-            staging = corpus.staging_dir(section_id)
-            records, timings = write_stage(
-                staging,
-                section,
-                registration,
-                plan,
-                pair_tissue,
-                gene_index,
-                slide,
-                config,
-                threads=threads,
-                progress=progress,
-            )
-            row = section_row(
-                section,
-                request,
-                registration,
-                plan,
-                config,
-                fingerprint,
-                species,
-                gene_index,
-                slide,
-                {**plan_qc, **registration.qc, **section.qc},
-            )
-        corpus.commit_section(section_id, staging, records=records, row=row, force=force)
-        staging = None
+        placement = place_stage(request, section, config)
+        keys = gene_keys(request, section)
+        gene_index = map_stage(out, config, keys)
+        result = commit_stage(out, request, section, placement, gene_index, keys.species, config,
+                              key, force=force, threads=threads, progress=progress)
     except HistmolError as err:
         if record_failure:
-            corpus = corpus or Corpus.open(out, create=True, build_config=corpus_fields)
-            corpus.record_failure(section_id, {"platform": request.platform}, str(err))
+            record_failed(out, config, section_id, request.platform,
+                          request.name_urls(str(err)))
         raise
-    finally:
-        if staging is not None and corpus is not None:
-            corpus.discard_staging(staging)
-    n_units = int((plan.unit_pair >= 0).sum())
-    return BuildResult(
-        section_id,
-        request.platform,
-        "committed",
-        "",
-        plan.n_pairs,
-        n_units,
-        section.n_genes,
-        sum(r.images_bytes + r.units_bytes for r in records),
-        time.perf_counter() - started,
-        {k: v for k, v in row.items() if k != "panel"},
-        timings,
-    )
-
-
-def check_existing(
-    corpus: Corpus,
-    section_id: str,
-    platform: str,
-    config: BuildConfig,
-    fingerprint: str,
-    force: bool,
-) -> BuildResult | None:
-    """A 'skipped' result for an unchanged committed section; an error for a changed one."""
-    existing = corpus.section_status(section_id)
-    if existing is None or existing.get("status") != "committed" or force:
-        return None
-    if (
-        existing.get("config_hash") == config.fingerprint()
-        and existing.get("input_fingerprint") == fingerprint
-    ):
-        return BuildResult(
-            section_id,
-            platform,
-            "skipped",
-            "already committed",
-            int(existing["n_pairs"]),
-            int(existing["n_units"]),
-            int(existing["n_genes"]),
-        )
-    raise CorpusError(
-        f"{corpus.root}: section {section_id!r} is already in the corpus, built from other "
-        "inputs or with another config; pass --force to rebuild it"
-    )
+    result.seconds = time.perf_counter() - started
+    return result
 
 
 def section_row(

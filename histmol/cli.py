@@ -163,9 +163,7 @@ def build(
     threads: Annotated[int, typer.Option(help="Tile-reading threads.")] = 2,
 ) -> None:
     """Build one section from a platform bundle and its H&E into a corpus."""
-    quiet_prefect()
-    from flows.build import build_sections
-    from histmol.build import SectionRequest
+    from histmol.build import SectionRequest, build_section
     from histmol.config import BuildConfig
     from platform_adapters import get_platform
 
@@ -207,7 +205,7 @@ def build(
         get_platform(platform)
         request.resolved_section_id()  # refuse an unsafe id before any work starts
         with progress_display():
-            [result] = build_sections([request], str(out), config, force=force, threads=threads)
+            result = build_section(request, out, config, force=force, threads=threads)
     except HistmolError as err:
         fail(err)
     verb = "already in the corpus, skipped" if result.status == "skipped" else "committed"
@@ -345,7 +343,6 @@ def demo(
     threads: Annotated[int, typer.Option(help="Tile-reading threads.")] = 2,
 ) -> None:
     """Generate sample bundles and a synthetic WSI, build them into a corpus, summarise it."""
-    quiet_prefect()
     from histmol.demo import run_demo
 
     try:
@@ -492,39 +489,41 @@ def ingest(
 ) -> None:
     """Build every section of a manifest into one corpus: resumable, failures isolated."""
     quiet_prefect()
-    from flows.ingest import IngestFailed, ingest_corpus
+    from flows.ingest import IngestFailed, run_ingest
     from histmol.ingest_view import ingest_display, outcome_table
 
-    with ingest_display(console):
-        state = ingest_corpus(
-            str(manifest),
-            str(out),
-            dask_address=dask_address,
-            max_parallel=max_parallel,
-            threads=threads,
-            force=force,
-            return_state=True,
-        )
-    result = state.result(raise_on_failure=False)
-    if isinstance(result, IngestFailed):
-        out_console.print(outcome_table(result.outcomes, f"{manifest} -> {out}"))
-        raise typer.Exit(1)
-    if isinstance(result, HistmolError):
-        fail(result)
-    if isinstance(result, BaseException):
-        raise result
-    out_console.print(outcome_table(result, f"{manifest} -> {out}"))
+    try:
+        with ingest_display(console):
+            outcomes = run_ingest(manifest, out, dask_address=dask_address,
+                                  max_parallel=max_parallel, threads=threads, force=force)
+    except IngestFailed as failed:
+        out_console.print(outcome_table(failed.outcomes, f"{manifest} -> {out}"))
+        raise typer.Exit(1) from None
+    except HistmolError as err:
+        fail(err)
+    out_console.print(outcome_table(outcomes, f"{manifest} -> {out}"))
 
 
 @app.command()
 def serve(
     name: Annotated[str, typer.Option(help="Deployment name.")] = "default",
 ) -> None:
-    """Serve the ingest-corpus flow for `prefect deployment run 'ingest-corpus/NAME'`."""
+    """Serve the ingest-corpus flow for `prefect deployment run 'ingest-corpus/NAME'`.
+
+    Without PREFECT_API_URL a private Prefect server runs as long as this command does.
+    """
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from flows.ingest import ingest_corpus
+    from flows.server import prefect_api
 
-    ingest_corpus.serve(name=name)
+    try:
+        with prefect_api(ephemeral=False) as url:
+            if url is not None:
+                console.print(f"a private Prefect server for this command: to run the flow, "
+                              f"set PREFECT_API_URL={url} in another shell", highlight=False)
+            ingest_corpus.serve(name=name)
+    except HistmolError as err:
+        fail(err)
 
 
 @app.command()

@@ -14,7 +14,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from histmol.build import BuildResult, SectionRequest
+from histmol.build import SectionRequest, build_section
 from histmol.config import BuildConfig
 from histmol.synth import SyntheticSlide, make_slide, write_st_bundle, write_visium_bundle
 
@@ -82,18 +82,18 @@ def _slide(path: Path, seed: int) -> SyntheticSlide:
 def run_demo(
     out: Path, *, seed: int = 0, threads: int = 2, log: Callable[[str], None] = print
 ) -> Path:
-    """Generate the demo inputs under `out` and build them into `out/corpus`; return its path."""
-    from flows.build import build_sections
+    """Generate the demo inputs under `out` and build them into `out/corpus`; return its path.
 
+    The sections are built here, one after another, by `histmol.build.build_section` (no
+    Prefect): an unchanged section is skipped on a re-run.
+    """
     out = Path(out)
     log(f"generating synthetic slides and bundles under {out}/ ...")
     requests = generate_demo_inputs(out, seed=seed)
     corpus = out / "corpus"
-    log(f"building {len(requests)} sections into {corpus}/ (in-process Prefect) ...")
-    results: list[BuildResult] = build_sections(
-        requests, str(corpus), BuildConfig(), threads=threads
-    )
-    for result in results:
+    log(f"building {len(requests)} sections into {corpus}/ ...")
+    for request in requests:
+        result = build_section(request, corpus, BuildConfig(), threads=threads)
         log(
             f"  {result.section_id}: {result.status}, {result.n_pairs} pairs, "
             f"{result.n_units} units"

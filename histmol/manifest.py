@@ -56,7 +56,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from histmol.build import SectionRequest
 from histmol.config import CORPUS_LEVEL_FIELDS, BuildConfig
-from histmol.errors import ConfigError
+from histmol.errors import ConfigError, HistmolError
 from histmol.fingerprint import input_fingerprint
 from histmol.remote_inputs import RemoteInput, check_url, describe_input, is_url
 from histmol.section import validate_section_id
@@ -189,6 +189,10 @@ class RemoteInputRequest(SectionRequest):
             text = text.replace(str(source.local_path()), source.url.rstrip("/"))
         return text
 
+    def local(self, *fields: str) -> SectionRequest:
+        """This request with its URL inputs among `fields` (default all) fetched here."""
+        return with_local_inputs(self, *fields)
+
 
 def with_local_inputs(request: SectionRequest, *fields: str) -> SectionRequest:
     """`request` with its URL inputs among `fields` (default: all) fetched to this process' cache.
@@ -211,7 +215,8 @@ class IngestPlan:
     """A loaded manifest: its path, the corpus-level fields and one (request, config) per entry.
 
     An entry with URL inputs gives a `RemoteInputRequest`: pass it through `with_local_inputs`
-    before reading its files.
+    before reading its files. An entry in `problems` could not be planned (an input URL that
+    cannot be listed): the ingest records it failed with that reason and builds the others.
     """
 
     path: Path
@@ -219,6 +224,7 @@ class IngestPlan:
     requests: list[SectionRequest]
     configs: list[BuildConfig]
     lines: list[int]
+    problems: dict[int, str] = field(default_factory=dict)  # entry index -> why planning failed
 
     def where(self, index: int) -> str:
         """`file:line` of entry `index`, for messages."""
@@ -258,6 +264,7 @@ def _plan(path: Path, manifest: Manifest, lines: list[int]) -> IngestPlan:
     corpus = manifest.corpus.model_dump()
     defaults = manifest.defaults.model_dump(exclude_none=True)
     requests, configs = [], []
+    problems: dict[int, str] = {}
     for index, entry in enumerate(manifest.sections):
         per_section = {k: getattr(entry, k) for k in SectionOptions.model_fields}
         overrides = {**defaults, **{k: v for k, v in per_section.items() if v is not None}}
@@ -269,12 +276,14 @@ def _plan(path: Path, manifest: Manifest, lines: list[int]) -> IngestPlan:
         try:
             sources = {f: describe_input(getattr(entry, f))
                        for f in PATH_FIELDS if getattr(entry, f) and is_url(getattr(entry, f))}
-            resolved = {f: str(sources[f].local_path()) if f in sources else
-                        os.path.normpath(base / getattr(entry, f))
-                        for f in PATH_FIELDS if getattr(entry, f)}
-        except ConfigError as err:
-            raise ManifestError(f"{path}:{lines[index]}: sections[{index}] "
-                                f"({entry.section_id}): {err}") from None
+        except (HistmolError, OSError, ImportError, ValueError) as err:
+            # planning one entry failed (an input URL cannot be listed): that entry is recorded
+            # failed with the reason, the others build (its paths below are never read)
+            problems[index] = str(err)
+            sources = {}
+        resolved = {f: str(sources[f].local_path()) if f in sources else getattr(entry, f)
+                    if is_url(getattr(entry, f)) else os.path.normpath(base / getattr(entry, f))
+                    for f in PATH_FIELDS if getattr(entry, f)}
         options: dict[str, Any] = {f: resolved.get(f, getattr(entry, f))
                                    for f in PLATFORM_OPTION_FIELDS if getattr(entry, f) is not None}
         clash = sorted(set(options) & set(entry.options))
@@ -290,7 +299,7 @@ def _plan(path: Path, manifest: Manifest, lines: list[int]) -> IngestPlan:
                   optional["landmarks"])
         requests.append(RemoteInputRequest(*fields, sources=sources) if sources else
                         SectionRequest(*fields))
-    return IngestPlan(path, corpus, requests, configs, lines)
+    return IngestPlan(path, corpus, requests, configs, lines, problems)
 
 
 def _read_yaml(path: Path) -> tuple[Any, list[int]]:

@@ -8,6 +8,7 @@ is all tissue (or all glass) does not split on noise, then morphological clean-u
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from skimage import color, filters, morphology
@@ -88,3 +89,19 @@ def tissue_mask(thumbnail: np.ndarray, *, downsample_x: float, downsample_y: flo
     mask = morphology.remove_small_objects(mask, max_size=min_size)
     mask = morphology.remove_small_holes(mask, max_size=min_size * 4)
     return TissueMask(mask.astype(bool), float(downsample_x), float(downsample_y), threshold)
+
+
+def slide_tissue_mask(slide: Any, mpp: float, tissue_mpp: float) -> TissueMask:
+    """Tissue mask of a slide from a thumbnail at about `tissue_mpp` um/px.
+
+    `slide` is an open `histmol.wsi.SlideReader` (its `dimensions` and `thumbnail`). One
+    definition shared by the build's tissue stage and the QC figures that redraw its mask.
+    """
+    width, height = slide.dimensions
+    max_side = int(np.clip(max(width, height) * mpp / tissue_mpp, 64, 4096))
+    thumbnail, _ = slide.thumbnail(max_side)
+    return tissue_mask(
+        thumbnail,
+        downsample_x=width / thumbnail.shape[1],
+        downsample_y=height / thumbnail.shape[0],
+    )

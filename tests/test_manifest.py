@@ -195,7 +195,7 @@ def inputs(cache: Path) -> list[str]:
 def test_url_inputs_are_listed_at_plan_time_and_fetched_where_read(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from flows.build import cache_key
+    from histmol.build import section_key as cache_key
 
     flow, worker = tmp_path / "flow-cache", tmp_path / "worker-cache"
     monkeypatch.setenv(CACHE_ENV, str(flow))
@@ -230,7 +230,7 @@ def test_url_inputs_are_listed_at_plan_time_and_fetched_where_read(
 def test_an_input_changed_since_the_plan_is_refused_and_changes_the_key(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from flows.build import cache_key
+    from histmol.build import section_key as cache_key
 
     monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
     root, request = url_plan(tmp_path)

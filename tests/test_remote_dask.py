@@ -74,13 +74,11 @@ def options(endpoint: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> d
 
 def ingest(manifest: Path, url: str, options: dict[str, Any], **kwargs: Any) -> dict[str, str]:
     """Run the flow; return each section's status (the broken section makes the run fail)."""
-    from flows.ingest import IngestFailed, ingest_corpus
+    from flows.ingest import IngestFailed, run_ingest
 
-    state = ingest_corpus(str(manifest), url, storage_options=options, return_state=True,
-                          **kwargs)
-    result = state.result(raise_on_failure=False)
-    assert isinstance(result, IngestFailed), result
-    return {o["section_id"]: o["status"] for o in result.outcomes}
+    with pytest.raises(IngestFailed) as failed:
+        run_ingest(manifest, url, storage_options=options, **kwargs)
+    return {o["section_id"]: o["status"] for o in failed.value.outcomes}
 
 
 def test_two_workers_publish_the_same_objects_as_an_in_process_remote_ingest(
@@ -121,11 +119,10 @@ def test_crash_before_the_manifest_put_leaves_a_readable_corpus_then_resumes(
     url = f"s3://{BUCKET}/dask-test-crash"
     # the flow process writes the tables: patch it there (workers only put section objects)
     real_put = crash_before_manifest_put(monkeypatch, "syn-st")
-    from flows.ingest import ingest_corpus
+    from flows.ingest import run_ingest
 
-    state = ingest_corpus(str(cohort), url, storage_options=options, dask_address=address,
-                          max_parallel=1, return_state=True)
-    assert "simulated crash" in str(state.result(raise_on_failure=False))
+    with pytest.raises(Exception, match="simulated crash"):
+        run_ingest(cohort, url, storage_options=options, dask_address=address, max_parallel=1)
     objects = remote_tree(options, url)
     assert any(k.startswith("shards/syn-st/") for k in objects)  # uploaded, unreferenced
     manifest = pq.read_table(pa.BufferReader(objects["manifest.parquet"]))

@@ -29,7 +29,7 @@ from PIL import Image
 from histmol.errors import ConfigError, CorpusError
 from histmol.shards.corpus import COMMITTED, Corpus
 from histmol.shards.shard_reader import ShardReader
-from histmol.tissue import TissueMask
+from histmol.tissue import TissueMask, slide_tissue_mask
 from histmol.wsi import SlideReader, open_wsi
 
 log = logging.getLogger(__name__)
@@ -291,8 +291,7 @@ def matching_slide(section: StoredSection, slide: SlideLike | None) -> Iterator[
 
 def section_tissue_mask(section: StoredSection, slide: SlideReader) -> TissueMask:
     """Recompute the tissue mask the build used (same thumbnail scale, same segmentation)."""
-    from histmol.build import tissue_stage
     from histmol.config import BuildConfig
 
     tissue_mpp = section.options.get("tissue_mpp", BuildConfig.tissue_mpp)
-    return tissue_stage(slide, section.mpp, BuildConfig(tissue_mpp=float(tissue_mpp)))
+    return slide_tissue_mask(slide, section.mpp, float(tissue_mpp))
