@@ -77,6 +77,8 @@ class PairDataset(IterableDataset):
     ``pair_index`` (the part of the section and the pair in it, as stored), ``section_id``,
     ``platform``, ``tissue`` and ``corpus`` (index into `sources`). With ``batched=True`` it
     yields batches of `batch_size` samples laid out as `pair_collate` lays them out.
+    ``on_corrupt="raise"`` refuses a corrupt part, and at open a corpus whose tables its commit
+    record (``commit.json``) does not accept; ``"skip"`` warns and leaves out that part or corpus.
     """
 
     def __init__(
@@ -131,7 +133,7 @@ class PairDataset(IterableDataset):
         self.cache_dir = Path(cache_dir) if cache_dir is not None else (
             Path(tempfile.gettempdir()) / "histmol-cache")
         self.sources = open_sources(sources if isinstance(sources, str | os.PathLike)
-                                    else list(sources), storage_options)
+                                    else list(sources), storage_options, on_corrupt=on_corrupt)
         self.gene_set = resolve_genes(genes, self.sources)
         self._setup_parts(mix, epoch_size, shuffle, block_size, seed)
         self.epoch = 0

@@ -8,6 +8,8 @@ Layout (DESIGN.md "Corpus layout")::
     sections.parquet   one row per section (committed or failed), sorted by section_id
     manifest.parquet   one row per committed part, sorted by (section_id, part)
     shards/<section_id>/part-NNNNN.{zarr,parquet}
+    commit.json        sha256 and size of the four tables above, rewritten around every table
+                       write so any later change is detected (``histmol.shards.commit_record``)
 
 The loader reads only ``manifest.parquet`` rows (and the files they name), ``genes.parquet`` and
 ``sections.parquet``; it never lists folders. Every table is rewritten atomically (temporary
@@ -69,7 +71,8 @@ import pyarrow.parquet as pq
 import histmol
 from histmol.errors import CorpusError
 from histmol.section import validate_section_id
-from histmol.shards.atomic import atomic_write_json, atomic_write_parquet, fsync_dir, remove_path
+from histmol.shards.atomic import dumps_json, fsync_dir, remove_path
+from histmol.shards.commit_record import write_table
 from histmol.shards.corpus_tables import (
     GENES_SCHEMA,
     MANIFEST_SCHEMA,
@@ -187,13 +190,13 @@ class Corpus:
             (GENES, GENES_SCHEMA), (SECTIONS, SECTION_CORE_SCHEMA), (MANIFEST, MANIFEST_SCHEMA)
         ):
             if not (root / name).exists():
-                atomic_write_parquet(root / name, schema.empty_table())
-        atomic_write_json(root / CORPUS_JSON, {  # last: its presence means "a corpus"
+                write_table(root / name, schema.empty_table())
+        write_table(root / CORPUS_JSON, dumps_json({  # last: its presence means "a corpus"
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "histmol_version": histmol.__version__,
             "build_config": _canonical(dict(build_config)),
-        })
+        }))
 
     @property
     def build_config(self) -> dict[str, Any]:
@@ -272,7 +275,7 @@ class Corpus:
         with self.lock():
             indices, extended = extend_vocabulary(self.read_table("genes"), genes, species)
             if extended is not None:
-                atomic_write_parquet(self.root / GENES, extended)
+                write_table(self.root / GENES, extended)
         return indices
 
     # ------------------------------------------------------------------ staging
@@ -354,13 +357,13 @@ class Corpus:
                 others + [self._manifest_row(section_id, r) for r in records]
             )
             if without is not None:  # 1. the loader stops reading the old parts
-                atomic_write_parquet(self.root / MANIFEST, without)
+                write_table(self.root / MANIFEST, without)
             trash = move_to_trash(self.section_dir(section_id))  # 2.
             os.rename(staging, self.section_dir(section_id))  # 3.
             fsync_dir(self.shards_dir)
             release_staging(staging, self._staging_locks.pop(staging, None))
-            atomic_write_parquet(self.root / SECTIONS, new_sections)  # 4.
-            atomic_write_parquet(self.root / MANIFEST, new_manifest)  # 5. last
+            write_table(self.root / SECTIONS, new_sections)  # 4.
+            write_table(self.root / MANIFEST, new_manifest)  # 5. last
             if trash is not None:
                 remove_path(trash)  # 6.
         return new_row
@@ -413,9 +416,9 @@ class Corpus:
                 [r for r in rows if r["section_id"] != section_id] + [failed]
             )
             if len(others) != len(manifest):
-                atomic_write_parquet(self.root / MANIFEST, manifest_table(others))
+                write_table(self.root / MANIFEST, manifest_table(others))
             trash = move_to_trash(self.section_dir(section_id))
-            atomic_write_parquet(self.root / SECTIONS, new_sections)
+            write_table(self.root / SECTIONS, new_sections)
             if trash is not None:
                 remove_path(trash)
         return True
@@ -432,9 +435,9 @@ class Corpus:
             others = [m for m in manifest if m["section_id"] != section_id]
             kept = [r for r in rows if r["section_id"] != section_id]
             if len(others) != len(manifest):
-                atomic_write_parquet(self.root / MANIFEST, manifest_table(others))
+                write_table(self.root / MANIFEST, manifest_table(others))
             if len(kept) != len(rows):
-                atomic_write_parquet(self.root / SECTIONS, sections_table(kept))
+                write_table(self.root / SECTIONS, sections_table(kept))
             trash = move_to_trash(self.section_dir(section_id))
             if trash is not None:
                 remove_path(trash)
