@@ -264,7 +264,7 @@ def read_matrix_market(path: Path) -> sp.coo_matrix:
         at = table[name].to_numpy()
         bad = np.flatnonzero((at < 1) | (at > size) | (at != np.round(at)))
         if bad.size:
-            raise BundleError(path, f"{line(int(bad[0]))}: {name} index {at[bad[0]]!r} is "
+            raise BundleError(path, f"{line(int(bad[0]))}: {name} index {at[bad[0]].item()!r} is "
                                     f"outside 1..{size}")
         index.append(at.astype(np.int64) - 1)
     return sp.coo_matrix((values, (index[0], index[1])), shape=(n_rows, n_cols))
