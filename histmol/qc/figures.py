@@ -44,7 +44,7 @@ from histmol.qc.section_data import (
     section_tissue_mask,
     wsi_background,
 )
-from histmol.shards.atomic import temp_name
+from histmol.shards.atomic import naming_path, temp_name
 from histmol.tissue import TissueMask
 
 OVERVIEW_SIDE = 1400  # background px on the slide's longer side
@@ -86,8 +86,10 @@ def write_section_figures(
 
 def _save(figure: Figure, path: Path) -> Path:
     tmp = path.with_name(temp_name(path.name))
-    figure.savefig(tmp, format="png", metadata={"Software": None}, pil_kwargs={"compress_level": 1})
-    os.replace(tmp, path)
+    with naming_path(path):  # a full disk names the figure
+        figure.savefig(tmp, format="png", metadata={"Software": None},
+                       pil_kwargs={"compress_level": 1})
+        os.replace(tmp, path)
     return path
 
 
