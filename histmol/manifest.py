@@ -6,7 +6,7 @@ Why a manifest: `histmol ingest` builds a whole cohort resumably, so the cohort 
 YAML layout (paths relative to the manifest's folder, or fsspec URLs such as
 ``s3://bucket/bundles/crc-01/outs``: see "URL inputs" below)::
 
-    version: 1
+    version: 1         # optional; a manifest without it is read as version 1, others refused
     corpus:            # corpus-level options: one patch geometry and codec per corpus
       patch_px: 224
       target_mpp: 0.5
@@ -29,6 +29,8 @@ YAML layout (paths relative to the manifest's folder, or fsspec URLs such as
 CSV: one row per section with the entry fields as columns (empty cell = unset); adapter options
 as `option.<name>` columns; corpus-level columns (`patch_px`, ...) may appear but must hold the
 same value on every row. Every error names the file and the line and entry it concerns.
+Documents are bounded (`histmol.manifest_limits`: size, nesting depth, string length, and YAML
+aliases by the size they expand to), so a hostile manifest fails at once.
 The JSON Schema (`manifests/schema.json`, from `python -m histmol.manifest`) lets editors check
 YAML manifests as they are typed.
 
@@ -43,6 +45,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import os
 import sys
@@ -58,6 +61,13 @@ from histmol.build import SectionRequest
 from histmol.config import CORPUS_LEVEL_FIELDS, BuildConfig
 from histmol.errors import ConfigError, HistmolError
 from histmol.fingerprint import input_fingerprint
+from histmol.manifest_limits import (
+    LimitError,
+    check_string,
+    compose_bounded,
+    construct,
+    read_bounded_text,
+)
 from histmol.remote_inputs import RemoteInput, check_url, describe_input, is_url
 from histmol.section import validate_section_id
 from platform_adapters import get_platform
@@ -304,10 +314,11 @@ def _plan(path: Path, manifest: Manifest, lines: list[int]) -> IngestPlan:
 
 def _read_yaml(path: Path) -> tuple[Any, list[int]]:
     """Parse the document; return it and the 1-based line of each `sections` item."""
-    text = path.read_text(encoding="utf-8")
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        node = compose_bounded(read_bounded_text(path))
+        data = construct(node) if node is not None else None
+    except LimitError as err:
+        raise ManifestError(f"{path}:{err.line}: {err}" if err.line else f"{path}: {err}") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
@@ -323,15 +334,23 @@ def _read_yaml(path: Path) -> tuple[Any, list[int]]:
 
 def _read_csv(path: Path) -> tuple[dict[str, Any], list[int]]:
     """CSV rows -> the YAML-shaped document, and each row's 1-based line number."""
-    with path.open(newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle)
-        rows: list[dict[str, str]] = []
-        lines: list[int] = []
+    try:
+        text = read_bounded_text(path)
+    except LimitError as err:
+        raise ManifestError(f"{path}: {err}") from None
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    rows: list[dict[str, str]] = []
+    lines: list[int] = []
+    try:
         for row in reader:
             if None in row:
                 raise ManifestError(f"{path}:{reader.line_num}: more cells than header columns")
+            for cell in (*row, *row.values()):
+                check_string(cell or "", reader.line_num)
             rows.append(row)
             lines.append(reader.line_num)
+    except (LimitError, csv.Error) as err:
+        raise ManifestError(f"{path}:{reader.line_num}: {err}") from None
     if not rows:
         raise ManifestError(f"{path}: no sections (a header line and one row per section)")
     corpus: dict[str, str] = {}

@@ -53,7 +53,10 @@ class Registration:
 
 
 def read_transform_csv(path: str | Path) -> np.ndarray:
-    """Read a 3x3 affine written as 3 lines of 3 comma- or whitespace-separated numbers."""
+    """Read a 3x3 affine written as 3 lines of 3 comma- or whitespace-separated numbers.
+
+    The matrix is checked here (`check_affine`), so every error about it names this file.
+    """
     path = Path(path)
     try:
         text = path.read_text()
@@ -68,6 +71,7 @@ def read_transform_csv(path: str | Path) -> np.ndarray:
         raise RegistrationError(
             f"{path}: transform must be 3 rows of 3 numbers, got {matrix.shape}"
         )
+    check_affine(matrix, what=f"{path}: transform")  # NaN, projective, singular: name the file
     return matrix
 
 

@@ -1,13 +1,15 @@
 """Check a corpus on disk against its own records and the layout contract (DESIGN.md).
 
-`validate_corpus` reports every problem it finds, not just the first: checksums and sizes of
-every shard part (``images_sha256`` covers the shard file then ``zarr.json``, as the writer
-computes it), the schemas of the corpus tables and of every units table, referential integrity
-(each unit points at an existing pair of its part and at a gene of the vocabulary inside its
-section's panel; each pair holds a unit; manifest rows, section rows and files agree), raw counts
-non-negative, unit centres inside their patches, and files under ``shards/`` that nothing
-references. Hidden entries (``.staging-*``, ``.trash-*``, temporary files) belong to builds in
-progress or to debris that ``Corpus.cleanup_staging`` removes; they are not reported.
+`validate_corpus` reports every problem it finds, not just the first. First the commit record
+(``commit.json``: sha256 and size of corpus.json and the three tables, see
+`histmol.shards.commit_record`), then checksums and sizes of every shard part (``images_sha256``
+covers the shard file then ``zarr.json``, as the writer computes it), the schemas of the corpus
+tables and of every units table, referential integrity (each unit points at an existing pair of
+its part and at a gene of the vocabulary inside its section's panel; each pair holds a unit;
+manifest rows, section rows and files agree), raw counts non-negative, unit centres inside their
+patches, and files under ``shards/`` that nothing references. Hidden entries (``.staging-*``,
+``.trash-*``, temporary files) belong to builds in progress or to debris that
+``Corpus.cleanup_staging`` removes; they are not reported.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import pyarrow.parquet as pq
 
 from histmol.errors import ConfigError, CorpusError
 from histmol.section import validate_section_id
+from histmol.shards.commit_record import check_local
 from histmol.shards.corpus import COMMITTED, FAILED, GENES, MANIFEST, SECTIONS, SHARDS, Corpus
 from histmol.shards.corpus_tables import GENES_SCHEMA, MANIFEST_SCHEMA, SECTION_CORE_SCHEMA
 from histmol.shards.shard_reader import ShardReader, parse_part_metadata
@@ -383,11 +386,13 @@ def validate_corpus(root: str | os.PathLike[str], *, checksums: bool = True) -> 
     With ``checksums=False`` sizes are still compared but no file is hashed (fast for a quick
     structural check of a large corpus).
     """
+    recorded = [Problem(name, message) for name, message in check_local(root).items()]
     try:
         corpus = Corpus.open(root)
-    except CorpusError as error:
-        return [Problem("corpus.json", str(error))]
+    except CorpusError as error:  # no folder at all: only that
+        return [*(recorded if Path(root).is_dir() else []), Problem("corpus.json", str(error))]
     check = _Validator(corpus, checksums)
+    check.problems.extend(recorded)  # first: a table the record refuses explains what follows
     genes = check.table("genes", GENES, GENES_SCHEMA)
     sections = check.table("sections", SECTIONS, SECTION_CORE_SCHEMA)
     manifest = check.table("manifest", MANIFEST, MANIFEST_SCHEMA)

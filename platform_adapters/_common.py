@@ -22,8 +22,8 @@ import scipy.sparse as sp
 from histmol.errors import BundleError, ConfigError
 from histmol.genes import gene_table, merge_duplicate_genes, split_controls
 from histmol.section import Provenance, Section, slugify, validate_section_id
+from platform_adapters._counts import check_counts
 
-INT32_MAX = np.iinfo(np.int32).max
 EXAMPLES = 5  # how many offending values an error message quotes
 
 
@@ -188,24 +188,25 @@ def read_transform(path: Path, *, order: Literal["row", "column"] = "row") -> np
     return matrix
 
 
-def as_int32_counts(matrix: sp.spmatrix | np.ndarray, path: Path) -> sp.csr_matrix:
-    """CSR int32 raw counts; fail naming `path` for negative, fractional or too-large values."""
+def as_int32_counts(
+    matrix: sp.spmatrix | np.ndarray, path: Path, *, first_row: int = 0,
+    row_names: np.ndarray | None = None, col_names: np.ndarray | None = None,
+) -> sp.csr_matrix:
+    """CSR int32 raw counts (units x features); `check_counts` names `path`, unit and feature.
+
+    `first_row` is the matrix's first row in the file (block readers); `row_names` and
+    `col_names` label units and features in the error when given.
+    """
     csr = sp.csr_matrix(matrix)
-    data = csr.data
-    if data.size:
-        if not np.issubdtype(data.dtype, np.number):
-            raise BundleError(path, f"counts are not numeric (dtype {data.dtype})")
-        if np.issubdtype(data.dtype, np.floating):
-            if not np.isfinite(data).all():
-                raise BundleError(path, "counts hold NaN or infinite values")
-            if not np.array_equal(data, np.round(data)):
-                raise BundleError(
-                    path, "counts are not integers (normalised data?); raw counts needed"
-                )
-        if data.min() < 0:
-            raise BundleError(path, "counts hold negative values")
-        if data.max() > INT32_MAX:
-            raise BundleError(path, f"a count exceeds int32 ({data.max()})")
+
+    def where(i: int) -> str:
+        row = int(np.searchsorted(csr.indptr, i, side="right")) - 1
+        col = int(csr.indices[i])
+        unit = f" ({row_names[row]})" if row_names is not None else ""
+        feature = f" ({col_names[col]})" if col_names is not None else ""
+        return f"unit row {first_row + row}{unit}, feature column {col}{feature}"
+
+    check_counts(csr.data, path, where)
     csr = sp.csr_matrix(csr, dtype=np.int32)
     csr.eliminate_zeros()
     csr.sort_indices()

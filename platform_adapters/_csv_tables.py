@@ -101,7 +101,9 @@ def read_dense_counts(
             )
             labels = [c.to_numpy(zero_copy_only=False) for c in batch.columns[:n_id_columns]]
             ids.append(np.column_stack(labels).astype(str).astype(object))
-            blocks.append(as_int32_counts(block, path))
+            first = sum(b.shape[0] for b in blocks)
+            blocks.append(as_int32_counts(block, path, first_row=first, row_names=ids[-1][:, 0],
+                                          col_names=names))
     except (pa.ArrowInvalid, OSError) as err:
         raise BundleError(path, f"cannot read {what}: {err}") from err
     if not blocks:

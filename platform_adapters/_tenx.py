@@ -22,17 +22,19 @@ import json
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
+from typing import IO
 
 import h5py
 import numpy as np
 import pandas as pd
-import scipy.io
 import scipy.sparse as sp
 
 from histmol.errors import BundleError
 from platform_adapters._common import as_int32_counts
+from platform_adapters._counts import check_counts
 
 GENE_EXPRESSION = "Gene Expression"
+MTX_FIELDS = ("integer", "real")
 
 
 class TenxH5Keys(StrEnum):
@@ -173,7 +175,7 @@ def _read_h5_group(path: Path, handle: h5py.File) -> FeatureBarcodeMatrix:
     counts = sp.csr_matrix((data, indices, indptr), shape=(n_barcodes, n_features))
     return FeatureBarcodeMatrix(
         path=path,
-        counts=as_int32_counts(counts, path),
+        counts=as_int32_counts(counts, path, row_names=barcodes, col_names=ids),
         barcodes=barcodes,
         feature_ids=ids,
         feature_names=names,
@@ -215,6 +217,59 @@ def _mex_file(folder: Path, name: str) -> Path | None:
     return None
 
 
+def _mtx_header(handle: IO[bytes], path: Path) -> tuple[str, tuple[int, int, int], int]:
+    """(field, (rows, cols, entries), lines before the first entry) of a MatrixMarket file."""
+    banner = handle.readline().decode("ascii", "replace").split()
+    if (len(banner) != 5 or banner[0].lower() != "%%matrixmarket"
+            or [w.lower() for w in banner[1:3]] != ["matrix", "coordinate"]
+            or banner[3].lower() not in MTX_FIELDS or banner[4].lower() != "general"):
+        raise BundleError(path, f"line 1: not a MatrixMarket 'matrix coordinate "
+                                f"{'|'.join(MTX_FIELDS)} general' header: {' '.join(banner)!r}")
+    n_lines = 1
+    for raw in handle:
+        n_lines += 1
+        line = raw.decode("ascii", "replace").strip()
+        if line and not line.startswith("%"):
+            try:
+                rows, cols, entries = (int(v) for v in line.split())
+            except ValueError:
+                raise BundleError(path, f"line {n_lines}: expected 'rows columns entries', "
+                                        f"got {line[:80]!r}") from None
+            return banner[3].lower(), (rows, cols, entries), n_lines
+    raise BundleError(path, "MatrixMarket file has no size line (empty or truncated)")
+
+
+def read_matrix_market(path: Path) -> sp.coo_matrix:
+    """A ``matrix.mtx[.gz]`` as COO, every value checked by `check_counts`.
+
+    Parsed here rather than by `scipy.io.mmread`, which reads a file declared ``integer`` as
+    integers and so silently truncates ``2.5`` to 2: values are read as float64 whatever the
+    header says, and the first bad one is reported with its line. 1-based indices are checked.
+    """
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as handle:
+            _field, (n_rows, n_cols, n_entries), n_header = _mtx_header(handle, path)
+            table = pd.read_csv(handle, sep=r"\s+", header=None, comment="%",
+                                names=["row", "col", "value"], dtype=np.float64, engine="c")
+    except (OSError, ValueError, EOFError, pd.errors.ParserError) as err:
+        raise BundleError(path, f"cannot read as MatrixMarket: {err}") from err
+    if len(table) != n_entries:
+        raise BundleError(path, f"header line {n_header} declares {n_entries} entries, the file "
+                                f"holds {len(table)} (truncated?)")
+    line = lambda i: f"line {n_header + 1 + i}"  # noqa: E731  (comment lines inside: rare)
+    values = check_counts(table["value"].to_numpy(), path, line)
+    index = []
+    for name, size in (("row", n_rows), ("col", n_cols)):
+        at = table[name].to_numpy()
+        bad = np.flatnonzero((at < 1) | (at > size) | (at != np.round(at)))
+        if bad.size:
+            raise BundleError(path, f"{line(int(bad[0]))}: {name} index {at[bad[0]].item()!r} is "
+                                    f"outside 1..{size}")
+        index.append(at.astype(np.int64) - 1)
+    return sp.coo_matrix((values, (index[0], index[1])), shape=(n_rows, n_cols))
+
+
 def read_10x_mex(folder: Path) -> FeatureBarcodeMatrix:
     """Read a 10x MEX folder (matrix.mtx, barcodes.tsv, features.tsv or genes.tsv; gz or not)."""
     files = TenxMexFiles
@@ -230,12 +285,7 @@ def read_10x_mex(folder: Path) -> FeatureBarcodeMatrix:
     if missing:
         raise BundleError(folder, f"10x matrix folder lacks {missing}")
     assert matrix_file is not None and barcodes_file is not None and features_file is not None
-    try:
-        opener = gzip.open if matrix_file.suffix == ".gz" else open
-        with opener(matrix_file, "rb") as handle:
-            matrix = scipy.io.mmread(handle)
-    except (OSError, ValueError, EOFError) as err:
-        raise BundleError(matrix_file, f"cannot read as MatrixMarket: {err}") from err
+    matrix = read_matrix_market(matrix_file)
     barcodes = _read_tsv(barcodes_file, min_columns=1)[0].to_numpy(dtype=object)
     features = _read_tsv(features_file, min_columns=1)
     ids = features[0].to_numpy(dtype=object)
@@ -252,10 +302,10 @@ def read_10x_mex(folder: Path) -> FeatureBarcodeMatrix:
             f"matrix is {n_features} features x {n_barcodes} barcodes but {features_file.name} "
             f"lists {len(ids)} features and {barcodes_file.name} {len(barcodes)} barcodes",
         )
-    counts = sp.csr_matrix(sp.coo_matrix(matrix).T)
+    counts = sp.csr_matrix(matrix.T)
     return FeatureBarcodeMatrix(
         path=folder,
-        counts=as_int32_counts(counts, matrix_file),
+        counts=as_int32_counts(counts, matrix_file, row_names=barcodes, col_names=ids),
         barcodes=barcodes,
         feature_ids=ids,
         feature_names=names,
@@ -399,4 +449,4 @@ class TenxH5Chunks:
         matrix = sp.csr_matrix(
             (data, indices, indptr - lo), shape=(stop - start, self.n_features)
         )
-        return as_int32_counts(matrix, self.path)
+        return as_int32_counts(matrix, self.path, first_row=start)

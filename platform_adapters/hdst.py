@@ -48,6 +48,7 @@ from platform_adapters._common import (
     first_line,
     panel_section,
 )
+from platform_adapters._counts import check_counts
 
 PLATFORM = "hdst"
 ADAPTER_VERSION = "1"
@@ -303,9 +304,9 @@ class _Streamer:
         for chunk in self._chunks():
             self.n_rows += len(chunk)
             bc = chunk[HdstKeys.BC].str.strip()
-            count = self._numbers(chunk, [HdstKeys.COUNT.value])[:, 0]
-            if (count < 0).any() or not np.array_equal(count, np.round(count)):
-                raise BundleError(self.path, "count holds negative or non-integer values")
+            first_line = self.n_rows - len(chunk) + 2  # the header is line 1
+            count = check_counts(self._numbers(chunk, [HdstKeys.COUNT.value])[:, 0], self.path,
+                                 lambda i, at=first_line: f"line {at + i} (count)")
             gene = self._gene_index(chunk[HdstKeys.GENE])
             own = self._numbers(chunk, [HdstKeys.PX_X, HdstKeys.PX_Y]) if self.has_pixels else None
             if self.beads is None and own is not None:  # the header check made sure of `own`

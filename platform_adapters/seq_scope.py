@@ -53,6 +53,7 @@ from platform_adapters._common import (
     open_text,
     panel_section,
 )
+from platform_adapters._counts import check_counts
 
 PLATFORM = "seq-scope"
 ADAPTER_VERSION = "1"
@@ -325,7 +326,11 @@ class _EntryStats:
 
 
 def _entry_chunks(path: Path, header: _MatrixHeader) -> Iterator[np.ndarray]:
-    """Yield the entries as int64 arrays of at most ENTRY_CHUNK rows."""
+    """Yield the entries as float64 arrays of at most ENTRY_CHUNK rows (checked by the caller).
+
+    float64, not int64: an int64 parse fails on "2.5" without saying where; `check_counts`
+    names the line and the value.
+    """
     if header.n_entries == 0:
         return
     try:
@@ -334,7 +339,7 @@ def _entry_chunks(path: Path, header: _MatrixHeader) -> Iterator[np.ndarray]:
             sep=r"\s+",  # NovaScope writes single spaces; tolerate tabs and runs
             header=None,
             skiprows=header.skip_lines,
-            dtype=np.int64,
+            dtype=np.float64,
             chunksize=ENTRY_CHUNK,
             engine="c",
         )
@@ -342,7 +347,7 @@ def _entry_chunks(path: Path, header: _MatrixHeader) -> Iterator[np.ndarray]:
             for chunk in reader:
                 yield chunk.to_numpy()
     except (OSError, ValueError, EOFError, pd.errors.ParserError) as err:
-        raise BundleError(path, f"cannot parse the matrix entries as integers: {err}") from err
+        raise BundleError(path, f"cannot parse the matrix entries as numbers: {err}") from err
 
 
 def _bin_entries(
@@ -358,14 +363,16 @@ def _bin_entries(
             raise BundleError(
                 path, f"entries have {entries.shape[1]} columns, expected {2 + header.n_values}"
             )
+        first_line = header.skip_lines + n_read + 1
         n_read += len(entries)
-        feature, barcode, value = entries[:, 0] - 1, entries[:, 1] - 1, entries[:, column]
+        checked = [check_counts(entries[:, c], path,
+                                lambda i, c=c, at=first_line: f"line {at + i} (column {c + 1})")
+                   for c in range(entries.shape[1])]
+        feature, barcode, value = checked[0] - 1, checked[1] - 1, checked[column]
         if feature.min() < 0 or feature.max() >= header.n_features:
             raise BundleError(path, f"feature indices outside 1..{header.n_features}")
         if barcode.min() < 0 or barcode.max() >= header.n_barcodes:
             raise BundleError(path, f"barcode indices outside 1..{header.n_barcodes}")
-        if (entries[:, 2:] < 0).any():
-            raise BundleError(path, "counts hold negative values")
         used[barcode] = True
         located = np.isfinite(coords_um[barcode, 0])
         unmatched += int((~located).sum())

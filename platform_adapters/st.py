@@ -368,7 +368,9 @@ def _read_counts(path: Path) -> tuple[_Counts, np.ndarray]:
     if pd.Index(spot_ids).has_duplicates:
         dupes = pd.Index(spot_ids)[pd.Index(spot_ids).duplicated()][:EXAMPLES].tolist()
         raise BundleError(path, f"duplicate spot ids {dupes}")
-    return _Counts(as_int32_counts(matrix, path), genes), spot_ids
+    counts = as_int32_counts(matrix, path, row_names=np.asarray(spot_ids, dtype=object),
+                             col_names=np.asarray(genes, dtype=object))
+    return _Counts(counts, genes), spot_ids
 
 
 def _parse_spot_ids(spot_ids: np.ndarray, path: Path) -> np.ndarray:

@@ -64,6 +64,7 @@ from platform_adapters._common import (
     explicit_file,
     panel_section,
 )
+from platform_adapters._counts import check_counts
 
 PLATFORM = "stereo-seq"
 ADAPTER_VERSION = "1"
@@ -313,7 +314,10 @@ def _gem_batches(source: Matrix) -> Iterator[Batch]:
         raise BundleError(path, f"GEM lacks columns {missing}; found columns {columns}")
     assert count is not None
     text = pa.dictionary(pa.int32(), pa.string())
-    types = {"geneID": text, "geneName": text, "x": pa.int64(), "y": pa.int64(), count: pa.int64()}
+    # counts as float64: an int64 column would fail on "2.5" without saying where; check_counts
+    # names the line
+    types = {"geneID": text, "geneName": text, "x": pa.int64(), "y": pa.int64(),
+             count: pa.float64()}
     wanted = [c for c in ("geneID", "geneName", "x", "y", count) if c in columns]
     try:
         reader = pcsv.open_csv(
@@ -323,7 +327,12 @@ def _gem_batches(source: Matrix) -> Iterator[Batch]:
             convert_options=pcsv.ConvertOptions(
                 include_columns=wanted, column_types={c: types[c] for c in wanted}),
         )
+        first_line = source.n_comment + 2  # comment lines, the column header, then 1-based
         for batch in reader:
+            values = check_counts(
+                batch.column(count).to_numpy(zero_copy_only=False), path,
+                lambda i, at=first_line: f"line {at + i} ({count})")
+            first_line += batch.num_rows
             genes = batch.column("geneID")
             local = genes.indices.to_numpy(zero_copy_only=False).astype(np.int64)
             ids = [str(v) for v in genes.dictionary.to_pylist()]
@@ -336,7 +345,7 @@ def _gem_batches(source: Matrix) -> Iterator[Batch]:
                 names = [str(v) for v in named[symbols.indices.to_numpy()[first]]]
             yield (local, ids, names, batch.column("x").to_numpy().astype(np.float64),
                    batch.column("y").to_numpy().astype(np.float64),
-                   batch.column(count).to_numpy().astype(np.int64))
+                   values)
     except (OSError, EOFError, pa.ArrowException) as err:
         raise BundleError(path, f"cannot read the GEM (truncated or corrupt?): {err}") from err
 
@@ -361,8 +370,10 @@ def _gef_batches(source: Matrix) -> Iterator[Batch]:
                 block = expression[start : start + BATCH_ROWS]
                 rows = np.arange(start, start + len(block))
                 local = order[np.searchsorted(ends, rows, side="right")]
+                counts = check_counts(block["count"], path, lambda i, at=start: (
+                    f"geneExp/bin1/expression row {at + i} (count)"))
                 yield (local, ids, names, block["x"].astype(np.float64),
-                       block["y"].astype(np.float64), block["count"].astype(np.int64))
+                       block["y"].astype(np.float64), counts)
     except (OSError, KeyError, ValueError) as err:
         raise BundleError(path, f"cannot read the bin GEF (truncated or corrupt?): {err}") from err
 
@@ -409,7 +420,8 @@ def _cells(path: Path) -> Parts:
     genes = expression["geneID"].astype(np.int64)[rows]
     if len(genes) and genes.max() >= len(ids):
         raise BundleError(path, "cellBin/cellExp gene ids exceed cellBin/gene")
-    matrix = sp.csr_matrix((expression["count"][rows], genes, indptr), shape=(len(cells), len(ids)))
+    values = check_counts(expression["count"], path, lambda i: f"cellBin/cellExp row {i} (count)")
+    matrix = sp.csr_matrix((values[rows], genes, indptr), shape=(len(cells), len(ids)))
     pitch_um = pitch_nm / 1000.0
     units = pd.DataFrame({
         "unit_id": [f"cell{int(v)}" for v in cells["id"]],

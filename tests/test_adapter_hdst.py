@@ -135,7 +135,8 @@ def test_missing_and_renamed_columns_and_files(tmp_path: Path) -> None:
     with pytest.raises(BundleError, match=r"annot.tsv: bead positions table lacks .*spot_px_x"):
         hdst.read(folder, wsi="he.png", um_per_px=0.5)
     folder = write_bundle(tmp_path / "v", counts=[("1x1", "Gapdh", 2.5)])  # type: ignore[list-item]
-    with pytest.raises(BundleError, match="red_ut.tsv: count holds negative or non-integer"):
+    message = r"red_ut.tsv: line \d+ \(count\): count 2.5 is not an integer"
+    with pytest.raises(BundleError, match=message):
         hdst.read(folder, wsi="he.png", um_per_px=0.5)
 
 

@@ -296,6 +296,7 @@ def test_non_integer_counts_are_refused(
     table[gene] = table[gene].astype(float)
     table.loc[0, gene] = 0.5
     table.to_csv(folder / "cell_by_gene.csv", index=False)
-    with pytest.raises(BundleError, match="not integers") as err:
+    where = rf"unit row 0 \({table.iloc[0, 0]}\), feature column 0 \({gene}\)"
+    with pytest.raises(BundleError, match=rf"{where}: count 0.5 is not an integer") as err:
         merscope.read(folder, wsi="he.tif")
     assert "cell_by_gene.csv" in str(err.value)

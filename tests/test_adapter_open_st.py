@@ -98,7 +98,8 @@ def test_raw_counts_layer_and_coarse_alignment(tmp_path: Path) -> None:
 
 def test_normalised_counts_are_refused(tmp_path: Path) -> None:
     write_h5ad(tmp_path / "a.h5ad", normalised_x=True)
-    with pytest.raises(BundleError, match=r"a.h5ad: counts are not integers"):
+    message = r"a.h5ad: unit row \d+, feature column \d+: count \S+ is not an integer"
+    with pytest.raises(BundleError, match=message):
         open_st.read(tmp_path, wsi="he.tif", um_per_px=0.5)
 
 

@@ -186,7 +186,12 @@ def test_truncated_or_non_integer_matrix(tmp_path: Path) -> None:
     with pytest.raises(BundleError, match=r"matrix.mtx.gz: holds 5 entries but .* says 9"):
         seq_scope.read(folder, wsi="he.tif")
     write_sge(folder, entries=[(1, 1, 0.5, 1, 1, 0, 0)])
-    with pytest.raises(BundleError, match="matrix.mtx.gz: cannot parse the matrix entries"):
+    message = r"matrix.mtx.gz: line \d+ \(column 3\): count 0.5 is not an integer"
+    with pytest.raises(BundleError, match=message):
+        seq_scope.read(folder, wsi="he.tif")
+    write_sge(folder, entries=[(1, 1, 2**31, 1, 1, 0, 0)])
+    message = r"matrix.mtx.gz: line \d+ \(column 3\): count 2147483648.0 is above the int32"
+    with pytest.raises(BundleError, match=message):
         seq_scope.read(folder, wsi="he.tif")
     write_sge(folder, entries=[(1, 1, 2, 3)])
     with pytest.raises(BundleError, match="matrix.mtx.gz: entries have 4 columns"):

@@ -226,7 +226,8 @@ def test_dge_written_beads_by_genes_is_read_the_same(tmp_path: Path) -> None:
 
 def test_fractional_counts_are_refused(tmp_path: Path) -> None:
     folder = write_spacexr(tmp_path / "puck", dge=DGE / 2)
-    with pytest.raises(BundleError, match="not integers") as err:
+    message = r"unit row \d+ \(\S+\), feature column \d+ \(\S+\): count \S+ is not an integer"
+    with pytest.raises(BundleError, match=message) as err:
         slide_seq.read(folder, wsi="he.tif")
     assert "MappedDGEForR.csv" in str(err.value)
 

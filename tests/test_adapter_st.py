@@ -265,7 +265,9 @@ def test_match_rate_under_threshold(tmp_path: Path) -> None:
 def test_fractional_counts_are_refused(tmp_path: Path) -> None:
     folder = st_bundle(tmp_path)
     write_counts(folder / "Layer1_BC_stdata.tsv", SPOT_IDS, COUNTS / 2)
-    with pytest.raises(BundleError, match="not integers"):
+    message = (r"Layer1_BC_stdata.tsv: unit row 0 \(\d+x\d+\), feature column 0 \(\S+\): "
+               r"count \S+ is not an integer")
+    with pytest.raises(BundleError, match=message):
         st.read(folder, wsi="he.jpg")
 
 

@@ -203,6 +203,37 @@ def test_gem_header_without_offsets_is_refused(bundles: dict[str, GroundTruth],
         stereo_seq.read(bundle, wsi=bundles["gem8"].wsi_path)
 
 
+def test_non_integer_or_huge_counts_are_named(bundles: dict[str, GroundTruth],
+                                              tmp_path: Path) -> None:
+    bundle = tmp_path / "gem"
+    shutil.copytree(bundles["gem8"].bundle, bundle)
+    gem = bundle / "SS200000135TL_D1.tissue.gem.gz"
+    lines = gzip.decompress(gem.read_bytes()).decode().splitlines(keepends=True)
+    last = len(lines)  # 1-based line number of the last entry
+    fields = lines[-1].split("\t")
+    fields[4] = "2.5"  # geneID, geneName, x, y, MIDCount[, ExonCount]
+    rewrite_gem(gem, lambda lines: [*lines[:-1], "\t".join(fields)])
+    message = rf"{gem}: line {last} \(MIDCount\): count 2.5 is not an integer"
+    with pytest.raises(BundleError, match=message):
+        stereo_seq.read(bundle, wsi=bundles["gem8"].wsi_path)
+    bundle = tmp_path / "gef"
+    shutil.copytree(bundles["gef7"].bundle, bundle)
+    gef = bundle / "SS200000135TL_D1.tissue.gef"
+    with h5py.File(gef, "r+") as handle:  # counts stored as float, one of them 2.5
+        group = handle["geneExp/bin1"]
+        old = group["expression"]
+        attrs, rows = dict(old.attrs), old[()]
+        dtype = np.dtype([(n, np.float32 if n == "count" else rows.dtype[n])
+                          for n in rows.dtype.names])
+        rows = rows.astype(dtype)
+        rows["count"][3] = 2.5
+        del group["expression"]
+        group.create_dataset("expression", data=rows).attrs.update(attrs)
+    message = rf"{gef}: geneExp/bin1/expression row 3 \(count\): count 2.5 is not an integer"
+    with pytest.raises(BundleError, match=message):
+        stereo_seq.read(bundle, wsi=bundles["gef7"].wsi_path)
+
+
 def test_truncated_matrices_are_named(bundles: dict[str, GroundTruth], tmp_path: Path) -> None:
     for name, file in (("gem8", "SS200000135TL_D1.tissue.gem.gz"),
                        ("gef8", "SS200000135TL_D1.tissue.gef")):

@@ -12,7 +12,7 @@ from qc_corpus import QcCorpus, shared_qc_corpus
 from typer.testing import CliRunner
 
 from histmol.cli import app
-from histmol.shards.atomic import atomic_write_parquet
+from histmol.shards.commit_record import write_table
 from histmol.validate import Problem, validate_corpus
 
 IMAGES = "shards/crc-01/part-00000.zarr"
@@ -105,11 +105,11 @@ def test_truncated_shard_and_bad_tables(qc: QcCorpus, tmp_path: Path) -> None:
     shard = root / "shards" / "st-01" / "part-00000.zarr" / "c" / "0" / "0" / "0" / "0"
     shard.write_bytes(shard.read_bytes()[:-100])
     genes = pq.read_table(root / "genes.parquet")
-    atomic_write_parquet(root / "genes.parquet", pa.concat_tables([genes, genes.slice(0, 1)]))
+    write_table(root / "genes.parquet", pa.concat_tables([genes, genes.slice(0, 1)]))
     sections = pq.read_table(root / "sections.parquet")
     n_units = sections.column("n_units").to_pylist()
     n_units[1] += 1  # crc-01
-    atomic_write_parquet(
+    write_table(
         root / "sections.parquet",
         sections.set_column(
             sections.column_names.index("n_units"), "n_units", pa.array(n_units, pa.int64())
@@ -134,7 +134,7 @@ def test_truncated_shard_and_bad_tables(qc: QcCorpus, tmp_path: Path) -> None:
 def test_missing_manifest_column_and_no_corpus(qc: QcCorpus, tmp_path: Path) -> None:
     root = qc.copy(tmp_path / "corpus")
     manifest = pq.read_table(root / "manifest.parquet")
-    atomic_write_parquet(root / "manifest.parquet", manifest.drop_columns(["units_sha256"]))
+    write_table(root / "manifest.parquet", manifest.drop_columns(["units_sha256"]))
     assert [str(p) for p in validate_corpus(root)] == [
         "manifest.parquet: column 'units_sha256' is missing"
     ]

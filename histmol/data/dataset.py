@@ -79,6 +79,8 @@ class PairDataset(IterableDataset):
     yields batches of `batch_size` samples laid out as `pair_collate` lays them out.
     `gene_space` ``"homolog"`` gives human and mouse one-to-one orthologs one column
     (`histmol.data.genes`).
+    ``on_corrupt="raise"`` refuses a corrupt part, and at open a corpus whose tables its commit
+    record (``commit.json``) does not accept; ``"skip"`` warns and leaves out that part or corpus.
     """
 
     def __init__(
@@ -134,7 +136,7 @@ class PairDataset(IterableDataset):
         self.cache_dir = Path(cache_dir) if cache_dir is not None else (
             Path(tempfile.gettempdir()) / "histmol-cache")
         self.sources = open_sources(sources if isinstance(sources, str | os.PathLike)
-                                    else list(sources), storage_options)
+                                    else list(sources), storage_options, on_corrupt=on_corrupt)
         self.gene_set = resolve_genes(genes, self.sources, gene_space)
         self._setup_parts(mix, epoch_size, shuffle, block_size, seed)
         self.epoch = 0

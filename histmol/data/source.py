@@ -1,12 +1,15 @@
 """Corpus sources for the loader: a local path or any fsspec URL, read through its manifest.
 
-The loader reads ``corpus.json``, ``genes.parquet``, ``sections.parquet`` and ``manifest.parquet``
-(layout: DESIGN.md "Corpus layout", ``histmol.shards.corpus``) and never lists folders: the
-manifest names every committed part. File systems come from ``fsspec.core.url_to_fs``
-(https://filesystem-spec.readthedocs.io/en/latest/api.html#fsspec.core.url_to_fs); a source whose
-file system is the local one is read in place (``os.pread`` on the shard), any other is fetched
-part by part into a local cache folder (`histmol.data.fetch`). Opening a source reads only the
-small tables; shard files are opened lazily, in the process (DataLoader worker) that reads them.
+The loader reads ``corpus.json``, ``genes.parquet``, ``sections.parquet`` and
+``manifest.parquet`` (layout: DESIGN.md "Corpus layout", ``histmol.shards.corpus``) and never
+lists folders: the manifest names every committed part. File systems come from
+``fsspec.core.url_to_fs`` (https://filesystem-
+spec.readthedocs.io/en/latest/api.html#fsspec.core.url_to_fs); a source whose file system is the
+local one is read in place (``os.pread`` on the shard), any other is fetched part by part into a
+local cache folder (`histmol.data.fetch`). Opening a source reads only the small tables, checked
+against the corpus' commit record (``commit.json``, `histmol.shards.commit_record`): a corpus
+whose tables it does not accept is refused; shard files are opened lazily, in the process
+(DataLoader worker) that reads them.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from histmol.errors import CorpusError
+from histmol.shards.commit_record import RecordMismatch, check_snapshot, read_snapshot
 from histmol.shards.corpus import CORPUS_JSON, GENES, MANIFEST, SECTIONS, check_format
 
 LOCAL_PROTOCOLS = frozenset({"file", "local"})
@@ -61,17 +66,18 @@ class CorpusSource:
         self.root = root.rstrip("/") or "/"
         protocols = self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
         self.local_root: Path | None = Path(self.root) if LOCAL_PROTOCOLS & set(protocols) else None
-        self.meta = self._read_meta()
-        manifest_bytes = self.read_bytes(MANIFEST)
+        tables = self._checked_tables()
+        self.meta = self._read_meta(tables[CORPUS_JSON])
+        manifest_bytes = tables[MANIFEST]
         self.manifest_sha256 = hashlib.sha256(manifest_bytes).hexdigest()
         self.manifest = self._parquet(MANIFEST, manifest_bytes)
-        genes_bytes = self.read_bytes(GENES)
+        genes_bytes = tables[GENES]
         self.genes_sha256 = hashlib.sha256(genes_bytes).hexdigest()
         self.genes = self._parquet(GENES, genes_bytes)
         self.gene_index = self.genes.column("index").to_numpy().astype(np.int64)
         if len(self.gene_index) and np.any(np.diff(self.gene_index) <= 0):
             raise CorpusError(f"{self.describe(GENES)}: index is not strictly increasing")
-        self.sections = self._parquet(SECTIONS, self.read_bytes(SECTIONS))
+        self.sections = self._parquet(SECTIONS, tables[SECTIONS])
 
     def path(self, relative: str) -> str:
         """The file system path of a file given relative to the corpus root."""
@@ -90,19 +96,43 @@ class CorpusSource:
         except OSError as error:
             raise CorpusError(f"{self.describe(relative)}: unreadable ({error})") from error
 
+    def _read_optional(self, relative: str) -> bytes | None:
+        try:
+            return self.read_bytes(relative)
+        except CorpusError:
+            if self.fs.exists(self.path(relative)):
+                raise
+            return None
+
+    def _checked_tables(self) -> dict[str, bytes]:
+        """The small tables, one consistent snapshot checked against the commit record.
+
+        RecordMismatch (a CorpusError naming each file) when the record does not accept them.
+        """
+        record, tables = read_snapshot(self._read_optional, self.describe)
+        if tables[CORPUS_JSON] is None:
+            raise CorpusError(f"{self.url}: not a histmol corpus "
+                              f"({self.describe(CORPUS_JSON)}: missing)")
+        problems = check_snapshot(record, tables)
+        if problems:
+            raise RecordMismatch("; ".join(f"{self.describe(name)}: {message}"
+                                           for name, message in problems.items()))
+        missing = [name for name, data in tables.items() if data is None]
+        if missing:
+            raise CorpusError(f"{self.describe(missing[0])}: missing")
+        return {name: data for name, data in tables.items() if data is not None}
+
     def _parquet(self, name: str, data: bytes) -> pa.Table:
         try:
             return pq.read_table(pa.BufferReader(data))
         except (OSError, pa.ArrowInvalid) as error:
             raise CorpusError(f"{self.describe(name)}: not a readable parquet ({error})") from error
 
-    def _read_meta(self) -> dict[str, Any]:
+    def _read_meta(self, data: bytes) -> dict[str, Any]:
         try:
-            meta = json.loads(self.read_bytes(CORPUS_JSON))
+            meta = json.loads(data)
         except ValueError as error:
             raise CorpusError(f"{self.describe(CORPUS_JSON)}: not JSON ({error})") from error
-        except CorpusError as error:
-            raise CorpusError(f"{self.url}: not a histmol corpus ({error})") from error
         check_format(meta, self.describe(CORPUS_JSON), self.url)
         return meta
 
@@ -132,11 +162,29 @@ class CorpusSource:
 def open_sources(
     urls: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
     storage_options: dict[str, Any] | None = None,
+    *,
+    on_corrupt: str = "raise",
 ) -> list[CorpusSource]:
-    """Open each corpus URL (a single URL or a list); ValueError when none is given."""
+    """Open each corpus URL (a single URL or a list); ValueError when none is given.
+
+    A corpus whose tables its commit record does not accept is refused (RecordMismatch) or, with
+    ``on_corrupt="skip"``, left out with a warning naming it and its files; CorpusError when
+    every corpus is left out.
+    """
     if isinstance(urls, str | os.PathLike):
         urls = [urls]
     urls = list(urls)
     if not urls:
         raise ValueError("PairDataset needs at least one corpus")
-    return [CorpusSource(u, index=i, storage_options=storage_options) for i, u in enumerate(urls)]
+    sources: list[CorpusSource] = []
+    for url in urls:
+        try:
+            sources.append(CorpusSource(url, index=len(sources), storage_options=storage_options))
+        except RecordMismatch as error:
+            if on_corrupt != "skip":
+                raise
+            warnings.warn(f"skipping corpus {os.fspath(url)} (on_corrupt='skip'): {error}",
+                          stacklevel=3)
+    if not sources:
+        raise CorpusError(f"{[os.fspath(u) for u in urls]}: every corpus was skipped as corrupt")
+    return sources

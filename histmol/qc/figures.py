@@ -44,7 +44,7 @@ from histmol.qc.section_data import (
     section_tissue_mask,
     wsi_background,
 )
-from histmol.shards.atomic import temp_name
+from histmol.shards.atomic import is_temp_name, naming_path, remove_path, temp_name
 from histmol.tissue import TissueMask
 
 OVERVIEW_SIDE = 1400  # background px on the slide's longer side
@@ -70,6 +70,8 @@ def write_section_figures(
     section = load_section(corpus_root, section_id)
     folder = Path(out_dir) / section.section_id
     folder.mkdir(parents=True, exist_ok=True)
+    for debris in [p for p in folder.iterdir() if is_temp_name(p.name)]:
+        remove_path(debris)  # half-written PNGs of a killed run (one writer per section)
     with matching_slide(section, slide) as reader:
         factor = max(section.wsi_size) / OVERVIEW_SIDE
         background = wsi_background(reader, factor) if reader else patch_background(section, factor)
@@ -86,8 +88,10 @@ def write_section_figures(
 
 def _save(figure: Figure, path: Path) -> Path:
     tmp = path.with_name(temp_name(path.name))
-    figure.savefig(tmp, format="png", metadata={"Software": None}, pil_kwargs={"compress_level": 1})
-    os.replace(tmp, path)
+    with naming_path(path):  # a full disk names the figure
+        figure.savefig(tmp, format="png", metadata={"Software": None},
+                       pil_kwargs={"compress_level": 1})
+        os.replace(tmp, path)
     return path
 
 

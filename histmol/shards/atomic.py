@@ -64,12 +64,30 @@ def remove_path(path: Path) -> None:
             pass
 
 
+@contextmanager
+def naming_path(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Re-raise an OSError that names no file (ENOSPC from write or fsync) naming `path`.
+
+    The exception keeps its class and errno (callers that catch PermissionError or check
+    ``errno.ENOSPC`` still can); its message reads ``[Errno 28] No space left on device:
+    'path'``. One without an errno (pyarrow's I/O errors) becomes ``OSError("path: ...")``.
+    """
+    try:
+        yield
+    except OSError as error:
+        if error.filename is not None:
+            raise
+        if error.errno is not None and type(error).__module__ == "builtins":
+            raise type(error)(error.errno, error.strerror or str(error), os.fspath(path)) from error
+        raise OSError(f"{os.fspath(path)}: {error}") from error
+
+
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes | bytearray | memoryview) -> None:
     """Write `data` to `path` atomically (temp sibling, fsync, rename, fsync parent)."""
     path = Path(path)
     tmp = path.with_name(temp_name(path.name))
     try:
-        with open(tmp, "wb") as handle:
+        with naming_path(path), open(tmp, "wb") as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
@@ -111,9 +129,10 @@ def atomic_write_parquet(path: str | os.PathLike[str], table: pa.Table) -> None:
     path = Path(path)
     tmp = path.with_name(temp_name(path.name))
     try:
-        write_parquet(tmp, table)
-        fsync_path(tmp)
-        os.replace(tmp, path)
+        with naming_path(path):
+            write_parquet(tmp, table)
+            fsync_path(tmp)
+            os.replace(tmp, path)
     except BaseException:
         remove_path(tmp)
         raise
@@ -151,12 +170,14 @@ def atomic_directory(path: str | os.PathLike[str], *, fsync: bool = True) -> Ite
     if path.exists():
         raise FileExistsError(f"{path}: already exists")
     tmp = path.with_name(temp_name(path.name))
-    tmp.mkdir()
+    with naming_path(path):
+        tmp.mkdir()
     try:
         yield tmp
-        if fsync:
-            fsync_tree(tmp)
-        os.rename(tmp, path)
+        with naming_path(path):
+            if fsync:
+                fsync_tree(tmp)
+            os.rename(tmp, path)
     except BaseException:
         remove_path(tmp)
         raise

@@ -10,6 +10,8 @@ Layout (DESIGN.md "Corpus layout")::
     sections.parquet   one row per section (committed or failed), sorted by section_id
     manifest.parquet   one row per committed part, sorted by (section_id, part)
     shards/<section_id>/part-NNNNN.{zarr,parquet}
+    commit.json        sha256 and size of the four tables above, rewritten around every table
+                       write so any later change is detected (``histmol.shards.commit_record``)
 
 The loader reads only ``manifest.parquet`` rows (and the files they name), ``genes.parquet`` and
 ``sections.parquet``; it never lists folders. Every table is rewritten atomically (temporary
@@ -73,7 +75,8 @@ import histmol
 from histmol.errors import CorpusError
 from histmol.gene_reference import reference, resolve_features
 from histmol.section import validate_section_id
-from histmol.shards.atomic import atomic_write_json, atomic_write_parquet, fsync_dir, remove_path
+from histmol.shards.atomic import dumps_json, fsync_dir, remove_path
+from histmol.shards.commit_record import write_table
 from histmol.shards.corpus_tables import (
     GENES_SCHEMA,
     MANIFEST_SCHEMA,
@@ -215,11 +218,11 @@ class Corpus:
     def _initialise(root: Path, build_config: Mapping[str, Any]) -> None:
         (root / SHARDS).mkdir(exist_ok=True)
         if not (root / GENES).exists():
-            atomic_write_parquet(root / GENES, reference_vocabulary())
+            write_table(root / GENES, reference_vocabulary())
         for name, schema in ((SECTIONS, SECTION_CORE_SCHEMA), (MANIFEST, MANIFEST_SCHEMA)):
             if not (root / name).exists():
-                atomic_write_parquet(root / name, schema.empty_table())
-        atomic_write_json(root / CORPUS_JSON, corpus_meta(build_config))  # last: "a corpus"
+                write_table(root / name, schema.empty_table())
+        write_table(root / CORPUS_JSON, dumps_json(corpus_meta(build_config)))  # last: "a corpus"
 
     @property
     def build_config(self) -> dict[str, Any]:
@@ -318,7 +321,7 @@ class Corpus:
                 except ValueError as error:
                     raise CorpusError(f"{self.root / GENES}: {error}") from error
                 if extended is not None:
-                    atomic_write_parquet(self.root / GENES, extended)
+                    write_table(self.root / GENES, extended)
         return resolved["index"].to_numpy(np.int32)
 
     # ------------------------------------------------------------------ staging
@@ -400,13 +403,13 @@ class Corpus:
                 others + [self._manifest_row(section_id, r) for r in records]
             )
             if without is not None:  # 1. the loader stops reading the old parts
-                atomic_write_parquet(self.root / MANIFEST, without)
+                write_table(self.root / MANIFEST, without)
             trash = move_to_trash(self.section_dir(section_id))  # 2.
             os.rename(staging, self.section_dir(section_id))  # 3.
             fsync_dir(self.shards_dir)
             release_staging(staging, self._staging_locks.pop(staging, None))
-            atomic_write_parquet(self.root / SECTIONS, new_sections)  # 4.
-            atomic_write_parquet(self.root / MANIFEST, new_manifest)  # 5. last
+            write_table(self.root / SECTIONS, new_sections)  # 4.
+            write_table(self.root / MANIFEST, new_manifest)  # 5. last
             if trash is not None:
                 remove_path(trash)  # 6.
         return new_row
@@ -459,9 +462,9 @@ class Corpus:
                 [r for r in rows if r["section_id"] != section_id] + [failed]
             )
             if len(others) != len(manifest):
-                atomic_write_parquet(self.root / MANIFEST, manifest_table(others))
+                write_table(self.root / MANIFEST, manifest_table(others))
             trash = move_to_trash(self.section_dir(section_id))
-            atomic_write_parquet(self.root / SECTIONS, new_sections)
+            write_table(self.root / SECTIONS, new_sections)
             if trash is not None:
                 remove_path(trash)
         return True
@@ -478,9 +481,9 @@ class Corpus:
             others = [m for m in manifest if m["section_id"] != section_id]
             kept = [r for r in rows if r["section_id"] != section_id]
             if len(others) != len(manifest):
-                atomic_write_parquet(self.root / MANIFEST, manifest_table(others))
+                write_table(self.root / MANIFEST, manifest_table(others))
             if len(kept) != len(rows):
-                atomic_write_parquet(self.root / SECTIONS, sections_table(kept))
+                write_table(self.root / SECTIONS, sections_table(kept))
             trash = move_to_trash(self.section_dir(section_id))
             if trash is not None:
                 remove_path(trash)

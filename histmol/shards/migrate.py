@@ -41,6 +41,7 @@ from histmol.shards.atomic import (
     remove_path,
     temp_name,
 )
+from histmol.shards.commit_record import reseal
 from histmol.shards.corpus import (
     CORPUS_JSON,
     FORMAT,
@@ -169,7 +170,8 @@ def migrate_corpus(root: str | os.PathLike[str]) -> dict[str, int]:
             if staged.exists():
                 os.replace(staged, root / name)
         remove_path(root / GENE_STATS)
-        atomic_write_json(meta_path, corpus_meta(meta.get("build_config") or {}))  # last
+        atomic_write_json(meta_path, corpus_meta(meta.get("build_config") or {}))
+        reseal(root)  # the commit record blesses the rewritten tables: last
         remove_path(journal_path)
     return stats
 

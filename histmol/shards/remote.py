@@ -10,7 +10,9 @@ https://docs.aws.amazon.com/AmazonS3/latest/userguide/Welcome.html#ConsistencyMo
    them: from here readers no longer read the section's old objects.
 2. Put every file of ``shards/<id>/`` and ``qc/<id>/`` (nothing names them yet).
 3. Put ``genes.parquet`` (append-only, so a superset is always safe), then ``sections.parquet``.
-4. Put ``manifest.parquet``: the LAST put; now the section is live.
+4. Put ``manifest.parquet``: the LAST table put; now the section is live.
+Every table put sits between two puts of ``commit.json`` (pending digest, then promoted; see
+`histmol.shards.commit_record`), so the record covers the remote tables at every instant.
 Steps 1, 3 and 4 put the REMOTE rows of the other sections plus this section's scratch rows,
 never the scratch tables whole: the scratch may hold sections committed there and not yet
 published (sections build in parallel; each is published as its build ends).
@@ -52,7 +54,8 @@ import pyarrow.parquet as pq
 from histmol.errors import CorpusError
 from histmol.remote_inputs import CACHE_ENV
 from histmol.section import validate_section_id
-from histmol.shards.atomic import atomic_write_bytes, remove_path, write_parquet
+from histmol.shards.atomic import atomic_write_bytes, remove_path
+from histmol.shards.commit_record import RECORD, parquet_bytes, record_write
 from histmol.shards.corpus import (
     COMMITTED,
     CORPUS_JSON,
@@ -96,12 +99,6 @@ class BuiltSection:
     uploaded: frozenset[str]
 
 
-def _parquet_bytes(table: pa.Table) -> bytes:
-    sink = pa.BufferOutputStream()
-    write_parquet(sink, table)  # type: ignore[arg-type]  # pq.write_table takes a stream too
-    return sink.getvalue().to_pybytes()
-
-
 class RemoteCorpus:
     """A remote corpus root and a local corpus: the flow's scratch, or a worker's own build."""
 
@@ -122,6 +119,14 @@ class RemoteCorpus:
         except OSError as error:
             raise CorpusError(f"{self.url}/{relative}: upload failed ({error})") from error
 
+    def _put_table(self, relative: str, data: bytes) -> None:
+        """Put a corpus table between two puts of ``commit.json`` (pending, then promoted).
+
+        See `histmol.shards.commit_record`: readers accept the old or the new bytes at every
+        instant, and the record's last put makes the new ones the committed state.
+        """
+        record_write(self._get, self._put, relative, data, lambda name: f"{self.url}/{name}")
+
     def _get(self, relative: str) -> bytes | None:
         try:
             return bytes(self.fs.cat_file(self._key(relative)))
@@ -140,19 +145,23 @@ class RemoteCorpus:
             remove_path(self.local)
             return
         (self.local / SHARDS).mkdir(parents=True, exist_ok=True)
+        record = self._get(RECORD)
+        remove_path(self.local / RECORD)  # until the copy is whole: a crash leaves no stale record
         for name in (GENES, SECTIONS, MANIFEST):
             data = self._get(name)
             if data is None:
                 raise CorpusError(f"{self.url}/{name}: missing from a corpus that has corpus.json")
             atomic_write_bytes(self.local / name, data)
         atomic_write_bytes(self.local / CORPUS_JSON, meta)  # last, as in Corpus._initialise
+        if record is not None:  # absent: the scratch adopts the tables on its first write
+            atomic_write_bytes(self.local / RECORD, record)
 
     def initialise(self) -> None:
         """Create the remote corpus from the scratch one if absent: tables, then corpus.json."""
         if self.fs.exists(self._key(CORPUS_JSON)):
             return
         for name in (GENES, SECTIONS, MANIFEST, CORPUS_JSON):
-            self._put(name, (self.local / name).read_bytes())
+            self._put_table(name, (self.local / name).read_bytes())
 
     def _remote_rows(self, name: str, schema: pa.Schema) -> list[dict[str, Any]]:
         data = self._get(name)
@@ -177,7 +186,7 @@ class RemoteCorpus:
         remote = self._remote_rows(MANIFEST, MANIFEST_SCHEMA)
         others = [r for r in remote if r["section_id"] != validate_section_id(section_id)]
         if len(others) != len(remote):
-            self._put(MANIFEST, _parquet_bytes(manifest_table(others)))
+            self._put_table(MANIFEST, parquet_bytes(manifest_table(others)))
 
     def _merged(self, section_id: str, sections_rows: list[dict[str, Any]],
                 manifest_rows: list[dict[str, Any]]) -> tuple[bytes, bytes]:
@@ -192,7 +201,7 @@ class RemoteCorpus:
             (MANIFEST, MANIFEST_SCHEMA, manifest_table, manifest_rows),
         ):
             others = [r for r in self._remote_rows(name, schema) if r["section_id"] != section_id]
-            tables.append(_parquet_bytes(build(others + mine)))
+            tables.append(parquet_bytes(build(others + mine)))
         return tables[0], tables[1]
 
     def _local_rows(self, section_id: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -250,9 +259,9 @@ class RemoteCorpus:
         section_id = validate_section_id(built.section_id)
         sections, manifest = self._merged(section_id, [built.sections_row],
                                           list(built.manifest_rows))
-        self._put(GENES, (self.local / GENES).read_bytes())  # append-only: a superset is safe
-        self._put(SECTIONS, sections)
-        self._put(MANIFEST, manifest)  # last: the section is live
+        self._put_table(GENES, (self.local / GENES).read_bytes())  # append-only: superset is safe
+        self._put_table(SECTIONS, sections)
+        self._put_table(MANIFEST, manifest)  # last: the section is live
         self._delete_other_objects(f"{SHARDS}/{section_id}",
                                    {self._key(name) for name in built.uploaded})
 
@@ -272,6 +281,6 @@ class RemoteCorpus:
         self.drop_section_parts(section_id)
         sections_rows, _ = self._local_rows(section_id)
         sections, _ = self._merged(section_id, sections_rows, [])
-        self._put(GENES, (self.local / GENES).read_bytes())
-        self._put(SECTIONS, sections)
+        self._put_table(GENES, (self.local / GENES).read_bytes())
+        self._put_table(SECTIONS, sections)
         self._delete_other_objects(f"{SHARDS}/{section_id}", set())

@@ -46,6 +46,7 @@ from histmol.shards.atomic import (
     file_digest,
     fsync_dir,
     fsync_path,
+    naming_path,
     remove_path,
     temp_name,
 )
@@ -310,9 +311,10 @@ class SectionShardWriter:
         jpeg = encode_patch(patch, self.jpeg_quality, self.jpeg_subsampling)
         if self._schema is None:
             self._schema = table.schema.remove_metadata()
-        if self._open is None:
-            self._open = _OpenPart(self.section_dir, len(self.records), self._schema)
-        self._open.append(jpeg, table)
+        with naming_path(self.section_dir / f"{part_stem(len(self.records))}.zarr"):
+            if self._open is None:
+                self._open = _OpenPart(self.section_dir, len(self.records), self._schema)
+            self._open.append(jpeg, table)
         self.n_pairs += 1
         if len(self._open.entries) == self.pairs_per_shard:
             self._finish_part()
@@ -321,7 +323,8 @@ class SectionShardWriter:
         part, self._open = self._open, None
         assert part is not None and part.handle is not None and self._schema is not None
         try:
-            record = self._write_part(part)
+            with naming_path(part.final):
+                record = self._write_part(part)
         except BaseException:
             part.abort()
             raise
@@ -358,7 +361,8 @@ class SectionShardWriter:
         self._written.append(part.final)
         fsync_dir(self.section_dir)
 
-        part.finish_units()
+        with naming_path(part.units_path):
+            part.finish_units()
         units_path = part.units_path
         self._written.append(units_path)
         fsync_dir(self.section_dir)
