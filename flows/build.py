@@ -20,10 +20,8 @@ and carries the original type and message. Retries happen on transient I/O error
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 import numpy as np
 from prefect import task
@@ -35,6 +33,7 @@ from histmol.build import (
     GeneKeys,
     Placement,
     SectionRequest,
+    commit_remote_stage,
     commit_stage,
     gene_keys,
     map_stage,
@@ -45,16 +44,7 @@ from histmol.build import (
 from histmol.config import BuildConfig
 from histmol.errors import HistmolError
 from histmol.section import Section
-from histmol.shards.atomic import remove_path
-from histmol.shards.corpus import Corpus
-from histmol.shards.remote import BuiltSection, RemoteCorpus
-from histmol.shards.staging import (
-    LOCK_SUFFIX,
-    STAGING_PREFIX,
-    create_staging,
-    release_staging,
-    remove_if_stale,
-)
+from histmol.shards.remote import BuiltSection
 
 TRANSIENT_ERRORS = (TimeoutError, ConnectionError, BlockingIOError, InterruptedError)
 
@@ -143,30 +133,6 @@ def write_section(
                             force=force, threads=threads)
 
 
-SCRATCH_DIR = "histmol-remote-builds"
-
-
-@contextmanager
-def worker_scratch(section_id: str) -> Iterator[Path]:
-    """A private folder under ``<temp dir>/histmol-remote-builds/``, removed when done.
-
-    Each folder has a sibling lock file its owner flocks while it lives
-    (`histmol.shards.staging`), so the folders of a worker that was killed (``kill -9``, out of
-    memory: no cleanup runs) are told from live ones and removed by the next build there.
-    """
-    parent = Path(tempfile.gettempdir()) / SCRATCH_DIR
-    parent.mkdir(exist_ok=True)
-    for entry in parent.iterdir():  # folders (or lone lock files) no live process holds
-        if entry.name.startswith(STAGING_PREFIX):
-            remove_if_stale(entry.with_name(entry.name.removesuffix(LOCK_SUFFIX)))
-    folder, fd = create_staging(parent, section_id)
-    try:
-        yield folder
-    finally:
-        remove_path(folder)
-        release_staging(folder, fd)
-
-
 @task(name="tile-write-upload", task_run_name="write-{section_id}", **_STAGE)
 def write_section_remote(
     section_id: str, url: str, request: SectionRequest,
@@ -175,22 +141,12 @@ def write_section_remote(
 ) -> tuple[BuildResult, BuiltSection]:
     """On a Dask worker: build the section locally, upload its objects to the remote corpus `url`.
 
-    Workers share no disk, so the section is built (parts, commit, QC figures: the same bytes as
-    `write_section`) into a corpus in the worker's scratch folder (`worker_scratch`), removed
-    afterwards whatever happens; only its objects are put (step 2 of histmol/shards/remote.py).
-    The flow commits the tables from the returned rows. Its step 1 must already have dropped the
-    section's old parts from the remote manifest.
+    `histmol.build.commit_remote_stage`: the flow commits the tables from the returned rows; its
+    step 1 must already have dropped the section's old parts from the remote manifest.
     """
-    with worker_scratch(section_id) as tmp:
-        root = tmp / "corpus"
-        with section_errors():
-            Corpus.open(root, create=True, build_config=config.corpus_fields())
-        result = write_section.fn(section_id, str(root), request, section, placement, gene_index,
-                                  species, config, key, True, threads)
-        with section_errors():
-            remote = RemoteCorpus(url, local=root)  # options: the worker's fsspec config
-            built = remote.upload_section(section_id)
-    return result, built
+    with section_errors(request):
+        return commit_remote_stage(url, request, section, placement, gene_index, species,
+                                   config, key, threads=threads)
 
 
 def record_failure(out: str, config: BuildConfig, section_id: str, platform: str,

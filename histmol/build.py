@@ -42,6 +42,7 @@ from histmol.registration import (
 )
 from histmol.section import Section, slugify, validate_section_id
 from histmol.shards.corpus import COMMITTED, Corpus
+from histmol.shards.remote import BuiltSection, RemoteCorpus, worker_scratch
 from histmol.shards.shard_writer import SectionShardWriter
 from histmol.tiling import (
     ExtractionTimes,
@@ -442,6 +443,34 @@ def commit_stage(
         sum(r.images_bytes + r.units_bytes for r in records), time.perf_counter() - started,
         {k: v for k, v in row.items() if k != "panel"}, timings,
     )
+
+
+def commit_remote_stage(
+    url: str,
+    request: SectionRequest,
+    section: Section,
+    placement: Placement,
+    gene_index: np.ndarray,
+    species: str,
+    config: BuildConfig,
+    key: str,
+    *,
+    threads: int = 2,
+) -> tuple[BuildResult, BuiltSection]:
+    """On a machine without the corpus' disk: build the section locally, upload its objects.
+
+    The section is built by `commit_stage` (the same bytes) into a corpus in a private scratch
+    folder (`worker_scratch`, removed afterwards whatever happens); only its objects are put
+    (step 2 of histmol/shards/remote.py), with the credentials of this process' fsspec config.
+    The caller commits the remote tables from the returned rows (`RemoteCorpus.publish_built`).
+    """
+    with worker_scratch(section.section_id) as tmp:
+        root = tmp / "corpus"
+        Corpus.open(root, create=True, build_config=config.corpus_fields())
+        result = commit_stage(root, request, section, placement, gene_index, species, config, key,
+                              force=True, threads=threads)
+        built = RemoteCorpus(url, local=root).upload_section(section.section_id)
+    return result, built
 
 
 def write_figures(out: str | Path, section_id: str, wsi: Path) -> None:

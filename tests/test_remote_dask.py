@@ -28,10 +28,9 @@ from test_remote_ingest import (  # noqa: F401 - fixtures and helpers
     remote_tree,
 )
 
-from flows.build import SCRATCH_DIR
 from histmol.remote_inputs import CACHE_ENV
 from histmol.shards.atomic import is_temp_name
-from histmol.shards.remote import RemoteCorpus, scratch_root
+from histmol.shards.remote import SCRATCH_DIR, RemoteCorpus, scratch_root
 
 pytestmark = pytest.mark.slow
 STATUS = {"syn-a": "committed", "syn-broken": "failed", "syn-st": "committed",

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from flows.build import SCRATCH_DIR, worker_scratch
+from histmol.shards.remote import SCRATCH_DIR, worker_scratch
 from histmol.shards.staging import create_staging, lock_path_of, release_staging
 
 KILLED_WORKER = """
 import sys, time
-from flows.build import worker_scratch
+from histmol.shards.remote import worker_scratch
 with worker_scratch("s-killed") as folder:
     (folder / "corpus").mkdir()
     print(folder, flush=True)

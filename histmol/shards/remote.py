@@ -43,6 +43,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -71,8 +74,16 @@ from histmol.shards.corpus_tables import (
     manifest_table,
     sections_table,
 )
+from histmol.shards.staging import (
+    LOCK_SUFFIX,
+    STAGING_PREFIX,
+    create_staging,
+    release_staging,
+    remove_if_stale,
+)
 
 QC = "qc"
+SCRATCH_DIR = "histmol-remote-builds"
 
 
 def scratch_root(url: str) -> Path:
@@ -284,3 +295,25 @@ class RemoteCorpus:
         self._put_table(GENES, (self.local / GENES).read_bytes())
         self._put_table(SECTIONS, sections)
         self._delete_other_objects(f"{SHARDS}/{section_id}", set())
+
+
+@contextmanager
+def worker_scratch(section_id: str) -> Iterator[Path]:
+    """A private folder under ``<temp dir>/histmol-remote-builds/``, removed when done.
+
+    Where a Dask worker (no shared disk) builds a section before `upload_section`. Each folder
+    has a sibling lock file its owner flocks while it lives (`histmol.shards.staging`), so the
+    folders of a worker that was killed (``kill -9``, out of memory: no cleanup runs) are told
+    from live ones and removed by the next build there.
+    """
+    parent = Path(tempfile.gettempdir()) / SCRATCH_DIR
+    parent.mkdir(exist_ok=True)
+    for entry in parent.iterdir():  # folders (or lone lock files) no live process holds
+        if entry.name.startswith(STAGING_PREFIX):
+            remove_if_stale(entry.with_name(entry.name.removesuffix(LOCK_SUFFIX)))
+    folder, fd = create_staging(parent, section_id)
+    try:
+        yield folder
+    finally:
+        remove_path(folder)
+        release_staging(folder, fd)
