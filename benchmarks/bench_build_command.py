@@ -44,7 +44,7 @@ from histmol.config import BuildConfig
 bundle, wsi, transform, out, threads = sys.argv[1:6]
 request = SectionRequest("visium", Path(bundle), Path(wsi), "bench", Path(transform))
 result = build_section(request, Path(out), BuildConfig(), threads=int(threads))
-print(json.dumps({"n_pairs": result.n_pairs, "seconds": result.seconds,
+print(json.dumps({"status": result.status, "n_pairs": result.n_pairs, "seconds": result.seconds,
                   "timings": result.timings}))
 """
 
@@ -131,6 +131,11 @@ def main() -> None:
     python = sys.executable
     histmol_exe = str(Path(python).with_name("histmol"))
     env = dict(os.environ)
+    # While `histmol build` starts Prefect's temporary server: a private PREFECT_HOME (other
+    # commands on this machine must not share its database) and a start limit for a busy machine.
+    env.setdefault("PREFECT_HOME", str(work / "prefect-home"))
+    env.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "300")
+    env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     started = time.perf_counter()
     paths = inputs(work)
     generate_s = time.perf_counter() - started
@@ -149,6 +154,8 @@ def main() -> None:
         "help": summary(run_child([histmol_exe, "--help"], env, 300)),
     }
 
+    for name in ("corpus-library", "corpus-command"):  # left by an interrupted run
+        shutil.rmtree(work / name, ignore_errors=True)
     library = run_child(
         [python, "-c", LIBRARY_SCRIPT, str(paths["bundle"]), str(paths["wsi"]),
          str(paths["transform"]), str(work / "corpus-library"), str(args.threads)],
@@ -159,7 +166,7 @@ def main() -> None:
     if library["returncode"] == 0:
         result = json.loads(library["stdout"].strip().splitlines()[-1])
         report["library"].update(
-            n_pairs=result["n_pairs"], build_s=round(result["seconds"], 3),
+            status=result["status"], n_pairs=result["n_pairs"], build_s=round(result["seconds"], 3),
             stage_s={k: round(v, 3) for k, v in result["timings"].items()},
             cpu_vs_peer=round(library["cpu_s"] / PEER_CPU_S, 3),
         )

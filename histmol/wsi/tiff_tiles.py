@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-CACHE_BYTES = 128 * 1024 * 1024  # decoded tiles kept; a 24k px level-1 row of tiles is ~9 MB
+CACHE_BYTES = 64 * 1024 * 1024  # decoded tiles kept: a band of a 24k px slide's level 1
 # baseline JPEG, none, LZW, Adobe deflate, deflate: decoded by tifffile exactly as libtiff does
 DECODABLE = {7, 1, 5, 8, 32946}
 
