@@ -10,7 +10,9 @@ are the whole process's (os.wait4 rusage: user+sys CPU, peak RSS):
 - the library path, `histmol.build.build_section` from a plain script: the same, plus the
   BuildResult's stage timings (read/resample are summed over the tile threads);
 - import time: `python -X importtime -c "import histmol.cli"` and `import histmol.build`
-  (cumulative microseconds of the top module), and the wall of `histmol --help`.
+  (cumulative microseconds of the top module), and the wall of `histmol --help`;
+- with --hest-python, the peer (HEST, installed in its own venv) cutting the same patches; its
+  CPU then replaces the 33 s figure of issue 19 in the `cpu_vs_peer` ratios.
 
 The machine's load average is recorded before and after: on a shared machine prefer the CPU
 numbers over the wall ones. JSON goes to benchmarks/results/build_command_<time>.json. Run by hand:
@@ -36,6 +38,16 @@ from typing import Any
 RESULTS = Path(__file__).resolve().parent / "results"
 SIDE_UM = 6000.0  # 24,000 px at 0.25 um/px
 PEER_CPU_S = 33.0  # HEST cutting the same section's patches on this machine (issue 19)
+HEST_SCRIPT = """
+import sys
+from hest.readers import VisiumReader
+outs, wsi, dest = sys.argv[1:4]
+st = VisiumReader().read(wsi, filtered_bc_matrix_path=f"{outs}/filtered_feature_bc_matrix.h5",
+                         spatial_coord_path=f"{outs}/spatial", autoalign="never")
+st.segment_tissue(method="otsu")
+st.dump_patches(dest, name="patches", target_patch_size=224, target_pixel_size=0.5,
+                dump_visualization=False)
+"""
 LIBRARY_SCRIPT = """
 import json, sys, time
 from pathlib import Path
@@ -126,6 +138,9 @@ def main() -> None:
     parser.add_argument("--timeout-s", type=float, default=900.0)
     parser.add_argument("--skip-command", action="store_true",
                         help="time only import and the library path")
+    parser.add_argument("--hest-python", default=None,
+                        help="python of a venv with HEST installed (see /work/shared/STACK.md): "
+                             "time it cutting the same patches, as the peer of this run")
     args = parser.parse_args()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="histmol-bench-command-"))
     python = sys.executable
@@ -188,6 +203,18 @@ def main() -> None:
                 wall_vs_reported_build=round(built["wall_s"] / max(build_s, 1e-9), 3),
                 cpu_vs_peer=round(built["cpu_s"] / PEER_CPU_S, 3),
             )
+    if args.hest_python:
+        shutil.rmtree(work / "hest-patches", ignore_errors=True)
+        hest = run_child([args.hest_python, "-c", HEST_SCRIPT, str(paths["bundle"]),
+                          str(paths["wsi"]), str(work / "hest-patches")],
+                         {k: v for k, v in env.items() if k != "PYTHONPATH"}, args.timeout_s)
+        shutil.rmtree(work / "hest-patches", ignore_errors=True)
+        report["peer_hest"] = summary(hest)
+        if hest["returncode"] == 0:
+            report["peer_cpu_s"] = hest["cpu_s"]
+            for name in ("library", "command"):
+                if "cpu_vs_peer" in report.get(name, {}):
+                    report[name]["cpu_vs_peer"] = round(report[name]["cpu_s"] / hest["cpu_s"], 3)
     report["machine"]["loadavg_after"] = [round(v, 2) for v in os.getloadavg()]
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"build_command_{time.strftime('%Y%m%d-%H%M%S')}.json"
