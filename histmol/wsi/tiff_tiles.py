@@ -46,7 +46,13 @@ class TileLevel:
     def decode(self, data: bytes, index: int) -> np.ndarray:
         """(tile_h, tile_w, 3) uint8 pixels of tile `index` from its compressed bytes."""
         tile, _, _ = self._decode(data, index, jpegtables=self.jpegtables)
-        return tile.reshape(self.tile_h, self.tile_w, 3)
+        tile = tile.reshape(tile.shape[-3:])  # (1, h, w, 3) from tifffile: the plane
+        if tile.shape == (self.tile_h, self.tile_w, 3):
+            return tile
+        # an edge tile some writers store cut to the image: only its stored part is ever read
+        full = np.full((self.tile_h, self.tile_w, 3), 255, dtype=np.uint8)
+        full[: tile.shape[0], : tile.shape[1]] = tile[: self.tile_h, : self.tile_w]
+        return full
 
 
 def tile_levels(
