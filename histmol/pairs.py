@@ -13,12 +13,14 @@ from histmol.registration import Registration
 from histmol.section import Section
 from histmol.tiling import PatchPlan
 
+BATCH_UNITS = 1 << 14  # units whose columns are built at once (see unit_tables)
+
 
 def pair_counts(section: Section, rows: np.ndarray, gene_index: np.ndarray) -> sp.csr_matrix:
     """The section's counts of the units at `rows`, columns renumbered to vocabulary indices.
 
-    Done per pair rather than for the whole matrix so that no full-size copy of a dense
-    platform's counts is ever made (a `CountsStore` section is only ever read pair by pair).
+    Done per batch of pairs rather than for the whole matrix so that no full-size copy of a
+    dense platform's counts is ever made (a `CountsStore` section is only read a batch at a time).
     """
     block = section.count_rows(rows)
     renumbered = sp.csr_matrix(
@@ -54,29 +56,58 @@ def unit_tables(
     ).combine_chunks()
     controls = {f"control_{c}": section.control_counts[c].to_numpy(np.int64)
                 for c in section.control_counts.columns}
-    # columns are made pair by pair: whole-section copies would grow with a 2 um section
-    for pair in range(plan.n_pairs):
-        rows = order[bounds[pair] : bounds[pair + 1]]
-        x_wsi, y_wsi = registration.x_wsi_px[rows], registration.y_wsi_px[rows]
-        patch_x0, patch_y0 = plan.x0[pair], plan.y0[pair]
-        block = pair_counts(section, rows, gene_index)
-        columns: dict[str, np.ndarray | pa.Array] = {
-            "unit_id": unit_ids.take(rows),
-            "x_wsi_px": x_wsi,
-            "y_wsi_px": y_wsi,
-            "x_um": x_wsi * registration.mpp,
-            "y_um": y_wsi * registration.mpp,
-            "patch_x0_wsi_px": np.full(len(rows), patch_x0),
-            "patch_y0_wsi_px": np.full(len(rows), patch_y0),
-            "x_in_patch_px": ((x_wsi - patch_x0) * scale).astype(np.float32),
-            "y_in_patch_px": ((y_wsi - patch_y0) * scale).astype(np.float32),
-            "tissue_fraction": np.full(len(rows), pair_tissue[pair], np.float32),
-            "total_counts": np.asarray(block.sum(axis=1, dtype=np.int64)).ravel(),
-            **{name: values[rows] for name, values in controls.items()},
-        }
-        arrays = {name: values if isinstance(values, pa.Array) else pa.array(values)
-                  for name, values in columns.items()}
-        offsets = pa.array(block.indptr.astype(np.int32))
-        arrays["gene_idx"] = pa.ListArray.from_arrays(offsets, pa.array(block.indices))
-        arrays["counts"] = pa.ListArray.from_arrays(offsets, pa.array(block.data))
-        yield pa.table(arrays)
+    # Columns are built a batch of whole pairs at a time and each pair's table is a zero-copy
+    # slice of its batch: per-pair numpy/scipy/Arrow calls cost more than the work in spot mode
+    # (one unit per pair), while batches of BATCH_UNITS keep a 2 um section's copies small.
+    first = 0
+    while first < plan.n_pairs:
+        limit = bounds[first] + BATCH_UNITS
+        last = max(first + 1, int(np.searchsorted(bounds, limit, "right")) - 1)
+        table = _batch_table(
+            section, registration, plan, pair_tissue, gene_index, scale, unit_ids, controls,
+            order[bounds[first] : bounds[last]], first, last, np.diff(bounds[first : last + 1]),
+        )
+        for pair in range(first, last):
+            yield table.slice(bounds[pair] - bounds[first], bounds[pair + 1] - bounds[pair])
+        first = last
+
+
+def _batch_table(
+    section: Section,
+    registration: Registration,
+    plan: PatchPlan,
+    pair_tissue: np.ndarray,
+    gene_index: np.ndarray,
+    scale: float,
+    unit_ids: pa.Array,
+    controls: dict[str, np.ndarray],
+    rows: np.ndarray,
+    first: int,
+    last: int,
+    sizes: np.ndarray,
+) -> pa.Table:
+    """The units of pairs `first`..`last - 1` (section rows `rows`, `sizes` per pair), in order."""
+    x_wsi, y_wsi = registration.x_wsi_px[rows], registration.y_wsi_px[rows]
+    patch_x0 = np.repeat(plan.x0[first:last], sizes)
+    patch_y0 = np.repeat(plan.y0[first:last], sizes)
+    block = pair_counts(section, rows, gene_index)
+    columns: dict[str, np.ndarray | pa.Array] = {
+        "unit_id": unit_ids.take(rows),
+        "x_wsi_px": x_wsi,
+        "y_wsi_px": y_wsi,
+        "x_um": x_wsi * registration.mpp,
+        "y_um": y_wsi * registration.mpp,
+        "patch_x0_wsi_px": patch_x0,
+        "patch_y0_wsi_px": patch_y0,
+        "x_in_patch_px": ((x_wsi - patch_x0) * scale).astype(np.float32),
+        "y_in_patch_px": ((y_wsi - patch_y0) * scale).astype(np.float32),
+        "tissue_fraction": np.repeat(np.asarray(pair_tissue[first:last], np.float32), sizes),
+        "total_counts": np.asarray(block.sum(axis=1, dtype=np.int64)).ravel(),
+        **{name: values[rows] for name, values in controls.items()},
+    }
+    arrays = {name: values if isinstance(values, pa.Array) else pa.array(values)
+              for name, values in columns.items()}
+    offsets = pa.array(block.indptr.astype(np.int32))
+    arrays["gene_idx"] = pa.ListArray.from_arrays(offsets, pa.array(block.indices))
+    arrays["counts"] = pa.ListArray.from_arrays(offsets, pa.array(block.data))
+    return pa.table(arrays)

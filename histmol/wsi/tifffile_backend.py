@@ -19,14 +19,17 @@ from histmol.wsi.mpp import (
     mpp_from_tiff_tags,
 )
 from histmol.wsi.tiff_checks import _check_tiff_data_complete, _tifffile_errors
+from histmol.wsi.tiff_tiles import TileCache, series_tile_levels
 
 
 class TifffileReader(SlideReader):
     """tifffile backend for OME-TIFF, SubIFD pyramids and TIFFs OpenSlide refuses.
 
-    Levels come from `series[0].levels`. A level of at most `in_memory_max_px` pixels is decoded
-    once and then sliced without a lock; larger ones are read through `aszarr` + zarr under a
-    lock, because one TiffFile's file handle is not safe for concurrent reads.
+    Levels come from `series[0].levels`. A level stored as one tiled 8-bit RGB page is read from
+    its tiles, each decoded once (histmol.wsi.tiff_tiles). Otherwise a level of at most
+    `in_memory_max_px` pixels is decoded once and then sliced without a lock; larger ones are
+    read through `aszarr` + zarr under a lock, because one TiffFile's file handle is not safe
+    for concurrent reads.
     """
 
     backend = "tifffile"
@@ -69,6 +72,11 @@ class TifffileReader(SlideReader):
             problem = f"the TIFF structure is damaged (truncated or corrupt?): {errors[0]}"
             raise WSIError(path, problem)
         self._levels = levels
+        try:
+            tiled = series_tile_levels(series)
+        except Exception:  # an unusual page layout: read it the general way below
+            tiled = {}
+        self._tiles = TileCache(path, tiled) if tiled else None
         self._lock = threading.Lock()
         self._in_memory: dict[int, np.ndarray] = {}
         self._zarr: dict[int, Any] = {}
@@ -87,6 +95,8 @@ class TifffileReader(SlideReader):
         index = self._index(x, y, width, height)
         level_w, level_h = self.level_dimensions[level]
         try:
+            if self._tiles is not None and level in self._tiles.levels:
+                return self._tiles.read(level, x, y, width, height)
             if level_w * level_h <= self.in_memory_max_px:
                 return self._to_yxs(self._level_array(level)[index])
             with self._lock:
@@ -124,6 +134,8 @@ class TifffileReader(SlideReader):
             self._in_memory.clear()
             self._zarr.clear()
             self._tif.close()
+            if self._tiles is not None:
+                self._tiles.close()
 
 
 def _rgb_sample_axis(
