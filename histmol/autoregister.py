@@ -119,12 +119,12 @@ def autoregister(
         pyramid, transform, COARSE_SIDE, fixed_scale=scale is not None,
         reach=COARSE_SIDE * np.radians(ANGLE_STEP_DEG),
     )
-    levels = [s for s in (256, 512) if s < min(side, fine_side)] + [min(side, fine_side)]
+    levels = [s for s in (400,) if s < min(side, fine_side)] + [min(side, fine_side)]
     for level_side in levels:
         final = level_side == levels[-1]
         transform = _refine(
             pyramid, transform, level_side, fixed_scale=scale is not None,
-            samples=FINAL_SAMPLES if final else MAX_SAMPLES,
+            samples=FINAL_SAMPLES if final else MAX_SAMPLES, xtol=0.01 if final else 0.05,
         )
     metrics = _scores(pyramid, transform, min(side, fine_side))
     linear = transform[:2, :2]
@@ -189,6 +189,14 @@ def _at_level(transform: np.ndarray, moving_factor: float, fixed_factor: float) 
     return np.diag([1 / fixed_factor, 1 / fixed_factor, 1.0]) @ transform @ np.diag(
         [moving_factor, moving_factor, 1.0]
     )
+
+
+def resample(moving: np.ndarray, transform: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """A 2-D `moving` resampled onto a grid of `shape` through moving->grid `transform` (bilinear).
+
+    Continuous coordinates (pixel edges at integers); NaN where the grid falls outside `moving`.
+    """
+    return _warp(np.asarray(moving, np.float32), np.asarray(transform, np.float64), shape)
 
 
 def _warp(moving: np.ndarray, transform: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
@@ -281,6 +289,7 @@ def _refine(
     fixed_scale: bool,
     reach: float = 8.0,
     samples: int = MAX_SAMPLES,
+    xtol: float = 0.05,
 ) -> np.ndarray:
     """Maximise the correlation over a small similarity update at one level (Powell).
 
@@ -303,9 +312,9 @@ def _refine(
     span = max(fixed.shape) / 2.0
 
     def update(params: np.ndarray) -> np.ndarray:
-        # params: rotation and log-scale as px of arc at the image edge, shift in level px
-        angle, log_scale, dx, dy = params / np.array([span, span, 1.0, 1.0])
-        log_scale = 0.0 if fixed_scale else log_scale
+        # params: rotation (and log-scale) as px of arc at the image edge, shift in level px
+        full = np.insert(params, 1, 0.0) if fixed_scale else params
+        angle, log_scale, dx, dy = full / np.array([span, span, 1.0, 1.0])
         delta = _translate(*(centre + np.array([dx, dy]) * f_factor)) @ _similarity(
             angle, float(np.exp(log_scale)), False
         ) @ _translate(*-centre)
@@ -320,10 +329,11 @@ def _refine(
         return -_ncc(values, sampled)
 
     for _ in range(4):  # an update at its bound is a step on the way: go on from there
+        n = 3 if fixed_scale else 4
         result = optimize.minimize(
-            cost, np.zeros(4), method="Powell",
-            options={"xtol": 0.01, "ftol": 1e-7, "maxfev": 800},
-            bounds=[(-reach, reach)] * 4,
+            cost, np.zeros(n), method="Powell",
+            options={"xtol": xtol, "ftol": 1e-7, "maxfev": 800},
+            bounds=[(-reach, reach)] * n,
         )
         transform = update(result.x)
         if np.abs(result.x).max() < 0.9 * reach:

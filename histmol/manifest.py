@@ -96,6 +96,10 @@ class SectionOptions(BaseModel):
     pairs_per_shard: int | None = Field(None, ge=1)
     min_match_rate: float | None = Field(None, gt=0, le=1)
     max_landmark_residual_um: float | None = Field(None, gt=0)
+    register: Literal["given", "auto"] | None = Field(
+        None, description="auto: align the platform's own image to the H&E [given]."
+    )
+    min_register_confidence: float | None = Field(None, ge=-1, le=1)
 
 
 class ManifestEntry(SectionOptions):
