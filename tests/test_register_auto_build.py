@@ -10,6 +10,7 @@ import pytest
 from histmol.build import SectionRequest, build_section
 from histmol.config import BuildConfig
 from histmol.errors import RegistrationError
+from histmol.manifest import ManifestError, load_manifest
 from histmol.registration import read_transform_csv
 from histmol.synth import GroundTruth, SyntheticSlide, make_slide, write_visium_bundle
 
@@ -64,3 +65,20 @@ def test_auto_registration_with_a_transform_is_refused(
     request = SectionRequest("visium", truth.bundle, slide.path, "both", truth.transform_path)
     with pytest.raises(Exception, match=r"register auto finds the transform itself"):
         build_section(request, tmp_path / "c", CONFIG)
+
+
+def test_manifest_field_register_auto_reaches_the_build_config(tmp_path: Path) -> None:
+    (tmp_path / "m.yaml").write_text(
+        "defaults:\n  register: auto\n  min_register_confidence: 0.5\n"
+        "sections:\n"
+        "  - {section_id: a, platform: visium, bundle: b, wsi: w.tif}\n"
+        "  - {section_id: b, platform: visium, bundle: b, wsi: w.tif, register: given}\n"
+    )
+    plan = load_manifest(tmp_path / "m.yaml")
+    assert [c.register for c in plan.configs] == ["auto", "given"]
+    assert plan.configs[0].min_register_confidence == 0.5
+    (tmp_path / "bad.yaml").write_text(
+        "sections:\n  - {section_id: a, platform: visium, bundle: b, wsi: w.tif, register: maybe}\n"
+    )
+    with pytest.raises(ManifestError, match=r"register"):
+        load_manifest(tmp_path / "bad.yaml")
