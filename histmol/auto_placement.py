@@ -21,7 +21,8 @@ from histmol.section import Section
 from histmol.wsi import SlideReader
 
 log = logging.getLogger(__name__)
-MIN_SIDE, MAX_SIDE = 256, 2048
+COARSE_THUMBNAIL_SIDE = 1024  # pass 1: the whole slide
+MAX_FOOTPRINT_SIDE = 2048  # pass 2: the platform image's footprint, at about its pixel size
 
 
 @dataclass(frozen=True)
@@ -54,12 +55,8 @@ def place_automatically(
     own = platform_image(section)
     height, width = own.image.shape[:2]
     image_um = _image_um_per_px(section, own.image_to_native)
-    slide_w, slide_h = slide.dimensions
-    if wsi_mpp is not None and image_um is not None:
-        side = int(np.clip(max(slide_w, slide_h) * wsi_mpp / image_um, MIN_SIDE, MAX_SIDE))
-    else:
-        side = 1024
-    fixed, thumb_scale = slide.thumbnail(side)
+    # pass 1: the whole slide's thumbnail finds rotation, flip, scale and the rough place
+    fixed, thumb_scale = slide.thumbnail(COARSE_THUMBNAIL_SIDE)
     fixed_to_wsi = np.diag([thumb_scale, thumb_scale, 1.0])
     scale = None
     if wsi_mpp is not None and image_um is not None:
@@ -67,6 +64,19 @@ def place_automatically(
     found = autoregister(
         own.image, own.image_to_native, fixed, fixed_to_wsi, modality=own.modality, scale=scale
     )
+    # pass 2: a WSI level near the platform image's pixel size, cropped to its footprint
+    image_to_wsi = found.native_to_wsi @ own.image_to_native
+    wsi_px_per_image_px = float(np.sqrt(abs(np.linalg.det(image_to_wsi[:2, :2]))))
+    passes = 1
+    if thumb_scale > 1.25 * wsi_px_per_image_px:
+        fixed, fixed_to_wsi = _footprint(slide, image_to_wsi, own.image.shape[:2],
+                                         wsi_px_per_image_px)
+        initial = np.linalg.inv(fixed_to_wsi) @ image_to_wsi
+        found = autoregister(
+            own.image, own.image_to_native, fixed, fixed_to_wsi, modality=own.modality,
+            scale=scale, initial=initial,
+        )
+        passes = 2
     qc: dict[str, float | int | str | bool] = {
         "register": "auto",
         "register_image": own.path.name,
@@ -75,6 +85,7 @@ def place_automatically(
         "register_min_confidence": min_confidence,
         "register_seconds": time.perf_counter() - started,
         "register_scale_searched": scale is None,
+        "register_passes": passes,
     }
     qc.update({f"register_{k}": v for k, v in found.metrics.items()})
     placement = AutoPlacement(found.native_to_wsi, qc, found, fixed, own.image)
@@ -92,6 +103,39 @@ def place_automatically(
     log.info("%s: registered %s, confidence %.3f", section.section_id, own.path.name,
              found.confidence)
     return placement
+
+
+def _footprint(
+    slide: SlideReader, image_to_wsi: np.ndarray, shape: tuple[int, int], wsi_px_per_px: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """The WSI under the platform image's footprint (+10 %), near that image's pixel size.
+
+    Returns the RGB crop and its pixels -> WSI level-0 affine. Reads the pyramid level at or
+    below the wanted downsample, then block-averages to it.
+    """
+    height, width = shape
+    corners = image_to_wsi @ np.array([[0, width, 0, width], [0, 0, height, height], [1, 1, 1, 1]])
+    low, high = corners[:2].min(axis=1), corners[:2].max(axis=1)
+    margin = 0.1 * (high - low)
+    slide_w, slide_h = slide.dimensions
+    x0, y0 = np.maximum(np.floor(low - margin), 0).astype(int)
+    x1 = int(min(np.ceil(high[0] + margin[0]), slide_w))
+    y1 = int(min(np.ceil(high[1] + margin[1]), slide_h))
+    downsample = max(wsi_px_per_px, max(x1 - x0, y1 - y0) / MAX_FOOTPRINT_SIDE, 1.0)
+    level = slide.best_level_for_downsample(downsample)
+    level_down = float(slide.level_downsamples[level])
+    lx0, ly0 = int(x0 / level_down), int(y0 / level_down)
+    lw = max(1, int(np.ceil((x1 - x0) / level_down)))
+    lh = max(1, int(np.ceil((y1 - y0) / level_down)))
+    crop = slide.read_region(level, lx0, ly0, lw, lh)
+    block = max(1, int(downsample / level_down))
+    if block > 1:
+        h, w = lh // block * block, lw // block * block
+        crop = crop[:h, :w].reshape(h // block, block, w // block, block, 3).mean(axis=(1, 3))
+        crop = crop.astype(np.uint8)
+    px = level_down * block
+    to_wsi = np.array([[px, 0.0, lx0 * level_down], [0.0, px, ly0 * level_down], [0, 0, 1.0]])
+    return crop, to_wsi
 
 
 def _image_um_per_px(section: Section, image_to_native: np.ndarray) -> float | None:

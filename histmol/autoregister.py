@@ -91,6 +91,7 @@ def autoregister(
     modality: Modality = "he",
     scale: float | None = None,
     fine_side: int = DEFAULT_FINE_SIDE,
+    initial: np.ndarray | None = None,
 ) -> AutoRegistration:
     """Align the platform's image (`moving`) to an H&E thumbnail (`fixed`).
 
@@ -104,6 +105,7 @@ def autoregister(
         scale: fixed pixels per moving pixel when known (both pixel sizes known); else estimated
             from the tissue areas and refined.
         fine_side: longest side of the finest level worked on (both images are downsampled to it).
+        initial: a moving->fixed estimate (a coarser pass); skips the coarse search.
 
     Returns:
         The affine, the confidence and the metrics (no threshold is applied here).
@@ -113,12 +115,16 @@ def autoregister(
     fixed_signal = he_signal(fixed) if modality == "he" else hematoxylin_signal(fixed)
     moving_signal = he_signal(moving) if modality == "he" else nuclear_stain_signal(moving)
     pyramid = _Pyramid(moving_signal, fixed_signal)
-    transform, coarse_ncc, flipped = _coarse(pyramid, scale)
     side = max(fixed_signal.shape)
-    transform = _refine(
-        pyramid, transform, COARSE_SIDE, fixed_scale=scale is not None,
-        reach=COARSE_SIDE * np.radians(ANGLE_STEP_DEG),
-    )
+    if initial is None:
+        transform, coarse_ncc, flipped = _coarse(pyramid, scale)
+        transform = _refine(
+            pyramid, transform, COARSE_SIDE, fixed_scale=scale is not None,
+            reach=COARSE_SIDE * np.radians(ANGLE_STEP_DEG),
+        )
+    else:
+        transform = np.asarray(initial, np.float64)
+        coarse_ncc, flipped = float("nan"), bool(np.linalg.det(transform[:2, :2]) < 0)
     levels = [s for s in (400,) if s < min(side, fine_side)] + [min(side, fine_side)]
     for level_side in levels:
         final = level_side == levels[-1]
