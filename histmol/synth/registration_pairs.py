@@ -157,7 +157,8 @@ def _dapi_like(
     nuclei = model.nuclei(x0, y0, x1 - x0, y1 - y0)
     tissue = (model.region_at(*np.meshgrid(np.arange(x0, x1) + 0.5, np.arange(y0, y1) + 0.5)) > 0)
     signal = np.minimum(nuclei, 1.0) + 0.08 * tissue
-    signal = ndimage.uniform_filter(signal, max(1, round(scale)))  # pixel integration
+    # a camera pixel integrates its area (an odd window: no half-pixel shift)
+    signal = ndimage.uniform_filter(signal, 2 * round(scale / 2) + 1)
     placed = _translate(-x0, -y0) @ moving_to_source
     image = warp_image(signal, placed, shape, 0.0)
     image = ndimage.gaussian_filter(image, rng.uniform(0.3, 0.8))
