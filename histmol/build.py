@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -56,6 +56,9 @@ from histmol.tiling import (
 from histmol.tissue import TissueMask, mask_at, slide_tissue_mask
 from histmol.wsi import SlideReader, open_wsi
 from platform_adapters import get_platform, load_reader
+
+if TYPE_CHECKING:
+    from histmol.auto_placement import AutoPlacement
 
 log = logging.getLogger(__name__)
 ProgressCallback = Callable[[int, int], None]
@@ -135,7 +138,7 @@ def read_stage(request: SectionRequest, config: BuildConfig) -> Section:
             f"{', '.join(sorted(accepted)) or 'none'}"
         )
     options = dict(request.options)
-    if request.transform is not None or request.landmarks is not None:
+    if request.transform is not None or request.landmarks is not None or config.register == "auto":
         # The user places the section: the adapter must not demand its own alignment file. The
         # identity stands in for landmarks until register_stage replaces it with their fit.
         options.setdefault(
@@ -158,6 +161,7 @@ def register_stage(
     config: BuildConfig,
     transform: Path | None,
     landmarks: Path | None = None,
+    figure_dir: Path | None = None,
 ) -> Registration:
     """Place units on the slide, resolve mpp, and refuse images too coarse for the target.
 
@@ -177,11 +181,17 @@ def register_stage(
         fit = fit_affine(native, wsi, allow_mirror=True)  # recorded as qc_transform_mirrored
         matrix = fit.matrix
     known_mpp = config.mpp or slide.embedded_mpp
+    auto = None
+    if config.register == "auto":
+        auto = _auto_placement(section, slide, config, transform, landmarks, known_mpp, figure_dir)
+        matrix = auto.native_to_wsi
     if fit is not None and known_mpp is not None:  # a bad pair explains more than what follows
         check_residuals(fit, config.max_landmark_residual_um, known_mpp)
     registration = register(
         section, geometry, native_to_wsi=matrix, mpp=config.mpp, mpp_tolerance=config.mpp_tolerance
     )
+    if auto is not None:
+        registration.qc.update(auto.qc)
     if fit is not None:
         registration.qc["landmark_pairs"] = fit.n_pairs
         registration.qc["landmark_rms_um"] = fit.rms * registration.mpp
@@ -197,6 +207,26 @@ def register_stage(
             f"{np.ceil(registration.mpp * 100) / 100:g} or more"
         )
     return registration
+
+
+def _auto_placement(
+    section: Section,
+    slide: SlideReader,
+    config: BuildConfig,
+    transform: Path | None,
+    landmarks: Path | None,
+    known_mpp: float | None,
+    figure_dir: Path | None,
+) -> AutoPlacement:
+    """`register: auto`: the affine from the platform's own image (histmol.auto_placement)."""
+    from histmol.auto_placement import place_automatically
+
+    if transform is not None or landmarks is not None:
+        raise ConfigError("register auto finds the transform itself: drop the transform or "
+                          "landmarks, or build with register given")
+    return place_automatically(section, slide, wsi_mpp=known_mpp,
+                               min_confidence=config.min_register_confidence,
+                               figure_dir=figure_dir)
 
 
 def tissue_stage(slide: SlideReader, mpp: float, config: BuildConfig) -> TissueMask:
@@ -370,15 +400,26 @@ def skipped_result(section_id: str, platform: str, row: Mapping[str, Any]) -> Bu
                        int(row["n_pairs"]), int(row["n_units"]), int(row["n_genes"] or 0))
 
 
-def place_stage(request: SectionRequest, section: Section, config: BuildConfig) -> Placement:
-    """Register, mask tissue and plan patches on one open of the slide (QC failures raise)."""
+def place_stage(
+    request: SectionRequest, section: Section, config: BuildConfig, *,
+    figure_dir: Path | None = None,
+) -> Placement:
+    """Register, mask tissue and plan patches on one open of the slide (QC failures raise).
+
+    `figure_dir`: where `register: auto` draws its alignment overlay (`auto_figure_dir`).
+    """
     request = request.local("wsi", "transform", "landmarks")
     with open_wsi(request.wsi) as slide:
         registration = register_stage(section, slide, config, request.transform,
-                                      request.landmarks)
+                                      request.landmarks, figure_dir=figure_dir)
         mask = tissue_stage(slide, registration.mpp, config)
         plan, plan_qc, pair_tissue = plan_stage(section, registration, mask, config)
     return Placement(registration, plan, plan_qc, pair_tissue)
+
+
+def auto_figure_dir(out: str | Path, section_id: str, config: BuildConfig) -> Path | None:
+    """The section's QC folder when registration is automatic (its overlay goes there)."""
+    return Path(out) / "qc" / section_id if config.register == "auto" else None
 
 
 def gene_keys(request: SectionRequest, section: Section) -> GeneKeys:
@@ -535,7 +576,8 @@ def build_section(
                     "version); pass --force to rebuild it"
                 )
         section = read_stage(request, config)
-        placement = place_stage(request, section, config)
+        placement = place_stage(request, section, config,
+                                figure_dir=auto_figure_dir(out, section_id, config))
         keys = gene_keys(request, section)
         gene_index = map_stage(out, config, keys)
         result = commit_stage(out, request, section, placement, gene_index, keys.species, config,

@@ -112,6 +112,13 @@ def build(
     max_landmark_residual_um: Annotated[
         Optional[float], typer.Option(help="Fail when a landmark misses by more [50].")
     ] = None,
+    register: Annotated[
+        Optional[str],
+        typer.Option(help="auto: align the bundle's own image (Visium PNG, DAPI) to the H&E."),
+    ] = None,
+    min_register_confidence: Annotated[
+        Optional[float], typer.Option(help="Fail an automatic registration scoring less [0.3].")
+    ] = None,
     mpp: Annotated[
         Optional[float], typer.Option(help="Override the WSI's um/px (skips the pitch check).")
     ] = None,
@@ -189,6 +196,8 @@ def build(
             tissue_mpp=tissue_mpp,
             resample=resample,
             max_landmark_residual_um=max_landmark_residual_um,
+            register=register,
+            min_register_confidence=min_register_confidence,
             jpeg_quality=jpeg_quality,
             pairs_per_shard=pairs_per_shard,
             min_match_rate=min_match_rate,

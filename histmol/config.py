@@ -11,6 +11,7 @@ from histmol.errors import ConfigError
 from histmol.section import TilingMode
 
 Resample = Literal["lanczos", "bilinear", "box"]
+Register = Literal["given", "auto"]
 CORPUS_LEVEL_FIELDS = ("patch_px", "target_mpp", "resample", "jpeg_quality")
 
 
@@ -20,6 +21,9 @@ class BuildConfig:
 
     `mode=None` takes the platform's default tiling mode. `mpp=None` resolves the pixel size
     from the WSI file, the bundle's scalefactors or the unit pitch, in that order.
+    `register="auto"` finds native -> WSI from the platform's own image (histmol.autoregister)
+    and fails the section under `min_register_confidence`; "given" uses the adapter's alignment,
+    --transform or --landmarks.
     """
 
     patch_px: int = 224
@@ -35,6 +39,8 @@ class BuildConfig:
     pairs_per_shard: int = 2048
     min_match_rate: float = 0.9
     max_landmark_residual_um: float = 50.0
+    register: Register = "given"
+    min_register_confidence: float = 0.3
 
     def __post_init__(self) -> None:
         if not 16 <= self.patch_px <= 4096:
@@ -61,6 +67,10 @@ class BuildConfig:
             raise ConfigError("max_landmark_residual_um must be > 0")
         if not 0 < self.min_match_rate <= 1:
             raise ConfigError("min_match_rate must be in (0, 1]")
+        if self.register not in ("given", "auto"):
+            raise ConfigError(f"register must be 'given' or 'auto', got {self.register!r}")
+        if not -1 <= self.min_register_confidence <= 1:
+            raise ConfigError("min_register_confidence must be in -1..1 (a correlation)")
 
     def corpus_fields(self) -> dict[str, Any]:
         """The options every section of one corpus must share: the patch geometry and codec.

@@ -96,7 +96,7 @@ class CorpusOptions(BaseModel):
 class SectionOptions(BaseModel):
     """Per-section build options; None inherits the manifest's `defaults`, then BuildConfig's."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
     mode: Literal["spot", "grid"] | None = Field(None, description="Tiling mode [platform's].")
     mpp: float | None = Field(None, ge=0.05, le=50, description="Override the WSI's um/px.")
     mpp_tolerance: float | None = Field(None, gt=0, lt=1)
@@ -106,6 +106,12 @@ class SectionOptions(BaseModel):
     pairs_per_shard: int | None = Field(None, ge=1)
     min_match_rate: float | None = Field(None, gt=0, le=1)
     max_landmark_residual_um: float | None = Field(None, gt=0)
+    # written `register:` (BaseModel.register is pydantic's: the attribute needs another name)
+    register_mode: Literal["given", "auto"] | None = Field(
+        None, alias="register",
+        description="auto: align the platform's own image to the H&E [given].",
+    )
+    min_register_confidence: float | None = Field(None, ge=-1, le=1)
 
 
 class ManifestEntry(SectionOptions):
@@ -272,11 +278,12 @@ def load_manifest(path: str | Path) -> IngestPlan:
 def _plan(path: Path, manifest: Manifest, lines: list[int]) -> IngestPlan:
     base = path.resolve().parent
     corpus = manifest.corpus.model_dump()
-    defaults = manifest.defaults.model_dump(exclude_none=True)
+    defaults = manifest.defaults.model_dump(exclude_none=True, by_alias=True)
     requests, configs = [], []
     problems: dict[int, str] = {}
     for index, entry in enumerate(manifest.sections):
-        per_section = {k: getattr(entry, k) for k in SectionOptions.model_fields}
+        per_section = {field.alias or k: getattr(entry, k)
+                       for k, field in SectionOptions.model_fields.items()}
         overrides = {**defaults, **{k: v for k, v in per_section.items() if v is not None}}
         try:
             configs.append(BuildConfig(**corpus, **overrides))

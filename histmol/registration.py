@@ -153,6 +153,35 @@ def median_neighbour_distance(x: np.ndarray, y: np.ndarray) -> float | None:
     return float(np.median(close))
 
 
+def array_scale(
+    col_um: np.ndarray, row_um: np.ndarray, x_px: np.ndarray, y_px: np.ndarray
+) -> tuple[float, float] | None:
+    """Pixels per micrometre of the array lattice in the image, and the fit's worst residual (px).
+
+    Fits the affine array (um) -> image (px) by least squares and returns sqrt(|det|) of its
+    linear part: exact for any set of 3 or more units not on one line, however far apart. Units
+    on one line give the scale along that line. None with fewer than 2 distinct array positions.
+    """
+    array = np.column_stack([col_um, row_um]).astype(np.float64)
+    image = np.column_stack([x_px, y_px]).astype(np.float64)
+    if len(np.unique(array, axis=0)) < 2:
+        return None
+    array_c = array - array.mean(axis=0)
+    image_c = image - image.mean(axis=0)
+    if np.linalg.matrix_rank(array_c, tol=1e-9 * float(np.abs(array_c).max())) == 2:
+        linear, *_ = np.linalg.lstsq(array_c, image_c, rcond=None)
+        scale = float(np.sqrt(abs(np.linalg.det(linear))))
+        fitted = array_c @ linear
+    else:  # collinear: one direction, t = position along it
+        direction = array_c[np.argmax(np.hypot(*array_c.T))]
+        t = array_c @ (direction / np.hypot(*direction))
+        along = (t @ image_c) / (t @ t)
+        scale = float(np.hypot(*along))
+        fitted = np.outer(t, along)
+    residual = float(np.hypot(*(image_c - fitted).T).max())
+    return scale, residual
+
+
 def register(
     section: Section,
     slide: SlideGeometry,
@@ -181,14 +210,14 @@ def register(
 
     _check_inside(x_wsi, y_wsi, slide, qc)
 
-    pitch_px = median_neighbour_distance(x_wsi, y_wsi)
     candidates: dict[str, float] = {}
     if slide.embedded_mpp is not None:
         candidates["embedded"] = slide.embedded_mpp
     if section.native_um_per_unit is not None:
         candidates["scalefactors"] = section.native_um_per_unit / np.sqrt(abs(det))
-    if section.pitch_um is not None and pitch_px:
-        candidates["estimated_from_pitch"] = section.pitch_um / pitch_px
+    pitch_mpp, pitch_basis = _pitch_mpp(section, x_wsi, y_wsi, qc)
+    if pitch_mpp is not None:
+        candidates["estimated_from_pitch"] = pitch_mpp
     for source, value in candidates.items():
         qc[f"mpp_{source}"] = float(value)
     if slide.mpp_discard_reason:
@@ -211,11 +240,50 @@ def register(
             if disagreement > mpp_tolerance and mpp is None:
                 raise RegistrationError(
                     f"{slide.path}: the {checked} mpp {candidates[checked]:.4f} um/px disagrees "
-                    f"by {disagreement:.1%} with {pitch_estimate:.4f} um/px implied by the "
-                    f"{section.pitch_um:g} um unit pitch of {section.platform} (tolerance "
+                    f"by {disagreement:.1%} with {pitch_estimate:.4f} um/px implied by "
+                    f"{pitch_basis} (tolerance "
                     f"{mpp_tolerance:.0%}); check the transform, or pass --mpp to override"
                 )
     return Registration(matrix, resolved, source, x_wsi, y_wsi, qc)
+
+
+def _pitch_mpp(
+    section: Section,
+    x_wsi: np.ndarray,
+    y_wsi: np.ndarray,
+    qc: dict[str, float | int | str | bool],
+) -> tuple[float | None, str]:
+    """The mpp the unit lattice implies, and what it rests on (for messages).
+
+    Array indices first (exact on any subset); the median neighbour distance only for
+    platforms without them (it measures gaps, not the pitch, on sparse subsets).
+    """
+    lattice = section.array_lattice
+    if lattice is not None:
+        units = section.units
+        fit = array_scale(
+            units[lattice.col].to_numpy(np.float64) * lattice.col_step_um,
+            units[lattice.row].to_numpy(np.float64) * lattice.row_step_um,
+            x_wsi,
+            y_wsi,
+        )
+        if fit is not None:
+            px_per_um, residual = fit
+            qc["pitch_source"] = "array_index"
+            qc["array_fit_residual_wsi_px"] = residual
+            return 1.0 / px_per_um, (
+                f"the array indices ({lattice.col}, {lattice.row}: {lattice.col_step_um:g} x "
+                f"{lattice.row_step_um:g} um per step) of {section.platform}"
+            )
+    if section.pitch_um is None:
+        return None, ""
+    pitch_px = median_neighbour_distance(x_wsi, y_wsi)
+    if not pitch_px:
+        return None, ""
+    qc["pitch_source"] = "neighbour_distance"
+    return section.pitch_um / pitch_px, (
+        f"the {section.pitch_um:g} um unit pitch of {section.platform}"
+    )
 
 
 def _check_inside(

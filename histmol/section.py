@@ -77,6 +77,24 @@ class Provenance:
     layout: str = ""
 
 
+@dataclass(frozen=True)
+class ArrayLattice:
+    """Which unit columns index the capture array, and the micrometres one index step spans.
+
+    The array indices give the pixel size exactly on any subset of units, however sparse:
+    registration fits array (um) -> WSI px and reads the scale off the fit, where a nearest-
+    neighbour distance would measure gaps between the units a subset happened to keep.
+    Visium (hexagonal): a column step is 50 um (same-row neighbours are 2 columns, 100 um
+    apart), a row step 100 * sqrt(3) / 2 um; square lattices (Visium HD bins, ST 1k) step by
+    their pitch both ways.
+    """
+
+    col: str
+    row: str
+    col_step_um: float
+    row_step_um: float
+
+
 @dataclass
 class Section:
     """One section in its native platform frame, before registration.
@@ -93,7 +111,8 @@ class Section:
     None means the native frame already is WSI level-0 pixels. `native_um_per_unit` is the
     micrometres per native unit as the bundle states it (Visium scalefactors, Xenium microns),
     None when the bundle does not say. `pitch_um` is the platform's known centre-to-centre unit
-    pitch, used to estimate and cross-check the image's mpp.
+    pitch, used to estimate and cross-check the image's mpp. `array_lattice` names the units'
+    array-index columns where the bundle has them (the exact pitch check), else None.
     """
 
     section_id: str
@@ -112,6 +131,7 @@ class Section:
     control_counts: pd.DataFrame = field(default_factory=pd.DataFrame)
     metadata: dict[str, str] = field(default_factory=dict)
     qc: dict[str, float | int | str | bool] = field(default_factory=dict)
+    array_lattice: ArrayLattice | None = None
 
     def __post_init__(self) -> None:
         validate_section_id(self.section_id)
@@ -145,6 +165,15 @@ class Section:
             self.native_to_wsi = np.asarray(self.native_to_wsi, dtype=np.float64)
             if self.native_to_wsi.shape != (3, 3):
                 raise ValueError(f"section {self.section_id}: native_to_wsi must be 3x3")
+        if self.array_lattice is not None:
+            lattice = self.array_lattice
+            absent = [c for c in (lattice.col, lattice.row) if c not in self.units.columns]
+            if absent:
+                raise ValueError(
+                    f"section {self.section_id}: array lattice columns {absent} not in units"
+                )
+            if not (lattice.col_step_um > 0 and lattice.row_step_um > 0):
+                raise ValueError(f"section {self.section_id}: array lattice steps must be > 0")
         if len(self.control_counts) and len(self.control_counts) != len(self.units):
             raise ValueError(f"section {self.section_id}: control_counts rows != units")
 

@@ -27,7 +27,17 @@ Placing on the image: `native_to_wsi` (`histmol build --transform` passes its fi
 with columns `spot` (`AxB`), `x`, `y` (that pixel's centre in WSI level-0 px), at least three
 spots not in a line, usually the four corners. Their least-squares affine fit must not mirror
 (a mirror means two corners were swapped, or a lab that writes `BxA`: pass `allow_mirror=True`)
-and no corner may lie more than half a channel from where the fit puts it.
+and no corner may lie more than half a channel from where the fit puts it. `corners.csv` holds
+pixel CENTRES: centres are 2 channel widths apart, whatever tool found them.
+
+Or `crop_box="x0,y0,x1,y1"`: the rectangle (WSI level-0 px) of the image crop the DBiT lab's
+`Pixel_identification.m` (edicliuyang/DBiT-seq_FFPE) works on, cropped "exactly to the size of
+the working region": from the outer edge of channel 1 to the outer edge of channel n, so it
+spans n channels and n - 1 gaps of equal width, and the script cuts it into 2n - 1 strips
+(`pixel_count = 2*pixel-1`), pixel j taking strip 2j - 1. Channel A's centre is therefore at
+x0 + (2A - 1.5) W / (2n - 1) (`crop_strips="2n-1"`, the default), not at x0 + (A - 0.5) W / n,
+the equal-division rule (`crop_strips="n"`) that holds only for a crop one gap wider (a whole
+number of pitches). `n_channels` is n (50, or 100 when an index exceeds 50).
 """
 
 from __future__ import annotations
@@ -37,6 +47,7 @@ import re
 from collections.abc import Mapping
 from enum import StrEnum
 from pathlib import Path
+from typing import Literal
 
 import anndata
 import numpy as np
@@ -103,6 +114,9 @@ def read(
     channel_um: float = DEFAULT_CHANNEL_UM,
     tissue_only: bool = True,
     allow_mirror: bool = False,
+    crop_box: str | tuple[float, float, float, float] | None = None,
+    n_channels: int | None = None,
+    crop_strips: Literal["2n-1", "n"] = "2n-1",
 ) -> Section:
     """Read a DBiT-seq bundle into a Section of square pixels in `AxB` index coordinates.
 
@@ -121,6 +135,12 @@ def read(
         channel_um: channel width (10, 25 or 50 um); the pixel pitch is twice that.
         tissue_only: keep only the pixels `position*.txt` lists (when there is one).
         allow_mirror: accept a corner fit that mirrors (a `BxA` convention).
+        crop_box: "x0,y0,x1,y1", the working-region crop (WSI px) the lab's pixel
+            identification used; places the grid instead of the corners.
+        n_channels: channels per direction, for `crop_box` (default: 50, or 100 when an index
+            exceeds 50).
+        crop_strips: how `crop_box` divides into pixels: "2n-1" strips (the DBiT lab's
+            script; channels and gaps alike) or "n" equal cells.
 
     Raises:
         BundleError: a missing, ambiguous or malformed file, pixel ids outside the grid, a match
@@ -167,9 +187,12 @@ def read(
             rows = np.flatnonzero(listed)
             if len(rows) == 0:
                 raise BundleError(position_file, f"lists none of the pixels of {counts_file}")
-    qc["n_channels"] = 50 if ab.max() <= 50 else MAX_CHANNELS
+    qc["n_channels"] = n_channels or (50 if ab.max() <= 50 else MAX_CHANNELS)
+    crop = None
+    if crop_box is not None:
+        crop = (_parse_crop_box(crop_box), int(qc["n_channels"]), crop_strips)
     matrix_placed, transform_files, source = _placement(
-        folder, explicit, corners, channel, allow_mirror, qc
+        folder, explicit, corners, channel, allow_mirror, qc, crop
     )
     files += transform_files
     panel = build_gene_panel(gene_ids, gene_names, matrix[rows])
@@ -342,10 +365,16 @@ def _placement(
     channel_um: float,
     allow_mirror: bool,
     qc: dict[str, float | int | str | bool],
+    crop: tuple[tuple[float, float, float, float], int, str] | None = None,
 ) -> tuple[np.ndarray, list[Path], str]:
     """Return the index -> WSI affine, the files it came from and its source name."""
     if explicit is not None:
         return explicit, [], "explicit"
+    if crop is not None:
+        if corners:
+            raise ConfigError("give corners or crop_box, not both")
+        qc["crop_strips"] = crop[2]
+        return crop_box_transform(*crop), [], f"crop_box_{crop[2]}"
     corners_file = (
         explicit_file(corners, "corners file")
         if corners
@@ -359,6 +388,46 @@ def _placement(
             "index -> pixel 3x3) or --landmarks",
         )
     return _fit_corners(corners_file, channel_um, allow_mirror, qc), [corners_file], "corners"
+
+
+def crop_box_transform(
+    box: tuple[float, float, float, float], n_channels: int, strips: str = "2n-1"
+) -> np.ndarray:
+    """(A, B) index -> WSI px for a working-region crop `box` = (x0, y0, x1, y1).
+
+    "2n-1": n channels and n - 1 gaps of one width w = W / (2n - 1); channel A's centre is at
+    x0 + (2A - 1.5) w, so the step is 2w. "n": n equal cells, centre x0 + (A - 0.5) W / n.
+    """
+    x0, y0, x1, y1 = (float(v) for v in box)
+    if not (x1 > x0 and y1 > y0):
+        raise ConfigError(f"crop_box must be x0,y0,x1,y1 with x1 > x0 and y1 > y0, got {box}")
+    if not 1 < n_channels <= MAX_CHANNELS:
+        raise ConfigError(f"n_channels must be in 2..{MAX_CHANNELS}, got {n_channels}")
+    if strips == "2n-1":
+        sx, sy = 2 * (x1 - x0) / (2 * n_channels - 1), 2 * (y1 - y0) / (2 * n_channels - 1)
+        first = 0.25  # channel 1's centre: half a width in, x0 + w / 2 = x0 + sx / 4
+    elif strips == "n":
+        sx, sy = (x1 - x0) / n_channels, (y1 - y0) / n_channels
+        first = 0.5
+    else:
+        raise ConfigError(f"crop_strips must be '2n-1' or 'n', got {strips!r}")
+    # index A = 1 sits at x0 + first * sx; each index step moves sx
+    return np.array(
+        [[sx, 0.0, x0 + (first - 1.0) * sx], [0.0, sy, y0 + (first - 1.0) * sy], [0.0, 0.0, 1.0]]
+    )
+
+
+def _parse_crop_box(
+    value: str | tuple[float, float, float, float],
+) -> tuple[float, float, float, float]:
+    parts = value.replace(",", " ").split() if isinstance(value, str) else list(value)
+    try:
+        box = tuple(float(v) for v in parts)
+    except ValueError as err:
+        raise ConfigError(f"crop_box must be 4 numbers x0,y0,x1,y1, got {value!r}") from err
+    if len(box) != 4:
+        raise ConfigError(f"crop_box must be 4 numbers x0,y0,x1,y1, got {value!r}")
+    return box[0], box[1], box[2], box[3]
 
 
 def _fit_corners(

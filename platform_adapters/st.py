@@ -43,7 +43,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from histmol.errors import BundleError, ConfigError
-from histmol.section import Section
+from histmol.section import ArrayLattice, Section
 from platform_adapters._common import (
     EXAMPLES,
     as_int32_counts,
@@ -196,6 +196,12 @@ def read(
         unit_shape="circle",
         unit_size_um=SPOT_DIAMETER_UM,
         pitch_um=SPOT_PITCH_UM if array_layout == "1k" else None,
+        # 1k: array x and y step by the 200 um pitch; the 2k arrays' step is undocumented
+        array_lattice=(
+            ArrayLattice("array_x", "array_y", SPOT_PITCH_UM, SPOT_PITCH_UM)
+            if array_layout == "1k"
+            else None
+        ),
         default_mode="spot",
         native_to_wsi=transform_matrix,
         native_um_per_unit=None,

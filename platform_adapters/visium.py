@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from histmol.errors import BundleError
-from histmol.section import Section
+from histmol.section import ArrayLattice, Section
 from platform_adapters._common import (
     build_gene_panel,
     bundle_folder,
@@ -83,6 +83,13 @@ class VisiumKeys(StrEnum):
     HIRES_SCALEF = "tissue_hires_scalef"
     LOWRES_SCALEF = "tissue_lowres_scalef"
 
+
+# The hexagonal array: same-row neighbours are 2 array columns (100 um) apart, rows
+# 100 * sqrt(3) / 2 um apart. Registration reads the exact pixel size off these indices.
+LATTICE = ArrayLattice(
+    VisiumKeys.ARRAY_COL.value, VisiumKeys.ARRAY_ROW.value,
+    SPOT_PITCH_UM / 2, SPOT_PITCH_UM * np.sqrt(3) / 2,
+)
 
 POSITION_COLUMNS = (
     VisiumKeys.BARCODE,
@@ -215,6 +222,7 @@ def read(
             explicit if explicit is not None else _bundle_image_transform(outs, wsi, scalefactors)
         ),
         native_um_per_unit=native_um_per_unit,
+        array_lattice=LATTICE,
         qc=qc,
     )
 

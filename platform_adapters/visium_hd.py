@@ -49,7 +49,7 @@ import numpy as np
 import pandas as pd
 
 from histmol.errors import BundleError, ConfigError
-from histmol.section import Section, UnitShape
+from histmol.section import ArrayLattice, Section, UnitShape
 from platform_adapters._common import (
     GenePanel,
     bundle_folder,
@@ -155,6 +155,7 @@ def read(
         native_to_wsi=transform,
         native_um_per_unit=got.scalefactors[VisiumHDKeys.MICRONS_PER_PIXEL],
         qc=got.qc,
+        array_lattice=got.lattice,
     )
 
 
@@ -172,6 +173,7 @@ class _Units:
     pitch_um: float | None
     scalefactors: Mapping[str, float]
     image_folders: tuple[Path, ...]
+    lattice: ArrayLattice | None = None  # bins' array_row/array_col step by the bin side
 
 
 def _cells(outs: Path, min_match_rate: float) -> _Units:
@@ -219,8 +221,9 @@ def _bins(outs: Path, target: int, min_match_rate: float) -> _Units:
         n_control_probes=panel.n_controls,
     )
     layout = source_dir.name if factor == 1 else f"{source_dir.name}->square_{target:03d}um"
+    lattice = ArrayLattice("array_col", "array_row", float(target), float(target))
     return _Units(units, panel, qc, files, layout, "square", float(target), float(target),
-                  scalefactors, (source_dir, outs))
+                  scalefactors, (source_dir, outs), lattice)
 
 
 def _outs_folder(folder: Path) -> Path:

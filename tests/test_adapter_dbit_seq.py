@@ -17,7 +17,7 @@ from gene_space_helpers import truth_columns
 
 from histmol.build import SectionRequest, build_section
 from histmol.config import BuildConfig
-from histmol.errors import BundleError, RegistrationError
+from histmol.errors import BundleError, ConfigError, RegistrationError
 from histmol.synth import GroundTruth, SyntheticSlide, make_slide, write_dbit_seq_bundle
 from platform_adapters import dbit_seq
 
@@ -265,3 +265,30 @@ def test_a_wrong_channel_width_fails_the_pitch_check(
     with pytest.raises(RegistrationError, match="disagrees"):
         build_section(request, tmp_path / "c", CONFIG)
     assert not (tmp_path / "c").exists()
+
+
+def test_crop_box_follows_the_lab_scripts_2n_minus_1_strips(tmp_path: Path) -> None:
+    # Pixel_identification.m (edicliuyang/DBiT-seq_FFPE) cuts the working-region crop, outer
+    # edge of channel 1 to outer edge of channel n, into 2n - 1 strips: centre of channel A at
+    # x0 + (2A - 1.5) W / (2n - 1). An unrotated synthetic chip: the crop box from its truth.
+    slide = make_slide(tmp_path / "he.tif", width_um=1040.0, height_um=1040.0, mpp=0.5, seed=4)
+    truth = write_dbit_seq_bundle(tmp_path / "b", slide, seed=4, n_genes=20, rotation_deg=0.0)
+    m = truth.native_to_wsi  # (A, B) -> px; channel width = half the step
+    half_width = m[0, 0] / 4.0
+    x0, y0 = m[0, 0] * 1 + m[0, 2] - half_width, m[1, 1] * 1 + m[1, 2] - half_width
+    x1, y1 = m[0, 0] * 50 + m[0, 2] + half_width, m[1, 1] * 50 + m[1, 2] + half_width
+    box = f"{x0},{y0},{x1},{y1}"
+    section = dbit_seq.read(truth.bundle, wsi=slide.path, crop_box=box)
+    np.testing.assert_allclose(section.native_to_wsi, m, atol=1e-9)
+    assert section.qc["placement"] == "crop_box_2n-1"
+    # W / (2n - 1) per strip, so the equal-division rule puts channel 50 a quarter step off
+    equal = dbit_seq.read(truth.bundle, wsi=slide.path, crop_box=box, crop_strips="n")
+    a50 = np.array([50.0, 50.0, 1.0])
+    off = np.hypot(*((equal.native_to_wsi - m) @ a50)[:2]) / m[0, 0]
+    assert 0.3 < off < 0.5  # in pitches, at each axis ~0.25
+    np.testing.assert_allclose(
+        dbit_seq.crop_box_transform((0, 0, 99, 99), 50) @ [1, 1, 1], [0.5, 0.5, 1.0]
+    )
+    with pytest.raises(ConfigError, match=r"corners or crop_box, not both"):
+        dbit_seq.read(truth.bundle, wsi=slide.path, crop_box=box,
+                      corners=truth.bundle / "corners.csv")

@@ -13,11 +13,12 @@ from histmol.errors import RegistrationError, WSIError
 from histmol.registration import (
     SlideGeometry,
     apply_affine,
+    array_scale,
     check_affine,
     read_transform_csv,
     register,
 )
-from histmol.section import Provenance, Section
+from histmol.section import ArrayLattice, Provenance, Section
 
 
 def hex_grid(rows: int, cols: int, pitch: float) -> tuple[np.ndarray, np.ndarray]:
@@ -28,12 +29,15 @@ def hex_grid(rows: int, cols: int, pitch: float) -> tuple[np.ndarray, np.ndarray
     return x, y
 
 
-def make_section(x: np.ndarray, y: np.ndarray, **kwargs: object) -> Section:
+def make_section(
+    x: np.ndarray, y: np.ndarray, columns: dict[str, np.ndarray] | None = None, **kwargs: object
+) -> Section:
     n = len(x)
     fields = dict(
         section_id="s1", platform="visium",
         units=pd.DataFrame(
-            {"unit_id": [f"u{i}" for i in range(n)], "x_native": x, "y_native": y}
+            {"unit_id": [f"u{i}" for i in range(n)], "x_native": x, "y_native": y,
+             **(columns or {})}
         ),
         counts=sp.csr_matrix(np.ones((n, 2), dtype=np.int32)),
         genes=pd.DataFrame(
@@ -152,3 +156,54 @@ def test_pitch_estimate_is_unbiased_on_noisy_positions() -> None:
     slide = SlideGeometry(Path("he.jpg"), 13_000, 13_000, embedded_mpp=None)
     reg = register(make_section(x, y, pitch_um=200.0), slide)
     assert reg.mpp == pytest.approx(0.5, rel=0.005)
+
+
+VISIUM_LATTICE = ArrayLattice("array_col", "array_row", 50.0, 50.0 * np.sqrt(3))
+
+
+def visium_spots(rows: np.ndarray, cols: np.ndarray, px_per_um: float, angle: float) -> tuple:
+    """Pixel centres of Visium spots (array_row, array_col) under a rotation and scale."""
+    u, v = cols * 50.0, rows * 50.0 * np.sqrt(3)
+    c, s = np.cos(angle), np.sin(angle)
+    return px_per_um * (c * u - s * v) + 3000.0, px_per_um * (s * u + c * v) + 400.0
+
+
+def test_scattered_spots_take_the_exact_pitch_from_their_array_indices() -> None:
+    # 7 spots scattered over a Visium array (odd rows hold odd columns): the nearest kept
+    # neighbour is many pitches away, so the neighbour estimate is wildly off.
+    rows = np.array([0, 3, 11, 20, 37, 52, 70])
+    cols = np.array([4, 17, 33, 2, 91, 60, 110])
+    x, y = visium_spots(rows, cols, px_per_um=2.0, angle=0.3)
+    units = {"array_row": rows, "array_col": cols}
+    section = make_section(x, y, units, array_lattice=VISIUM_LATTICE)
+    slide = SlideGeometry(Path("slide.tif"), 30_000, 30_000, embedded_mpp=0.5)
+    reg = register(section, slide)
+    assert reg.qc["pitch_source"] == "array_index"
+    assert reg.qc["mpp_estimated_from_pitch"] == pytest.approx(0.5, rel=1e-9)
+    assert reg.qc["mpp_embedded_vs_pitch"] == pytest.approx(0.0, abs=1e-9)
+    assert reg.qc["array_fit_residual_wsi_px"] == pytest.approx(0.0, abs=1e-6)
+    # without the indices the same spots fail the cross-check by a wide margin
+    with pytest.raises(RegistrationError, match=r"disagrees by \d{3,}\.\d%.*100 um unit pitch"):
+        register(make_section(x, y), slide)
+
+
+def test_array_pitch_disagreeing_with_the_file_names_the_indices() -> None:
+    rows, cols = np.array([0, 2, 5]), np.array([0, 10, 3])
+    x, y = visium_spots(rows, cols, px_per_um=2.2, angle=0.0)  # 0.4545 um/px vs 0.5 in file
+    section = make_section(x, y, {"array_row": rows, "array_col": cols},
+                           array_lattice=VISIUM_LATTICE)
+    with pytest.raises(RegistrationError, match=r"disagrees by 10.0%.*array indices \(array_col"):
+        register(section, SLIDE)
+
+
+def test_array_scale_on_units_along_one_line_and_on_one_position() -> None:
+    t = np.array([0.0, 3.0, 10.0])
+    scale, residual = array_scale(t * 8.0, np.zeros(3), 100 + 0.6 * t * 8.0 * 2.5,
+                                  50 + 0.8 * t * 8.0 * 2.5)
+    assert scale == pytest.approx(2.5) and residual == pytest.approx(0.0, abs=1e-9)
+    assert array_scale(np.ones(4), np.ones(4), np.arange(4.0), np.arange(4.0)) is None
+
+
+def test_array_lattice_columns_must_exist() -> None:
+    with pytest.raises(ValueError, match=r"array lattice columns \['array_col', 'array_row'\]"):
+        make_section(np.zeros(2), np.ones(2), array_lattice=VISIUM_LATTICE)

@@ -264,6 +264,22 @@ class TissueModel:
         oy, ox = y - cy0 * cell, x - cx0 * cell
         return full[oy : oy + h, ox : ox + w]
 
+    def nuclei(self, x: int, y: int, w: int, h: int) -> np.ndarray:
+        """Nuclear stain density (float32 >= 0) of level-0 pixels [y, y+h) x [x, x+w).
+
+        The same nuclei `render` draws in haematoxylin: what a DAPI image of the section shows.
+        """
+        bs = self.block
+        bx0, by0 = x // bs, y // bs
+        blab = self._labels_grid(
+            np.arange(bx0, (x + w - 1) // bs + 1), np.arange(by0, (y + h - 1) // bs + 1)
+        )
+        lab = np.repeat(np.repeat(blab, bs, axis=0), bs, axis=1)
+        lab = lab[y - by0 * bs : y - by0 * bs + h, x - bx0 * bs : x - bx0 * bs + w]
+        nuc = self._nuclei(x, y, w, h, small=False) + self._nuclei(x, y, w, h, small=True)
+        nuc[lab == 0] = 0.0
+        return nuc.astype(np.float32)
+
     def render(self, x: int, y: int, w: int, h: int) -> np.ndarray:
         """H&E-like RGB uint8 (h, w, 3) of level-0 pixels [y, y+h) x [x, x+w)."""
         out = np.empty((h, w, 3), np.uint8)
