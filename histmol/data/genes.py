@@ -23,7 +23,7 @@ from __future__ import annotations
 import io
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -86,8 +86,12 @@ def _keys(source: CorpusSource) -> list[GeneKey]:
                     strict=True))
 
 
-def compute_gene_stats(source: CorpusSource) -> pa.Table:
-    """Per-gene n_units, sum and sum of squares of log1p-CP10k values over a corpus' units."""
+def compute_gene_stats(source: CorpusSource,
+                       sections: Collection[str] | None = None) -> pa.Table:
+    """Per-gene n_units, sum and sum of squares of log1p-CP10k values over a corpus' units.
+
+    With `sections`, over those sections' units only (a fold's training part).
+    """
     n_vocab = source.genes.num_rows
     n = np.zeros(n_vocab, dtype=np.int64)
     sums = np.zeros(n_vocab)
@@ -95,6 +99,8 @@ def compute_gene_stats(source: CorpusSource) -> pa.Table:
     panels = {sid: np.asarray(row["panel"] or [], dtype=np.int64)
               for sid, row in source.section_rows().items()}
     for ref in source.parts():
+        if sections is not None and ref.section_id not in sections:
+            continue
         data = source.read_bytes(ref.units_path)
         where = source.describe(ref.units_path)
         check_bytes(data, ref.units_bytes, ref.units_sha256, "sha256", where)
@@ -146,11 +152,12 @@ def gene_stats(source: CorpusSource) -> pa.Table:
 
 
 def _hvg(k: int, sources: list[CorpusSource], keys: list[list[GeneKey]],
-         union: dict[GeneKey, int]) -> list[GeneKey]:
+         union: dict[GeneKey, int], sections: Collection[str] | None = None) -> list[GeneKey]:
     n = np.zeros(len(union), dtype=np.int64)
     sums, sums_sq = np.zeros(len(union)), np.zeros(len(union))
     for source, corpus_keys in zip(sources, keys, strict=True):
-        stats = gene_stats(source)
+        # a subset (a fold's training part) is not cached: the cache describes the whole corpus
+        stats = gene_stats(source) if sections is None else compute_gene_stats(source, sections)
         at = np.array([union[key] for key in corpus_keys], dtype=np.int64)
         np.add.at(n, at, stats.column("n_units").to_numpy())
         np.add.at(sums, at, stats.column("sum").to_numpy())
@@ -189,8 +196,12 @@ def _listed(names: Sequence[str], union: dict[GeneKey, int],
     return chosen
 
 
-def resolve_genes(spec: str | Sequence[str], sources: list[CorpusSource]) -> GeneSet:
-    """The GeneSet for ``"all"``, ``"hvg:K"`` or a list of gene ids / symbols."""
+def resolve_genes(spec: str | Sequence[str], sources: list[CorpusSource], *,
+                  sections: Collection[str] | None = None) -> GeneSet:
+    """The GeneSet for ``"all"``, ``"hvg:K"`` or a list of gene ids / symbols.
+
+    `sections` restricts the ``hvg:K`` ranking to those section ids (None: every section).
+    """
     keys = [_keys(source) for source in sources]
     union: dict[GeneKey, int] = {}
     symbols: dict[GeneKey, str | None] = {}
@@ -204,7 +215,7 @@ def resolve_genes(spec: str | Sequence[str], sources: list[CorpusSource]) -> Gen
         if spec == "all":
             chosen = list(union)
         elif match:
-            chosen = _hvg(int(match.group(1)), sources, keys, union)
+            chosen = _hvg(int(match.group(1)), sources, keys, union, sections)
         else:
             raise ConfigError(f"genes must be 'all', 'hvg:K' or a list of genes, got {spec!r}")
     else:
