@@ -1,4 +1,4 @@
-"""Splits: the pure module, the loader's section filter, and leak-free training and eval per fold."""
+"""Splits: the pure module, the loader's section filter, leak-free training and eval per fold."""
 
 from __future__ import annotations
 
