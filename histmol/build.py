@@ -43,7 +43,7 @@ from histmol.tiling import (
     plan_grid,
     plan_spot,
 )
-from histmol.tissue import TissueMask, mask_at, tissue_mask
+from histmol.tissue import TissueMask, mask_at, pair_assay_flags, tissue_keep, tissue_mask
 from histmol.wsi import SlideReader, open_wsi
 from platform_adapters import get_platform, load_reader
 
@@ -189,6 +189,8 @@ def plan_stage(
 ) -> tuple[PatchPlan, dict[str, Any], np.ndarray]:
     """Lay out patches for the tiling mode and drop those under the tissue threshold.
 
+    Spot plans of bundles that mark units under tissue keep those (`histmol.tissue.tissue_keep`).
+
     Returns the kept plan, its QC numbers and the tissue fraction of each kept pair.
     """
     mode = config.mode or section.default_mode
@@ -204,16 +206,22 @@ def plan_stage(
             "section's"
         )
     fractions = mask.box_fractions(plan.x0, plan.y0, footprint)
-    keep = fractions >= config.min_tissue_fraction
+    marked = "in_tissue" in section.units.columns and mode == "spot"  # grid: the image decides
+    assay = (
+        pair_assay_flags(section.units["in_tissue"].to_numpy(), plan.unit_pair, plan.n_pairs)
+        if marked
+        else None
+    )
+    keep, tissue_qc = tissue_keep(fractions, assay, config.min_tissue_fraction)
     kept = keep_pairs(plan, keep)
     qc = {
+        **tissue_qc,
         "mode": mode,
         "footprint_px": footprint,
         "units_on_tissue_fraction": on_tissue,
         "tissue_fraction_slide": mask.fraction,
         "tissue_threshold": mask.threshold,
         "n_pairs_planned": plan.n_pairs,
-        "n_pairs_dropped_tissue": int((~keep).sum()),
         "n_units_dropped_tissue": int(((plan.unit_pair >= 0) & (kept.unit_pair < 0)).sum()),
         # where the dropped patches were, for the QC figures (lists, not scalars)
         "dropped_patch_x0_wsi_px": plan.x0[~keep].tolist(),
@@ -222,7 +230,7 @@ def plan_stage(
     if kept.n_pairs == 0:
         raise QCError(
             f"section {section.section_id}: all {plan.n_pairs} patches are under the tissue "
-            f"fraction threshold {config.min_tissue_fraction:g} (slide tissue fraction "
+            f"fraction threshold {tissue_qc['tissue_min_fraction']:g} (slide tissue fraction "
             f"{mask.fraction:.3f}); check the pairing of bundle and image"
         )
     return kept, qc, fractions[keep]

@@ -123,7 +123,11 @@ def build(
         Optional[str], typer.Option(help="Tiling mode: spot or grid [platform default].")
     ] = None,
     min_tissue_fraction: Annotated[
-        Optional[float], typer.Option(help="Drop patches under this tissue fraction [0.1].")
+        Optional[float],
+        typer.Option(
+            help="Drop patches under this tissue fraction [0.1; spots the bundle marks under "
+            "tissue are kept, only flagged]."
+        ),
     ] = None,
     min_units_on_tissue: Annotated[
         Optional[float], typer.Option(help="Fail when fewer unit centres lie on tissue [0.5].")
