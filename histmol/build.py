@@ -31,7 +31,7 @@ from histmol.registration import (
     read_transform_csv,
     register,
 )
-from histmol.section import Section, slugify, validate_section_id
+from histmol.section import Section, normalise_section_id, slugify
 from histmol.shards.corpus import Corpus
 from histmol.shards.shard_writer import SectionShardWriter
 from histmol.tiling import (
@@ -65,11 +65,16 @@ class SectionRequest:
     landmarks: Path | None = None
 
     def resolved_section_id(self) -> str:
-        """The given id (validated) or a slug of the bundle's folder name."""
+        """The given id (lower-cased, validated) or a slug of the bundle's folder name."""
         if self.section_id is not None:
-            return validate_section_id(self.section_id)
-        name = self.bundle.name if self.bundle.name != "outs" else self.bundle.parent.name
-        return slugify(name)
+            return normalise_section_id(self.section_id)
+        return slugify(self.section_name())
+
+    def section_name(self) -> str:
+        """The name as given (id or bundle folder), kept in sections.parquet's section_name."""
+        if self.section_id is not None:
+            return self.section_id
+        return self.bundle.name if self.bundle.name != "outs" else self.bundle.parent.name
 
     def fingerprint(self) -> str:
         """Stat fingerprint of the bundle, the image and the transform or landmarks file."""
@@ -435,6 +440,7 @@ def section_row(
         "tissue": request.metadata.get("tissue", ""),
         "patient_id": request.metadata.get("patient_id", ""),
         "licence": request.metadata.get("licence", ""),
+        "section_name": request.section_name(),
         "bundle_name": request.bundle.name,
         "wsi_name": request.wsi.name,
         "wsi_width": width,

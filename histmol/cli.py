@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -81,7 +82,7 @@ def progress_display() -> Iterator[None]:
 
 def fail(err: Exception) -> None:
     """Print a histmol error without a traceback and exit 1."""
-    console.print(f"[red]error:[/red] {err}", highlight=False)
+    console.print(f"[red]error:[/red] {escape(str(err))}", highlight=False)
     raise typer.Exit(1)
 
 
@@ -96,7 +97,8 @@ def build(
     ],
     out: Annotated[Path, typer.Option(help="Corpus folder; created, or added to.")],
     section_id: Annotated[
-        Optional[str], typer.Option(help="Slug id; default: the bundle folder name.")
+        Optional[str],
+        typer.Option(help="Section id (lower-cased); default: the bundle folder name."),
     ] = None,
     tissue: Annotated[str, typer.Option(help="Tissue type, e.g. colon.")] = "",
     species: Annotated[str, typer.Option(help="Species; default: inferred from Ensembl ids.")] = "",

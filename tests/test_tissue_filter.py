@@ -1,4 +1,4 @@
-"""The tissue filter trusts the assay's in-tissue marks on spot platforms; a given threshold drops."""
+"""The tissue filter trusts in-tissue marks on spot platforms; a given threshold still drops."""
 
 from __future__ import annotations
 
@@ -53,9 +53,10 @@ def test_mob1_keeps_every_selected_spot_unless_a_threshold_is_given(tmp_path: Pa
     in_both = table[(table["selected"] == 1)
                     & (table["x"].astype(str) + "x" + table["y"].astype(str)).isin(counts_spots)]
     assert selected == 379 and len(in_both) == 379  # every selected spot has counts
-    request = SectionRequest("st", folder, folder / "MOB1.jpg", "mob1")
+    request = SectionRequest("st", folder, folder / "MOB1.jpg", "MOB1")  # the cohort's own name
     result = build_section(request, tmp_path / "a", config)
     row = pd.read_parquet(tmp_path / "a" / "sections.parquet").iloc[0]
+    assert (row["section_id"], row["section_name"]) == ("mob1", "MOB1")
     assert result.n_pairs == 379 and result.n_units == 379
     assert row["qc_tissue_filter"] == "assay" and row["qc_n_pairs_dropped_tissue"] == 0
     assert row["qc_n_pairs_assay_in_tissue"] == 379
