@@ -67,7 +67,7 @@ from histmol.shards.staging import (
     remove_if_stale,
 )
 from histmol.tiling import PatchPlan
-from histmol.wsi import open_wsi
+from histmol.wsi import SlideReader, open_wsi
 
 FILE_OPTIONS = ("alignment", "counts", "positions", "transform")
 TRANSIENT_ERRORS = (TimeoutError, ConnectionError, BlockingIOError, InterruptedError)
@@ -212,11 +212,12 @@ def write_section(
     started = time.perf_counter()
     with section_errors(request):
         request = with_local_inputs(request, "wsi")
-    with section_errors(request), Corpus.open(out, build_config=config.corpus_fields()) as corpus:
-        staging = corpus.staging_dir(section_id)
-        committed = False
-        try:
-            with open_wsi(request.wsi) as slide:
+    # one open of the slide for the whole stage: the patches, the row and the QC figures
+    with section_errors(request), open_wsi(request.wsi) as slide:
+        with Corpus.open(out, build_config=config.corpus_fields()) as corpus:
+            staging = corpus.staging_dir(section_id)
+            committed = False
+            try:
                 reg, plan = placement.registration, placement.plan
                 records, timings = write_stage(
                     staging, section, reg, plan, placement.pair_tissue, gene_index, slide,
@@ -225,13 +226,13 @@ def write_section(
                 qc = {**placement.plan_qc, **reg.qc, **section.qc}
                 row = section_row(section, request, reg, plan, config, request.fingerprint(),
                                   species, gene_index, slide, qc)
-            row["cache_key"] = key
-            commit_section(section_id, out, str(staging), records, row, force)
-            committed = True
-        finally:
-            if not committed:
-                corpus.discard_staging(staging)
-    write_figures(out, section_id, request.wsi)
+                row["cache_key"] = key
+                commit_section(section_id, out, str(staging), records, row, force)
+                committed = True
+            finally:
+                if not committed:
+                    corpus.discard_staging(staging)
+        write_figures(out, section_id, slide)
     n_units = int((plan.unit_pair >= 0).sum())
     return BuildResult(
         section_id, request.platform, "committed", "", plan.n_pairs, n_units, section.n_genes,
@@ -290,7 +291,7 @@ def write_section_remote(
     return result, built
 
 
-def write_figures(out: str, section_id: str, wsi: Path) -> None:
+def write_figures(out: str, section_id: str, wsi: Path | SlideReader) -> None:
     """QC figures of a committed section under `<out>/qc/<section_id>/` (cheap: ~2 s).
 
     A drawing failure must not undo a good build: it is logged, and `histmol qc` can redo it.
