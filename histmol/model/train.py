@@ -32,7 +32,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from histmol.data import PairDataset, pair_collate, to_float_chw
 from histmol.errors import ConfigError
 from histmol.model.clip import HistMolCLIP, ModelConfig
-from histmol.split import Split
+from histmol.split import Split, read_split
 
 CHECKPOINT = "checkpoint.pt"
 METRIC_FIELDS = ("step", "epoch", "loss", "contrastive", "prediction", "lr", "pairs_per_s")
@@ -340,12 +340,16 @@ def _main() -> None:
     parser.add_argument("corpus", nargs="+")
     parser.add_argument("--out", required=True)
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--split", default=None, help="split file (histmol split)")
+    parser.add_argument("--fold", type=int, default=None, help="with --split: the fold (OUT)")
     for f in fields(TrainConfig):
         kind = {"int": int, "float": float, "str": str, "bool": _flag}[str(f.type).split(" ")[0]]
         parser.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=None)
     args = vars(parser.parse_args())
+    split_file, fold = args.pop("split"), args.pop("fold")
+    split = read_split(split_file) if split_file is not None else None
     summary = train(args.pop("corpus"), args.pop("out"), config_from_args(args),
-                    resume=args.pop("resume"))
+                    resume=args.pop("resume"), split=split, fold=fold)
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     print(json.dumps(summary))
