@@ -6,7 +6,8 @@ each fold for a few steps at the default model size (vit-tiny, width 64; the wei
 change the cost of evaluating), then times `evaluate_split`: loading the folds' encoders, HVGs
 on each training part, one batched pass embedding every pair through every encoder (2 trained
 plus the shared random init), and the ridge probes and tables. The embedding pass is timed
-separately through the progress callback. Writes JSON to benchmarks/results/eval_<time>.json.
+separately through the progress callback, and the CPU seconds used (the wall time on a shared,
+loaded machine overstates the cost). Writes JSON to benchmarks/results/eval_<time>.json.
 
     .venv/bin/python benchmarks/bench_eval.py [--sections 4] [--width-um 2600] [--workers 0]
 """
@@ -15,7 +16,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import resource
 import shutil
 import time
 from pathlib import Path
@@ -67,11 +70,15 @@ def main() -> None:
     train_folds(corpus, run, TrainConfig(epochs=1, batch_size=32, max_steps=2,
                                          log_every=1000), split)
     marks: list[float] = []
+    load_before = os.getloadavg()[0]
+    cpu_before = resource.getrusage(resource.RUSAGE_SELF)
     started = time.perf_counter()
     tables = evaluate_split(run, corpus, split, genes="hvg:50", batch_size=args.batch_size,
                             num_workers=args.workers,
                             progress=lambda done, total: marks.append(time.perf_counter()))
     total = time.perf_counter() - started
+    cpu_after = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = (cpu_after.ru_utime - cpu_before.ru_utime) + (cpu_after.ru_stime - cpu_before.ru_stime)
     pairs = int(source.manifest.column("n_pairs").to_numpy().sum())
     result = {
         "pairs": pairs, "folds": len(split.folds), "encoders_per_batch": len(split.folds) + 1,
@@ -79,6 +86,11 @@ def main() -> None:
         "seconds_embedding": marks[-1] - started, "pairs_per_s_embedding":
             pairs / max(marks[-1] - started, 1e-9),
         "seconds_per_1000_pairs": total / pairs * 1000,
+        # CPU seconds the evaluation used (all threads): on a shared, loaded machine the wall
+        # time above overstates the cost; this over the core count estimates an idle machine's
+        "cpu_seconds": cpu, "cpu_seconds_per_1000_pairs": cpu / pairs * 1000,
+        "cores": os.cpu_count(), "load_average_before": load_before,
+        "load_average_after": os.getloadavg()[0],
         "summary": tables["summary"].to_dict(orient="records"),
         "config": {k: str(v) for k, v in vars(args).items()},
         "model": "vit-tiny width 64 (default), 224 px patches (default build)",

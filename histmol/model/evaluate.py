@@ -60,15 +60,17 @@ def embed_pairs(models: dict[str, HistMolCLIP], corpus: str | os.PathLike[str] |
     dataset = PairDataset(corpus, genes=genes, shuffle="none", batch_size=batch_size,
                           batched=True, aggregate_units=True, sections=sections)
     loader = StatefulDataLoader(dataset, batch_size=None, collate_fn=pair_collate,
-                                num_workers=num_workers)
+                                num_workers=num_workers,
+                                pin_memory=torch.device(device).type == "cuda")
     feats: dict[str, list[np.ndarray]] = {name: [] for name in models}
     counts, masks, sections_out, parts, pairs = [], [], [], [], []
     total, done = dataset.epoch_length, 0
     for model in models.values():
         model.eval()
-    with torch.inference_mode():
-        for batch in loader:
-            patches = to_float_chw(batch["patch"].to(device))
+    cuda = torch.device(device).type == "cuda"
+    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+        for batch in loader:  # bf16 on a GPU, as training runs there; fp32 on the CPU
+            patches = to_float_chw(batch["patch"].to(device, non_blocking=True))
             for name, model in models.items():
                 feats[name].append(model.image_features(patches).float().cpu().numpy())
             counts.append(batch["expression"].numpy().astype(np.float32))
@@ -171,7 +173,7 @@ def _load_folds(run: Path, split: Split, device: str | torch.device
 
 def evaluate_split(run: str | os.PathLike[str], corpus: str | os.PathLike[str] | Sequence[str],
                    split: Split, *, genes: str | Sequence[str] = "hvg:50",
-                   batch_size: int = 256, num_workers: int = 0, device: str = "cpu",
+                   batch_size: int = 256, num_workers: int = 0, device: str | None = None,
                    out: str | os.PathLike[str] | None = None,
                    progress: Progress | None = None) -> dict[str, pd.DataFrame]:
     """Score every fold of `split` (runs in ``<run>/fold-<i>``) and both baselines.
@@ -181,6 +183,7 @@ def evaluate_split(run: str | os.PathLike[str], corpus: str | os.PathLike[str] |
     ``summary`` (per model: mean and sd over folds).
     """
     run = Path(run)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     models, random_of, seeds = _load_folds(run, split, device)
     sources = open_sources(corpus if isinstance(corpus, str | os.PathLike) else list(corpus))
     held = [sid for s in sources for sid in s.manifest.column("section_id").to_pylist()]
