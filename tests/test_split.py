@@ -47,6 +47,14 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_corpus(tmp_path_factory.mktemp("split") / "corpus", SECTIONS)
 
 
+@pytest.fixture(scope="module")
+def folds_run(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Every fold of the leave-one-patient-out split trained for one epoch."""
+    run = tmp_path_factory.mktemp("folds") / "run"
+    train_folds(corpus, run, config(epochs=1), make_split(rows(), "patient"))
+    return run
+
+
 @pytest.fixture()
 def consumed(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
     """Section ids of every batch the trainer takes from its loader, one list per train call."""
@@ -140,14 +148,14 @@ def test_hvg_is_ranked_on_the_given_sections_only(corpus: Path) -> None:
 def test_library_training_never_sees_a_held_out_pair(corpus: Path, tmp_path: Path,
                                                      consumed: list[list[str]]) -> None:
     split = make_split(rows(), "patient")
-    summaries = train_folds(corpus, tmp_path / "run", config(), split)
-    assert [s["fold"] for s in summaries] == [0, 1, 2] and len(consumed) == 3 * 2  # 2 epochs
+    summaries = train_folds(corpus, tmp_path / "run", config(epochs=1), split)
+    assert [s["fold"] for s in summaries] == [0, 1, 2] and len(consumed) == 3
     for i in range(3):
-        seen = set(consumed[2 * i]) | set(consumed[2 * i + 1])
+        seen = set(consumed[i])
         assert seen == set(split.train_sections(i))  # every training section, nothing else
         assert not seen & set(split.test_sections(i))
         train_pairs = sum(PAIRS[s] for s in split.train_sections(i))
-        assert len(consumed[2 * i]) == train_pairs // 4 * 4  # drop_last batches of 4
+        assert len(consumed[i]) == train_pairs // 4 * 4  # drop_last batches of 4
         payload = torch.load(fold_dir(tmp_path / "run", i) / CHECKPOINT, weights_only=False)
         assert payload["split"] == split.record(i)
 
@@ -185,12 +193,11 @@ def test_resume_keeps_the_fold_and_refuses_another(corpus: Path, tmp_path: Path)
     assert train(corpus, out, config(), resume=True, split=split, fold=0)["finished"]
 
 
-def test_eval_scores_each_fold_with_its_own_encoder(corpus: Path, tmp_path: Path) -> None:
+def test_eval_scores_each_fold_with_its_own_encoder(corpus: Path, folds_run: Path,
+                                                    tmp_path: Path) -> None:
     split = make_split(rows(), "patient")
-    run = tmp_path / "run"
-    train_folds(corpus, run, config(epochs=1), split)
     done: list[tuple[int, int]] = []
-    tables = evaluate_split(run, corpus, split, genes="hvg:3", batch_size=8,
+    tables = evaluate_split(folds_run, corpus, split, genes="hvg:3", batch_size=8, out=tmp_path,
                             progress=lambda d, t: done.append((d, t)))
     assert done[-1] == (28, 28) and len(done) == 4  # 28 pairs in batches of 8
     per_fold, per_gene = tables["per_fold"], tables["per_gene"]
@@ -212,30 +219,27 @@ def test_eval_scores_each_fold_with_its_own_encoder(corpus: Path, tmp_path: Path
     assert summary.loc["trained", "pearson_mean"] == pytest.approx(trained.mean())
     assert summary.loc["trained", "pearson_sd"] == pytest.approx(trained.std(ddof=1))
     for name in ("per_gene", "per_fold", "summary"):
-        pd.testing.assert_frame_equal(pd.read_parquet(run / "eval" / f"{name}.parquet"),
+        pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / f"{name}.parquet"),
                                       tables[name], check_dtype=False)
-        assert len(pd.read_csv(run / "eval" / f"{name}.csv")) == len(tables[name])
+        assert len(pd.read_csv(tmp_path / f"{name}.csv")) == len(tables[name])
 
 
-def test_eval_refuses_a_fold_trained_on_another_split(corpus: Path, tmp_path: Path) -> None:
-    split = make_split(rows(), "patient")
-    other = make_split(rows(), "section", folds=3)
-    run = tmp_path / "run"
-    train_folds(corpus, run, config(epochs=1), other)
-    with pytest.raises(ConfigError, match="trained on another split or fold"):
-        evaluate_split(run, corpus, split, genes="hvg:3")
+def test_eval_refuses_a_fold_trained_on_another_split(corpus: Path, folds_run: Path,
+                                                      tmp_path: Path) -> None:
+    other = make_split(rows(), "section", folds=3)  # the run's folds hold out patients
+    with pytest.raises(ConfigError, match="fold-0: trained on another split or fold"):
+        evaluate_split(folds_run, corpus, other, genes="hvg:3", out=tmp_path)
     with pytest.raises(ConfigError, match="no checkpoint for fold 0"):
-        evaluate_split(tmp_path / "none", corpus, split, genes="hvg:3")
+        evaluate_split(tmp_path / "none", corpus, other, genes="hvg:3")
 
 
-def test_cli_eval_prints_folds_and_the_spread(corpus: Path, tmp_path: Path) -> None:
-    split = make_split(rows(), "patient", folds=2)
-    split_file = write_split(split, tmp_path / "split.json")
-    run = tmp_path / "run"
-    train_folds(corpus, run, config(epochs=1), split)
-    result = CliRunner().invoke(app, ["eval", str(run), str(corpus), "--split", str(split_file),
-                                      "--genes", "hvg:3", "--batch-size", "8"])
+def test_cli_eval_prints_folds_and_the_spread(corpus: Path, folds_run: Path,
+                                              tmp_path: Path) -> None:
+    split_file = write_split(make_split(rows(), "patient"), tmp_path / "split.json")
+    result = CliRunner().invoke(app, ["eval", str(folds_run), str(corpus), "--split",
+                                      str(split_file), "--genes", "hvg:3", "--batch-size", "8",
+                                      "--out", str(tmp_path / "eval")])
     assert result.exit_code == 0, result.output
-    assert "+-" in result.output and "over 2 folds" in result.output
-    per_fold = pd.read_csv(run / "eval" / "per_fold.csv")
-    assert len(per_fold) == 2 * 3 and np.isfinite(per_fold["mse"]).all()
+    assert "+-" in result.output and "over 3 folds" in result.output
+    per_fold = pd.read_csv(tmp_path / "eval" / "per_fold.csv")
+    assert len(per_fold) == 3 * 3 and np.isfinite(per_fold["mse"]).all()
