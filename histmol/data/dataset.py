@@ -211,12 +211,13 @@ class PairDataset(IterableDataset):
             raise ConfigError(str(error)) from error
         self.part_starts = self.spec.part_starts
         self.epoch_length = self.spec.epoch_length()
-        self.fingerprint = hashlib.sha256(json.dumps([
-            [s.manifest_sha256 for s in self.sources],
-            sorted(self.section_filter) if self.section_filter is not None else None,
-            self.spec.part_group, self.spec.weights,
+        identity: list[Any] = [
+            [s.manifest_sha256 for s in self.sources], self.spec.part_group, self.spec.weights,
             self.spec.epoch_size, self.spec.shuffle, self.spec.block_size, self.spec.seed,
-        ]).encode()).hexdigest()
+        ]
+        if self.section_filter is not None:  # unfiltered: the same fingerprint as before
+            identity.append(sorted(self.section_filter))
+        self.fingerprint = hashlib.sha256(json.dumps(identity).encode()).hexdigest()
 
     def _mix_value(self, key: str, part: int, ref: PartRef) -> str:
         section_id, platform, tissue, corpus, _ = self._meta[part]
