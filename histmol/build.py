@@ -40,7 +40,7 @@ from histmol.registration import (
     read_transform_csv,
     register,
 )
-from histmol.section import Section, slugify, validate_section_id
+from histmol.section import Section, normalise_section_id, slugify
 from histmol.shards.corpus import COMMITTED, Corpus
 from histmol.shards.remote import BuiltSection, RemoteCorpus, worker_scratch
 from histmol.shards.shard_writer import SectionShardWriter
@@ -53,7 +53,7 @@ from histmol.tiling import (
     plan_grid,
     plan_spot,
 )
-from histmol.tissue import TissueMask, mask_at, slide_tissue_mask
+from histmol.tissue import TissueMask, mask_at, pair_assay_flags, slide_tissue_mask, tissue_keep
 from histmol.wsi import SlideReader, open_wsi
 from platform_adapters import get_platform, load_reader
 
@@ -80,11 +80,16 @@ class SectionRequest:
     landmarks: Path | None = None
 
     def resolved_section_id(self) -> str:
-        """The given id (validated) or a slug of the bundle's folder name."""
+        """The given id (lower-cased, validated) or a slug of the bundle's folder name."""
         if self.section_id is not None:
-            return validate_section_id(self.section_id)
-        name = self.bundle.name if self.bundle.name != "outs" else self.bundle.parent.name
-        return slugify(name)
+            return normalise_section_id(self.section_id)
+        return slugify(self.section_name())
+
+    def section_name(self) -> str:
+        """The name as given (id or bundle folder), kept in sections.parquet's section_name."""
+        if self.section_id is not None:
+            return self.section_id
+        return self.bundle.name if self.bundle.name != "outs" else self.bundle.parent.name
 
     def fingerprint(self) -> str:
         """Stat fingerprint of the bundle, the image and the transform or landmarks file."""
@@ -239,6 +244,8 @@ def plan_stage(
 ) -> tuple[PatchPlan, dict[str, Any], np.ndarray]:
     """Lay out patches for the tiling mode and drop those under the tissue threshold.
 
+    Spot plans of bundles that mark units under tissue keep those (`histmol.tissue.tissue_keep`).
+
     Returns the kept plan, its QC numbers and the tissue fraction of each kept pair.
     """
     mode = config.mode or section.default_mode
@@ -254,16 +261,22 @@ def plan_stage(
             "section's"
         )
     fractions = mask.box_fractions(plan.x0, plan.y0, footprint)
-    keep = fractions >= config.min_tissue_fraction
+    marked = "in_tissue" in section.units.columns and mode == "spot"  # grid: the image decides
+    assay = (
+        pair_assay_flags(section.units["in_tissue"].to_numpy(), plan.unit_pair, plan.n_pairs)
+        if marked
+        else None
+    )
+    keep, tissue_qc = tissue_keep(fractions, assay, config.min_tissue_fraction)
     kept = keep_pairs(plan, keep)
     qc = {
+        **tissue_qc,
         "mode": mode,
         "footprint_px": footprint,
         "units_on_tissue_fraction": on_tissue,
         "tissue_fraction_slide": mask.fraction,
         "tissue_threshold": mask.threshold,
         "n_pairs_planned": plan.n_pairs,
-        "n_pairs_dropped_tissue": int((~keep).sum()),
         "n_units_dropped_tissue": int(((plan.unit_pair >= 0) & (kept.unit_pair < 0)).sum()),
         # where the dropped patches were, for the QC figures (lists, not scalars)
         "dropped_patch_x0_wsi_px": plan.x0[~keep].tolist(),
@@ -272,7 +285,7 @@ def plan_stage(
     if kept.n_pairs == 0:
         raise QCError(
             f"section {section.section_id}: all {plan.n_pairs} patches are under the tissue "
-            f"fraction threshold {config.min_tissue_fraction:g} (slide tissue fraction "
+            f"fraction threshold {tissue_qc['tissue_min_fraction']:g} (slide tissue fraction "
             f"{mask.fraction:.3f}); check the pairing of bundle and image"
         )
     return kept, qc, fractions[keep]
@@ -457,11 +470,12 @@ def commit_stage(
     section_id = section.section_id
     request = request.local("wsi")
     reg, plan = placement.registration, placement.plan
-    with Corpus.open(out, build_config=config.corpus_fields()) as corpus:
-        staging = corpus.staging_dir(section_id)
-        committed = False
-        try:
-            with open_wsi(request.wsi) as slide:
+    # one open of the slide for the whole stage: the patches, the row and the QC figures
+    with open_wsi(request.wsi) as slide:
+        with Corpus.open(out, build_config=config.corpus_fields()) as corpus:
+            staging = corpus.staging_dir(section_id)
+            committed = False
+            try:
                 records, timings = write_stage(
                     staging, section, reg, plan, placement.pair_tissue, gene_index, slide, config,
                     threads=threads, progress=progress,
@@ -469,15 +483,15 @@ def commit_stage(
                 qc = {**placement.plan_qc, **reg.qc, **section.qc}
                 row = section_row(section, request, reg, plan, config, request.fingerprint(),
                                   species, gene_index, slide, qc)
-            row["cache_key"] = key
-            corpus.commit_section(section_id, staging, records=records, row=row, force=force)
-            committed = True
-        finally:
-            if not committed:
-                corpus.discard_staging(staging)
-    tick = time.perf_counter()
-    write_figures(out, section_id, request.wsi)
-    timings["qc_figures_s"] = time.perf_counter() - tick
+                row["cache_key"] = key
+                corpus.commit_section(section_id, staging, records=records, row=row, force=force)
+                committed = True
+            finally:
+                if not committed:
+                    corpus.discard_staging(staging)
+        tick = time.perf_counter()
+        write_figures(out, section_id, slide)
+        timings["qc_figures_s"] = time.perf_counter() - tick
     return BuildResult(
         section_id, request.platform, "committed", "", plan.n_pairs,
         int((plan.unit_pair >= 0).sum()), section.n_genes,
@@ -514,7 +528,7 @@ def commit_remote_stage(
     return result, built
 
 
-def write_figures(out: str | Path, section_id: str, wsi: Path) -> None:
+def write_figures(out: str | Path, section_id: str, wsi: Path | SlideReader) -> None:
     """QC figures of a committed section under `<out>/qc/<section_id>/` (about 2 s).
 
     A drawing failure must not undo a good build: it is logged, and `histmol qc` can redo it.
@@ -618,6 +632,7 @@ def section_row(
         "tissue": request.metadata.get("tissue", ""),
         "patient_id": request.metadata.get("patient_id", ""),
         "licence": request.metadata.get("licence", ""),
+        "section_name": request.section_name(),
         "bundle_name": request.bundle.name,
         "wsi_name": request.wsi.name,
         "wsi_width": width,

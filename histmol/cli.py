@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -81,7 +82,7 @@ def progress_display() -> Iterator[None]:
 
 def fail(err: Exception) -> None:
     """Print a histmol error without a traceback and exit 1."""
-    console.print(f"[red]error:[/red] {err}", highlight=False)
+    console.print(f"[red]error:[/red] {escape(str(err))}", highlight=False)
     raise typer.Exit(1)
 
 
@@ -96,7 +97,8 @@ def build(
     ],
     out: Annotated[Path, typer.Option(help="Corpus folder; created, or added to.")],
     section_id: Annotated[
-        Optional[str], typer.Option(help="Slug id; default: the bundle folder name.")
+        Optional[str],
+        typer.Option(help="Section id (lower-cased); default: the bundle folder name."),
     ] = None,
     tissue: Annotated[str, typer.Option(help="Tissue type, e.g. colon.")] = "",
     species: Annotated[str, typer.Option(help="Species; default: inferred from Ensembl ids.")] = "",
@@ -130,7 +132,11 @@ def build(
         Optional[str], typer.Option(help="Tiling mode: spot or grid [platform default].")
     ] = None,
     min_tissue_fraction: Annotated[
-        Optional[float], typer.Option(help="Drop patches under this tissue fraction [0.1].")
+        Optional[float],
+        typer.Option(
+            help="Drop patches under this tissue fraction [0.1; spots the bundle marks under "
+            "tissue are kept, only flagged]."
+        ),
     ] = None,
     min_units_on_tissue: Annotated[
         Optional[float], typer.Option(help="Fail when fewer unit centres lie on tissue [0.5].")
@@ -555,9 +561,15 @@ def train(
     max_steps: Annotated[
         Optional[int], typer.Option(help="Pause (checkpointed) at this step.")
     ] = None,
+    split: Annotated[
+        Optional[Path], typer.Option(help="Split file (`histmol split`): train on a fold only.")
+    ] = None,
+    fold: Annotated[
+        Optional[str], typer.Option(help="With --split: a fold number, or all (OUT/fold-<i>).")
+    ] = None,
 ) -> None:
     """Train the CLIP-style patch/expression model (multi-GPU: torchrun -m histmol.model.train)."""
-    from histmol.model.train import TrainConfig
+    from histmol.model.train import TrainConfig, fold_dir, train_folds
     from histmol.model.train import train as train_run
 
     try:
@@ -572,10 +584,74 @@ def train(
             seed=seed,
             max_steps=max_steps,
         )
-        summary = train_run([str(c) for c in corpus], out, config, resume=resume)
+        corpora = [str(c) for c in corpus]
+        if split is None:
+            if fold is not None:
+                raise typer.BadParameter("--fold needs --split")
+            summary: Any = train_run(corpora, out, config, resume=resume)
+        else:
+            from histmol.split import read_split
+
+            spec = read_split(split)
+            if fold is None:
+                raise typer.BadParameter(
+                    f"--split needs --fold: 0..{len(spec.folds) - 1} or all")
+            if fold == "all":
+                summary = train_folds(corpora, out, config, spec, resume=resume)
+            else:
+                try:
+                    index = int(fold)
+                except ValueError:
+                    raise typer.BadParameter(
+                        f"--fold must be a number or all, got {fold!r}"
+                    ) from None
+                summary = train_run(corpora, fold_dir(out, index), config, resume=resume,
+                                    split=spec, fold=index)
     except HistmolError as err:
         fail(err)
     out_console.print_json(json.dumps(summary))
+
+
+@app.command(name="split")
+def split_command(
+    corpus: Annotated[list[Path], typer.Argument(help="Corpus folder(s).")],
+    out: Annotated[Path, typer.Option(help="The split file to write (JSON).")],
+    by: Annotated[
+        str, typer.Option(help="Group by patient, section, tissue, platform, or list.")
+    ] = "patient",
+    folds: Annotated[
+        Optional[int], typer.Option(help="Number of folds [one per group: leave-one-out].")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Orders groups of equal size.")] = 0,
+    held_out: Annotated[
+        Optional[list[str]],
+        typer.Option(help="With --by list: comma-separated held-out sections of one fold "
+                     "(repeat per fold)."),
+    ] = None,
+) -> None:
+    """Write a train/test split of the corpus' sections, shared by `train` and `eval`."""
+    from histmol.data.source import open_sources
+    from histmol.split import make_split, write_split
+
+    try:
+        sources = open_sources([str(c) for c in corpus])
+        rows = []
+        for source in sources:
+            pairs: dict[str, int] = {}
+            for sid, n in zip(source.manifest.column("section_id").to_pylist(),
+                              source.manifest.column("n_pairs").to_pylist(), strict=True):
+                pairs[sid] = pairs.get(sid, 0) + int(n)
+            rows += [{**row, "n_pairs": pairs[sid]} for sid, row in source.section_rows().items()]
+        lists = [[s.strip() for s in item.split(",") if s.strip()] for item in held_out or []]
+        spec = make_split(rows, by, folds=folds, seed=seed, held_out=lists or None)
+        write_split(spec, out)
+    except HistmolError as err:
+        fail(err)
+    for i in range(len(spec.folds)):
+        out_console.print(f"fold {i}: holds out {', '.join(spec.test_sections(i))} "
+                          f"({len(spec.train_sections(i))} sections to train on)",
+                          highlight=False, soft_wrap=True)
+    out_console.print(str(out))
 
 
 @app.command()
@@ -599,41 +675,56 @@ def embed(
 
 @app.command(name="eval")
 def evaluate(
-    run: Annotated[Path, typer.Argument(help="Run folder (from histmol train).")],
+    run: Annotated[Path, typer.Argument(help="Run folder (from histmol train --fold all).")],
     corpus: Annotated[list[Path], typer.Argument(help="Corpus folder(s).")],
-    split_by: Annotated[str, typer.Option(help="Held-out groups: patient or section.")] = "patient",
+    split: Annotated[
+        Path, typer.Option(help="The split file the folds were trained on (`histmol split`).")
+    ],
     genes: Annotated[
-        str, typer.Option(help="Target genes: hvg:K, all or a comma-separated list.")
+        str, typer.Option(help="Target genes: hvg:K (on each fold's training part), all or a list.")
     ] = "hvg:50",
+    batch_size: Annotated[int, typer.Option(help="Pairs per batch.")] = 256,
+    num_workers: Annotated[int, typer.Option(help="DataLoader workers.")] = 0,
     out: Annotated[
-        Optional[Path], typer.Option(help="Folder for eval.csv + eval_genes.csv [RUN/eval].")
+        Optional[Path], typer.Option(help="Folder for the result tables [RUN/eval].")
     ] = None,
 ) -> None:
-    """HEST-Benchmark protocol: frozen embeddings, PCA 256, ridge, per-gene Pearson; baselines."""
-    from histmol.model.evaluate import evaluate_run
+    """HEST-Benchmark per fold: frozen embeddings, PCA 256, ridge, per-gene Pearson; baselines."""
+    from rich.progress import Progress as Bar
+
+    from histmol.model.evaluate import evaluate_split
+    from histmol.split import read_split
 
     gene_spec: str | list[str] = (
         genes if genes == "all" or genes.startswith(("hvg:", "homolog:")) else genes.split(",")
     )
     try:
-        summary, _ = evaluate_run(
-            run, [str(c) for c in corpus], split_by=split_by, genes=gene_spec, out=out
-        )
+        spec = read_split(split)
+        with Bar(TextColumn("embedding"), BarColumn(), MofNCompleteColumn(), TextColumn("pairs"),
+                 TimeRemainingColumn(), console=console) as bar:
+            task = bar.add_task("embed", total=None)
+            tables = evaluate_split(
+                run, [str(c) for c in corpus], spec, genes=gene_spec, batch_size=batch_size,
+                num_workers=num_workers, out=out,
+                progress=lambda done, total: bar.update(task, completed=done, total=total),
+            )
     except HistmolError as err:
         fail(err)
-    table = Table(title=f"{run} on {', '.join(map(str, corpus))} (held out by {split_by})")
-    for column in ("model", "pearson_mean", "pearson_median", "mse", "n_folds", "n_genes"):
+    per_fold, summary = tables["per_fold"], tables["summary"]
+    table = Table(title=f"{run} on {', '.join(map(str, corpus))}: {len(spec.folds)} folds "
+                  f"held out by {spec.by}")
+    for column in ("fold", "held out", "model", "pearson", "mse", "train/test pairs"):
         table.add_column(column)
-    for row in summary.itertuples(index=False):
-        table.add_row(
-            row.model,
-            f"{row.pearson_mean:.4f}",
-            f"{row.pearson_median:.4f}",
-            f"{row.mse:.4f}",
-            str(row.n_folds),
-            str(row.n_genes),
-        )
+    for row in per_fold.itertuples(index=False):
+        table.add_row(str(row.fold), row.test_groups, row.model, f"{row.pearson_mean:.4f}",
+                      f"{row.mse:.4f}", f"{row.n_train_pairs}/{row.n_test_pairs}")
     out_console.print(table)
+    for row in summary.itertuples(index=False):
+        out_console.print(
+            f"{row.model}: pearson {row.pearson_mean:.4f} +- {row.pearson_sd:.4f}, "
+            f"mse {row.mse_mean:.4f} +- {row.mse_sd:.4f} over {row.n_folds} folds, "
+            f"{row.n_genes} genes", highlight=False)
+    out_console.print(str(out or run / "eval"), highlight=False)
 
 
 @app.command()

@@ -31,7 +31,7 @@ class BuildConfig:
     mode: TilingMode | None = None
     mpp: float | None = None
     mpp_tolerance: float = 0.05
-    min_tissue_fraction: float = 0.1
+    min_tissue_fraction: float | None = None  # None: assay marks, else 0.1 (histmol.tissue)
     min_units_on_tissue: float = 0.5
     tissue_mpp: float = 8.0
     resample: Resample = "lanczos"
@@ -51,7 +51,7 @@ class BuildConfig:
             raise ConfigError(f"mpp override must be in 0.05..50 um/px, got {self.mpp}")
         if self.mode not in (None, "spot", "grid"):
             raise ConfigError(f"mode must be 'spot' or 'grid', got {self.mode!r}")
-        if not 0 <= self.min_tissue_fraction <= 1:
+        if self.min_tissue_fraction is not None and not 0 <= self.min_tissue_fraction <= 1:
             raise ConfigError("min_tissue_fraction must be in 0..1")
         if not 0 <= self.min_units_on_tissue <= 1:
             raise ConfigError("min_units_on_tissue must be in 0..1")

@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -82,5 +83,6 @@ def outcome_table(outcomes: list[dict[str, Any]], title: str) -> Table:
     colour = {"committed": "green", "skipped": "cyan", "failed": "red"}
     for o in outcomes:
         table.add_row(o["section_id"], o["platform"], f"[{colour[o['status']]}]{o['status']}",
-                      f"{o['n_pairs']:,}", f"{o['n_units']:,}", f"{o['seconds']:.1f}", o["reason"])
+                      f"{o['n_pairs']:,}", f"{o['n_units']:,}", f"{o['seconds']:.1f}",
+                      escape(str(o["reason"])))  # reasons quote rules like [a-z0-9]: not markup
     return table

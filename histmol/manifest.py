@@ -69,7 +69,7 @@ from histmol.manifest_limits import (
     read_bounded_text,
 )
 from histmol.remote_inputs import RemoteInput, check_url, describe_input, is_url
-from histmol.section import validate_section_id
+from histmol.section import normalise_section_id
 from platform_adapters import get_platform
 
 PATH_FIELDS = ("bundle", "wsi", "transform", "landmarks", "alignment")
@@ -117,7 +117,8 @@ class SectionOptions(BaseModel):
 class ManifestEntry(SectionOptions):
     """One section: which adapter reads which bundle, paired with which H&E, and its metadata."""
 
-    section_id: str = Field(description="Slug, unique in the corpus: [a-z0-9][a-z0-9._-]{0,127}.")
+    section_id: str = Field(description="Unique in the corpus: letters, digits, '.', '_', '-' "
+                            "(lower-cased; the name as given is kept as section_name).")
     platform: str = Field(description="Platform name (see `histmol platforms`).")
     bundle: str = Field(description="The platform's output folder, relative to the manifest.")
     wsi: str = Field(description="The paired H&E image, relative to the manifest.")
@@ -148,7 +149,8 @@ class ManifestEntry(SectionOptions):
     @classmethod
     def _slug(cls, value: str) -> str:
         try:
-            return validate_section_id(value)
+            normalise_section_id(value)  # kept as given: the build records it as section_name
+            return value
         except ConfigError as err:
             raise ValueError(str(err)) from None
 
@@ -266,12 +268,13 @@ def load_manifest(path: str | Path) -> IngestPlan:
         raise ManifestError(_describe(path, err, data, lines)) from None
     seen: dict[str, int] = {}
     for index, entry in enumerate(manifest.sections):
-        if entry.section_id in seen:
+        key = normalise_section_id(entry.section_id)  # B4 and b4 are one section
+        if key in seen:
             raise ManifestError(
                 f"{path}:{lines[index]}: sections[{index}]: section_id {entry.section_id!r} "
-                f"repeats sections[{seen[entry.section_id]}] (line {lines[seen[entry.section_id]]})"
+                f"repeats sections[{seen[key]}] (line {lines[seen[key]]})"
             )
-        seen[entry.section_id] = index
+        seen[key] = index
     return _plan(path, manifest, lines)
 
 

@@ -28,6 +28,10 @@ TilingMode = Literal["spot", "grid"]
 MppSource = Literal["embedded", "scalefactors", "estimated_from_pitch", "user"]
 
 SECTION_ID_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]{0,127}")
+SECTION_ID_RULE = (
+    "use lowercase letters, digits, '.', '_' and '-', start with a letter or digit, "
+    "at most 128 characters, no '..'"
+)
 UNIT_COLUMNS = ("unit_id", "x_native", "y_native")
 GENE_COLUMNS = ("gene_id", "symbol", "ensembl_id")
 
@@ -36,13 +40,30 @@ def validate_section_id(section_id: str) -> str:
     """Return `section_id` if it is a safe slug; raise otherwise (it becomes a folder name)."""
     if not isinstance(section_id, str) or not SECTION_ID_PATTERN.fullmatch(section_id):
         raise ConfigError(
-            f"section id {section_id!r} is not a safe slug: it must match "
-            f"{SECTION_ID_PATTERN.pattern} (lowercase letters, digits, '.', '_', '-'; "
-            "first character a letter or digit; at most 128 characters)"
+            f"section id {section_id!r} is not a safe slug: {SECTION_ID_RULE} (pattern "
+            f"{SECTION_ID_PATTERN.pattern})"
         )
     if section_id in {".", ".."} or ".." in section_id:
         raise ConfigError(f"section id {section_id!r} must not contain '..'")
     return section_id
+
+
+def normalise_section_id(name: str) -> str:
+    """The section id for a user's or cohort's name: lower-cased, then validated.
+
+    Ids name folders, and a corpus may live on a case-insensitive file system, so ``B4`` and
+    ``b4`` are one section: both `build` and `ingest` lower-case and keep the given name in the
+    section's ``section_name``.
+    """
+    if not isinstance(name, str):
+        raise ConfigError(f"section id must be a string, got {name!r}")
+    try:
+        return validate_section_id(name.lower())
+    except ConfigError:
+        raise ConfigError(
+            f"section id {name!r} is not a safe slug: {SECTION_ID_RULE} (pattern "
+            f"{SECTION_ID_PATTERN.pattern}; upper case is lower-cased)"
+        ) from None
 
 
 def slugify(text: str) -> str:

@@ -105,3 +105,40 @@ def slide_tissue_mask(slide: Any, mpp: float, tissue_mpp: float) -> TissueMask:
         downsample_x=width / thumbnail.shape[1],
         downsample_y=height / thumbnail.shape[0],
     )
+DEFAULT_MIN_TISSUE_FRACTION = 0.1
+
+
+def pair_assay_flags(in_tissue: np.ndarray, unit_pair: np.ndarray, n_pairs: int) -> np.ndarray:
+    """Per pair: whether the assay marks one of its units as under tissue (in_tissue == 1)."""
+    flags = np.zeros(n_pairs, dtype=bool)
+    placed = unit_pair >= 0
+    np.logical_or.at(flags, unit_pair[placed], np.asarray(in_tissue)[placed] == 1)
+    return flags
+
+
+def tissue_keep(
+    fractions: np.ndarray, assay: np.ndarray | None, min_fraction: float | None
+) -> tuple[np.ndarray, dict[str, float | int | str]]:
+    """Which pairs to keep, and QC counts saying what was kept or dropped and why.
+
+    The assay knows better than a saturation threshold (pale fat and loose stroma are tissue):
+    pairs it marks under tissue (`assay`, None when the bundle marks nothing) are kept and only
+    flagged when the image mask disagrees; other pairs go by the image. A threshold the user
+    gives (`min_fraction`) applies to every pair, as without assay marks.
+    """
+    threshold = DEFAULT_MIN_TISSUE_FRACTION if min_fraction is None else min_fraction
+    image_ok = np.asarray(fractions) >= threshold
+    trust = assay is not None and min_fraction is None
+    keep = image_ok | assay if trust else image_ok
+    below = ~image_ok
+    qc: dict[str, float | int | str] = {
+        "tissue_filter": "assay" if trust else ("image (given)" if min_fraction is not None
+                                                else "image"),
+        "tissue_min_fraction": threshold,
+        "n_pairs_below_tissue_fraction": int(below.sum()),
+        "n_pairs_kept_by_assay": int((below & keep).sum()),
+        "n_pairs_dropped_tissue": int((~keep).sum()),
+    }
+    if assay is not None:
+        qc["n_pairs_assay_in_tissue"] = int(np.asarray(assay).sum())
+    return keep, qc

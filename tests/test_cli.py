@@ -85,3 +85,12 @@ def test_demo_builds_three_sections(tmp_path: Path) -> None:
     assert by_id["crc-01"]["mpp_source"] == "embedded"
     assert by_id["st-breast-01"]["mpp_source"] == "estimated_from_pitch"
     assert abs(by_id["st-breast-01"]["mpp"] - 0.5) < 0.005
+
+
+def test_refused_section_id_prints_its_rule_verbatim(tmp_path: Path) -> None:
+    folder = fixture_path("legacy_st_stutility_MOB1/counts")
+    result = runner.invoke(app, ["build", "--platform", "st", "--bundle", str(folder), "--wsi",
+                                 str(folder / "MOB1.jpg"), "--out", str(tmp_path / "c"),
+                                 "--section-id", "B 4"])
+    assert result.exit_code == 1
+    assert "[a-z0-9][a-z0-9._-]{0,127}" in " ".join(result.output.split())  # not eaten as markup

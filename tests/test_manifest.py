@@ -289,3 +289,15 @@ def test_a_fetch_that_loses_the_rename_to_another_process_returns_its_copy(
     assert source.fetch() == source.local_path()
     assert source.local_path().read_bytes() == b"tiff"
     assert inputs(tmp_path / "cache") == [source.key]  # the loser's temporary folder is gone
+
+
+def test_mixed_case_ids_are_kept_for_the_build_and_clash_case_insensitively(tmp_path: Path) -> None:
+    (tmp_path / "m.yaml").write_text(
+        "sections:\n  - {section_id: B4, platform: st, bundle: b, wsi: w}\n")
+    [request] = load_manifest(tmp_path / "m.yaml").requests
+    assert request.resolved_section_id() == "b4" and request.section_name() == "B4"
+    (tmp_path / "m.yaml").write_text(
+        "sections:\n  - {section_id: B4, platform: st, bundle: b, wsi: w}\n"
+        "  - {section_id: b4, platform: st, bundle: c, wsi: w}\n")
+    with pytest.raises(ManifestError, match="section_id 'b4' repeats sections\\[0\\]"):
+        load_manifest(tmp_path / "m.yaml")

@@ -11,7 +11,7 @@ import torch
 from histmol.errors import ConfigError
 from histmol.model.clip import HistMolCLIP, ModelConfig, info_nce, masked_mse, normalise_expression
 from histmol.model.encoders import ExpressionEncoder, image_encoder
-from histmol.model.evaluate import _pearson, ridge_fold, score
+from histmol.model.evaluate import _pearson, ridge_fold, score_fold
 
 
 def test_normalise_expression_is_log1p_cp10k_over_measured_genes() -> None:
@@ -100,23 +100,26 @@ def test_ridge_probe_recovers_a_linear_map_on_held_out_groups() -> None:
     rng = np.random.default_rng(0)
     x = rng.normal(size=(300, 20))
     y = x[:, :4] @ rng.normal(size=(4, 5)) + 3.0
-    groups = np.repeat(["p1", "p2", "p3"], 100)
+    test = np.repeat([False, False, True], 100)
     mask = np.ones_like(y, dtype=bool)
-    ridge = score(x, y, mask, groups)
-    mean = score(x, y, mask, groups, method="mean")
-    assert ridge["n_folds"] == 3 and ridge["pearson_mean"] > 0.99
-    assert mean["pearson_mean"] == 0.0 and ridge["mse"] < 0.01 * mean["mse"]
+    ridge = score_fold(x, y, mask, ~test, test)
+    mean = score_fold(None, y, mask, ~test, test)
+    assert (ridge["pearson"] > 0.99).all() and (mean["pearson"] == 0.0).all()
+    assert ridge["mse_all"] < 0.01 * mean["mse_all"]
+    np.testing.assert_allclose(mean["mse"], ((y[test] - y[~test].mean(0)) ** 2).mean(0))
     pred = ridge_fold(x[:200], y[:200], x[200:])
     np.testing.assert_allclose(pred.mean(0), y[200:].mean(0), atol=0.1)  # the mean is kept
 
 
-def test_score_needs_two_groups_and_skips_unmeasured_genes() -> None:
+def test_score_fold_needs_both_sides_and_skips_unmeasured_genes() -> None:
     x, y = np.ones((4, 2)), np.ones((4, 2))
-    with pytest.raises(ConfigError, match=">= 2 groups"):
-        score(x, y, np.ones_like(y, dtype=bool), np.array(["a"] * 4))
+    with pytest.raises(ConfigError, match="both sides"):
+        score_fold(x, y, np.ones_like(y, dtype=bool), np.ones(4, bool), np.zeros(4, bool))
     rng = np.random.default_rng(2)
     x, y = rng.normal(size=(40, 3)), rng.normal(size=(40, 2))
     mask = np.ones_like(y, dtype=bool)
-    mask[:, 1] = False
-    result = score(x, y, mask, np.repeat(["a", "b"], 20))
-    assert np.isnan(result["per_gene"][1]) and np.isfinite(result["per_gene"][0])
+    mask[20:, 1] = False  # the test half never measured gene 1
+    test = np.arange(40) >= 20
+    result = score_fold(x, y, mask, ~test, test)
+    assert np.isnan(result["pearson"][1]) and np.isfinite(result["pearson"][0])
+    assert np.isnan(result["mse"][1]) and np.isfinite(result["mse"][0])

@@ -127,3 +127,14 @@ def test_file_errors_survive_pickling() -> None:
     error = pickle.loads(pickle.dumps(BundleError("/data/outs/x.h5", "truncated")))
     assert isinstance(error, BundleError) and str(error) == "/data/outs/x.h5: truncated"
     assert (error.path, error.problem) == ("/data/outs/x.h5", "truncated")
+
+
+def test_cohort_names_are_lower_cased_and_other_ids_refused_with_a_legible_rule() -> None:
+    from histmol.section import normalise_section_id
+
+    assert normalise_section_id("B4") == "b4" and normalise_section_id("MOB1_rep.2") == "mob1_rep.2"
+    with pytest.raises(ConfigError) as info:
+        normalise_section_id("B 4")
+    message = str(info.value)
+    assert "'B 4' is not a safe slug" in message and "[a-z0-9][a-z0-9._-]{0,127}" in message
+    assert "lowercase letters, digits" in message

@@ -19,8 +19,9 @@ from typer.testing import CliRunner
 from histmol.cli import app
 from histmol.errors import ConfigError
 from histmol.model.embed import embed_corpus
-from histmol.model.evaluate import evaluate_run
-from histmol.model.train import CHECKPOINT, TrainConfig, load_model, train
+from histmol.model.evaluate import evaluate_split
+from histmol.model.train import CHECKPOINT, TrainConfig, load_model, train, train_folds
+from histmol.split import make_split
 
 TOTAL = sum(s.n_pairs for s in DEFAULT_SECTIONS)  # 22 pairs of 16 px
 SECTIONS = tuple(SectionSpec(s.section_id, s.platform, s.tissue, s.n_pairs, s.units_per_pair,
@@ -106,20 +107,11 @@ def test_embeddings_go_to_parquet_and_anndata(corpus: Path, run: Path, tmp_path:
         s.section_id: s.n_pairs for s in SECTIONS}
 
 
-def test_eval_table_has_the_run_and_both_baselines(corpus: Path, run: Path, tmp_path: Path) -> None:
-    summary, per_gene = evaluate_run(run, corpus, genes="hvg:3", out=tmp_path)
-    assert list(summary["model"]) == ["trained", "random-init", "mean-expression"]
-    assert set(summary["n_folds"]) == {2} and set(summary["n_pairs"]) == {TOTAL}
-    assert len(per_gene) == 3 and (tmp_path / "eval.csv").is_file()
-    assert summary.set_index("model").loc["mean-expression", "pearson_mean"] == 0.0
-    by_section, _ = evaluate_run(run, corpus, genes="hvg:3", split_by="section", out=tmp_path)
-    assert set(by_section["n_folds"]) == {3}
-
-
-def test_eval_by_patient_names_sections_without_patient(run: Path, tmp_path: Path) -> None:
+def test_split_by_patient_names_sections_without_patient(tmp_path: Path) -> None:
     bare = make_corpus(tmp_path / "bare")
-    with pytest.raises(ConfigError, match="no patient_id"):
-        evaluate_run(run, bare, genes="hvg:3")
+    result = CliRunner().invoke(app, ["split", str(bare), "--out", str(tmp_path / "s.json")])
+    assert result.exit_code == 1 and "has no patient_id" in result.output
+    assert not (tmp_path / "s.json").exists()
 
 
 def test_cli_train_resume_embed_eval(corpus: Path, tmp_path: Path) -> None:
@@ -135,12 +127,9 @@ def test_cli_train_resume_embed_eval(corpus: Path, tmp_path: Path) -> None:
     embedded = tmp_path / "e.parquet"
     result = runner.invoke(app, ["embed", str(out), str(corpus), "--out", str(embedded)])
     assert result.exit_code == 0 and len(pd.read_parquet(embedded)) == TOTAL
-    result = runner.invoke(app, ["eval", str(out), str(corpus), "--genes", "hvg:3"])
-    assert result.exit_code == 0, result.output
-    assert list(pd.read_csv(out / "eval" / "eval.csv")["model"]) == [
-        "trained", "random-init", "mean-expression"]
 
 
+@pytest.mark.slow
 def test_mob1_fixture_trains_and_evaluates_end_to_end(tmp_path: Path) -> None:
     """Smoke only: MOB1 is one section, built twice as two 'patients' to exercise the folds."""
     from histmol.build import SectionRequest, build_section
@@ -152,11 +141,15 @@ def test_mob1_fixture_trains_and_evaluates_end_to_end(tmp_path: Path) -> None:
         request = SectionRequest("st", folder, folder / "MOB1.jpg", f"mob1-copy{i}",
                                  metadata={"patient_id": f"copy{i}"})
         build_section(request, out, BuildConfig(mpp=4.6, target_mpp=5.0, patch_px=64))
-    summary = train(out, tmp_path / "run", config(epochs=1, batch_size=32, genes="hvg:50",
-                                                  log_every=5))
-    assert summary["finished"] and summary["step"] == 2 * 379 // 32
-    table, per_gene = evaluate_run(tmp_path / "run", out, genes="hvg:50")
-    assert len(per_gene) == 50 and np.isfinite(table["pearson_mean"]).all()
+    split = make_split([{"section_id": f"mob1-copy{i}", "patient_id": f"copy{i}", "n_pairs": 379}
+                        for i in (1, 2)], "patient")
+    summaries = train_folds(out, tmp_path / "run", config(epochs=1, batch_size=32,
+                                                          genes="hvg:50", log_every=5), split)
+    assert all(s["finished"] and s["step"] == 379 // 32 for s in summaries)
+    tables = evaluate_split(tmp_path / "run", out, split, genes="hvg:50")
+    per_fold = tables["per_fold"]
+    assert set(per_fold["n_genes"]) == {50} and np.isfinite(per_fold["pearson_mean"]).all()
+    assert set(per_fold["n_test_pairs"]) == {379}
 
 
 def test_torchrun_ddp_trains_and_resumes_on_one_process(corpus: Path, tmp_path: Path) -> None:
@@ -189,11 +182,13 @@ def test_training_beats_both_baselines_where_morphology_drives_expression(tmp_pa
         build_section(SectionRequest("visium", truth.bundle, slide.path, f"syn-{i}",
                                      truth.transform_path, metadata={"patient_id": f"p{i // 2}"}),
                       corpus, BuildConfig(patch_px=64))
-    train(corpus, tmp_path / "run", TrainConfig(epochs=20, batch_size=64, lr=2e-3,
-                                                image_encoder="resnet18", width=16,
-                                                genes="hvg:50", log_every=100))
-    table, _ = evaluate_run(tmp_path / "run", corpus, genes="hvg:50")
-    r = table.set_index("model")
+    split = make_split([{"section_id": f"syn-{i}", "patient_id": f"p{i // 2}", "n_pairs": 1}
+                        for i in range(6)], "patient")
+    train_folds(corpus, tmp_path / "run", TrainConfig(
+        epochs=20, batch_size=64, lr=2e-3, image_encoder="resnet18", width=16, genes="hvg:50",
+        log_every=100), split)
+    tables = evaluate_split(tmp_path / "run", corpus, split, genes="hvg:50")
+    r = tables["summary"].rename(columns={"mse_mean": "mse"}).set_index("model")
     assert r.loc["trained", "pearson_mean"] > r.loc["random-init", "pearson_mean"] + 0.05
     assert r.loc["trained", "pearson_mean"] > 0.3  # the mean baseline scores 0
     assert r.loc["trained", "mse"] < 0.9 * min(r.loc["random-init", "mse"],

@@ -31,7 +31,7 @@ import os
 import tempfile
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -66,6 +66,24 @@ def _positive(name: str, value: object) -> int:
     return int(value)
 
 
+def _section_filter(sections: Collection[str] | None,
+                    sources: Sequence[Any]) -> frozenset[str] | None:
+    """The sections to read (None: all); ConfigError naming any the corpora do not hold."""
+    if sections is None:
+        return None
+    if isinstance(sections, str):
+        raise ConfigError(f"sections must be a collection of section ids, got {sections!r}")
+    wanted = frozenset(str(s) for s in sections)
+    held = {sid for source in sources for sid in source.manifest.column("section_id").to_pylist()}
+    missing = sorted(wanted - held)
+    if missing:
+        raise ConfigError(f"sections {missing[:5]} are not committed in "
+                          f"{[s.url for s in sources]}")
+    if not wanted:
+        raise ConfigError("sections is empty: no pair to read")
+    return wanted
+
+
 class PairDataset(IterableDataset):
     """(patch, expression) pairs from one or more corpora; see the module docstring.
 
@@ -81,6 +99,9 @@ class PairDataset(IterableDataset):
     (`histmol.data.genes`).
     ``on_corrupt="raise"`` refuses a corrupt part, and at open a corpus whose tables its commit
     record (``commit.json``) does not accept; ``"skip"`` warns and leaves out that part or corpus.
+
+    ``sections`` keeps only those section ids (a fold's training part, `histmol.split`): no
+    other section's pair is ever read, and ``hvg:K`` ranks genes over those sections only.
     """
 
     def __init__(
@@ -108,6 +129,7 @@ class PairDataset(IterableDataset):
         max_open_parts: int = 64,
         units_cache_bytes: int = 4 << 30,
         storage_options: dict[str, Any] | None = None,
+        sections: Collection[str] | None = None,
     ) -> None:
         super().__init__()
         self.batch_size = _positive("batch_size", batch_size)
@@ -137,7 +159,9 @@ class PairDataset(IterableDataset):
             Path(tempfile.gettempdir()) / "histmol-cache")
         self.sources = open_sources(sources if isinstance(sources, str | os.PathLike)
                                     else list(sources), storage_options, on_corrupt=on_corrupt)
-        self.gene_set = resolve_genes(genes, self.sources, gene_space)
+        self.section_filter = _section_filter(sections, self.sources)
+        self.gene_set = resolve_genes(genes, self.sources, gene_space,
+                                      sections=self.section_filter)
         self._setup_parts(mix, epoch_size, shuffle, block_size, seed)
         self.epoch = 0
         self._resume: tuple[int, int] | None = None  # (epoch, consumed), set by load_state_dict
@@ -154,7 +178,9 @@ class PairDataset(IterableDataset):
     # ------------------------------------------------------------------ set-up
     def _setup_parts(self, mix: Mapping[str, Mapping[str, float]] | None,
                      epoch_size: int | None, shuffle: str, block_size: int, seed: int) -> None:
-        self.parts: list[PartRef] = [p for s in self.sources for p in s.parts()]
+        self.parts: list[PartRef] = [p for s in self.sources for p in s.parts()
+                                     if self.section_filter is None
+                                     or p.section_id in self.section_filter]
         if not self.parts:
             raise CorpusError(f"{[s.url for s in self.sources]}: no committed parts")
         rows = [s.section_rows() for s in self.sources]
@@ -191,10 +217,13 @@ class PairDataset(IterableDataset):
             raise ConfigError(str(error)) from error
         self.part_starts = self.spec.part_starts
         self.epoch_length = self.spec.epoch_length()
-        self.fingerprint = hashlib.sha256(json.dumps([
+        identity: list[Any] = [
             [s.manifest_sha256 for s in self.sources], self.spec.part_group, self.spec.weights,
             self.spec.epoch_size, self.spec.shuffle, self.spec.block_size, self.spec.seed,
-        ]).encode()).hexdigest()
+        ]
+        if self.section_filter is not None:  # unfiltered: the same fingerprint as before
+            identity.append(sorted(self.section_filter))
+        self.fingerprint = hashlib.sha256(json.dumps(identity).encode()).hexdigest()
 
     def _mix_value(self, key: str, part: int, ref: PartRef) -> str:
         section_id, platform, tissue, corpus, _ = self._meta[part]

@@ -33,7 +33,7 @@ from __future__ import annotations
 import io
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -122,8 +122,12 @@ def _frame(source: CorpusSource, space: str) -> pd.DataFrame:
     })
 
 
-def compute_gene_stats(source: CorpusSource) -> pa.Table:
-    """Per-gene n_units, sum and sum of squares of log1p-CP10k values over a corpus' units."""
+def compute_gene_stats(source: CorpusSource,
+                       sections: Collection[str] | None = None) -> pa.Table:
+    """Per-gene n_units, sum and sum of squares of log1p-CP10k values over a corpus' units.
+
+    With `sections`, over those sections' units only (a fold's training part).
+    """
     vocab = source.gene_index
     n_vocab = len(vocab)
     n = np.zeros(n_vocab, dtype=np.int64)
@@ -132,6 +136,8 @@ def compute_gene_stats(source: CorpusSource) -> pa.Table:
     panels = {sid: dense_rows(vocab, np.asarray(row["panel"] or [], dtype=np.int64))
               for sid, row in source.section_rows().items()}
     for ref in source.parts():
+        if sections is not None and ref.section_id not in sections:
+            continue
         data = source.read_bytes(ref.units_path)
         where = source.describe(ref.units_path)
         check_bytes(data, ref.units_bytes, ref.units_sha256, "sha256", where)
@@ -184,10 +190,12 @@ def gene_stats(source: CorpusSource) -> pa.Table:
     return stats
 
 
-def _hvg(k: int, sources: list[CorpusSource], frames: list[pd.DataFrame]) -> list[str]:
+def _hvg(k: int, sources: list[CorpusSource], frames: list[pd.DataFrame],
+         sections: Collection[str] | None = None) -> list[str]:
     pooled = []
     for source, frame in zip(sources, frames, strict=True):
-        stats = gene_stats(source)
+        # a subset (a fold's training part) is not cached: the cache describes the whole corpus
+        stats = gene_stats(source) if sections is None else compute_gene_stats(source, sections)
         pooled.append(frame[["key", "index"]].assign(
             n=stats.column("n_units").to_numpy(), s=stats.column("sum").to_numpy(),
             s2=stats.column("sum_sq").to_numpy()))
@@ -226,11 +234,13 @@ def _listed(names: Sequence[str], rows: pd.DataFrame) -> list[str]:
 
 
 def resolve_genes(spec: str | Sequence[str], sources: list[CorpusSource],
-                  gene_space: str = "gene") -> GeneSet:
+                  gene_space: str = "gene", *,
+                  sections: Collection[str] | None = None) -> GeneSet:
     """The GeneSet for ``"all"``, ``"hvg:K"`` or a list of gene ids / symbols.
 
     `gene_space` is ``gene`` or ``homolog``; a ``homolog:`` prefix on a string spec selects the
-    homolog space too.
+    homolog space too. `sections` restricts the ``hvg:K`` ranking to those section ids (None:
+    every section).
     """
     if isinstance(spec, str) and spec.startswith("homolog:"):
         spec, gene_space = spec[len("homolog:"):], "homolog"
@@ -244,7 +254,7 @@ def resolve_genes(spec: str | Sequence[str], sources: list[CorpusSource],
             measured = rows[rows["measured"]]
             chosen = measured.groupby("key")["index"].min().sort_values().index.tolist()
         elif match:
-            chosen = _hvg(int(match.group(1)), sources, frames)
+            chosen = _hvg(int(match.group(1)), sources, frames, sections)
         else:
             raise ConfigError(f"genes must be 'all', 'hvg:K' (optionally prefixed 'homolog:') or "
                               f"a list of genes, got {spec!r}")

@@ -20,9 +20,9 @@ import pandas as pd
 import pyarrow as pa
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
+from torchdata.stateful_dataloader import StatefulDataLoader
 
-from histmol.data import PairDataset, pair_collate
+from histmol.data import PairDataset, pair_collate, to_float_chw
 from histmol.model.clip import normalise_expression
 from histmol.model.train import load_model
 from histmol.shards.atomic import atomic_write_parquet
@@ -37,13 +37,13 @@ def embed_corpus(run: str | os.PathLike[str], corpus: str | os.PathLike[str] | S
     """
     model, payload = load_model(run, device=device)
     dataset = PairDataset(corpus, genes=list(payload["genes"]), shuffle="none",
-                          batch_size=batch_size, patch_format="float_chw", aggregate_units=True)
+                          batch_size=batch_size, batched=True, aggregate_units=True)
     cols: dict[str, list[np.ndarray]] = {k: [] for k in (
         "part", "pair_index", "image", "expression", "features", "x")}
     sections: list[str] = []
-    with torch.no_grad():
-        for batch in DataLoader(dataset, batch_size=batch_size, collate_fn=pair_collate):
-            features = model.image_features(batch["patch"].to(device))
+    with torch.inference_mode():
+        for batch in StatefulDataLoader(dataset, batch_size=None, collate_fn=pair_collate):
+            features = model.image_features(to_float_chw(batch["patch"].to(device)))
             x = normalise_expression(batch["expression"], batch["panel_mask"]).to(device)
             mask = batch["panel_mask"].to(device)
             cols["features"].append(features.float().cpu().numpy())

@@ -32,6 +32,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from histmol.data import PairDataset, pair_collate, to_float_chw
 from histmol.errors import ConfigError
 from histmol.model.clip import HistMolCLIP, ModelConfig
+from histmol.split import Split, read_split
 
 CHECKPOINT = "checkpoint.pt"
 METRIC_FIELDS = ("step", "epoch", "loss", "contrastive", "prediction", "lr", "pairs_per_s")
@@ -138,18 +139,19 @@ def load_model(run: str | os.PathLike[str], *, device: str | torch.device = "cpu
 
 
 def make_dataset(corpus: str | os.PathLike[str] | Sequence[str], config: TrainConfig,
-                 genes: str | Sequence[str] | None = None) -> PairDataset:
+                 genes: str | Sequence[str] | None = None,
+                 sections: Sequence[str] | None = None) -> PairDataset:
     """Open the training stream: whole batches of uint8 patches, per-pair summed expression.
 
     Batched uint8 is the loader's fast path (workers decode into shared buffers): a quarter of
     the bytes of float patches to move to the main process and to the GPU; `to_float_chw` makes
-    the model's input on the device.
+    the model's input on the device. `sections` (a fold's training part) is all it reads.
     """
     if genes is None:  # "all", "hvg:K" or a comma-separated list of gene ids / symbols
         genes = config.genes if config.genes == "all" or config.genes.startswith("hvg:") else [
             g.strip() for g in config.genes.split(",") if g.strip()]
     return PairDataset(corpus, genes=genes, seed=config.seed, batch_size=config.batch_size,
-                       batched=True, aggregate_units=True, drop_last=True)
+                       batched=True, aggregate_units=True, drop_last=True, sections=sections)
 
 
 class _Metrics:
@@ -176,12 +178,19 @@ class _Metrics:
 
 
 def train(corpus: str | os.PathLike[str] | Sequence[str], out: str | os.PathLike[str],
-          config: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
+          config: TrainConfig, *, resume: bool = False, split: Split | None = None,
+          fold: int | None = None) -> dict[str, Any]:
     """Train on `corpus` into `out`; with `resume`, continue exactly from its checkpoint.
 
-    Returns a summary: steps done, last losses, pairs/s over this call, finished or paused.
+    With a `split`, trains on fold `fold`'s training sections only (the held-out ones are never
+    read, nor used to choose ``hvg:K`` genes) and records the split's checksum and both parts
+    in the checkpoint, which `histmol.model.evaluate` checks. Returns a summary: steps done,
+    last losses, pairs/s over this call, finished or paused.
     """
     out = Path(out)
+    if (split is None) != (fold is None):
+        raise ConfigError("give both a split and a fold, or neither")
+    record = split.record(fold) if split is not None and fold is not None else None
     rank, world, device = _distributed()
     checkpoint = out / CHECKPOINT
     payload = None
@@ -189,13 +198,21 @@ def train(corpus: str | os.PathLike[str] | Sequence[str], out: str | os.PathLike
         if not checkpoint.is_file():
             raise ConfigError(f"{checkpoint}: nothing to resume")
         payload = torch.load(checkpoint, map_location=device, weights_only=False)
+        if payload.get("split") != record:
+            raise ConfigError(f"{checkpoint} was trained on split {_describe(payload.get('split'))}"
+                              f", not {_describe(record)}: resume it with the same split and fold")
         saved = {k: v for k, v in payload["train_config"].items() if k != "max_steps"}
         config = TrainConfig(**{**saved, "max_steps": config.max_steps})
     elif checkpoint.exists():
         raise ConfigError(f"{checkpoint} exists: pass --resume or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     genes = payload["genes"] if payload else None
-    dataset = make_dataset(corpus, config, genes)
+    sections = record["train_sections"] if record is not None else None
+    dataset = make_dataset(corpus, config, genes, sections)
+    if split is not None:
+        split.check_covers([sid for s in dataset.sources
+                            for sid in s.manifest.column("section_id").to_pylist()],
+                           ", ".join(s.url for s in dataset.sources))
     patch_px = int(dataset.sources[0].meta["build_config"]["patch_px"])
     torch.manual_seed(config.seed)
     model_config = ModelConfig(n_genes=len(dataset.gene_set), patch_px=patch_px,
@@ -222,6 +239,8 @@ def train(corpus: str | os.PathLike[str] | Sequence[str], out: str | os.PathLike
         step, micro = int(payload["step"]), int(payload["micro"])
     else:
         (out / "train_config.json").write_text(json.dumps(asdict(config), indent=2))
+        if record is not None:
+            (out / "split.json").write_text(json.dumps(record, indent=2))
     net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     loader = StatefulDataLoader(dataset, batch_size=None, collate_fn=pair_collate,
                                 num_workers=config.num_workers, pin_memory=device.type == "cuda")
@@ -235,7 +254,7 @@ def train(corpus: str | os.PathLike[str] | Sequence[str], out: str | os.PathLike
                 "scheduler": scheduler.state_dict(), "rng": _rng_state(),
                 "loader": loader.state_dict(), "step": step, "micro": micro % batches,
                 "model_config": model_config.to_dict(), "train_config": asdict(config),
-                "genes": list(dataset.gene_set.gene_id)})
+                "genes": list(dataset.gene_set.gene_id), "split": record})
 
     started, seen, last = time.perf_counter(), 0, {}
     window_start, window_pairs = started, 0
@@ -286,6 +305,24 @@ def train(corpus: str | os.PathLike[str] | Sequence[str], out: str | os.PathLike
             "pairs": seen, "seconds": elapsed, "pairs_per_s": seen / max(elapsed, 1e-9)}
 
 
+def _describe(record: dict[str, Any] | None) -> str:
+    return "none" if record is None else f"{record['sha256'][:12]} fold {record['fold']}"
+
+
+def fold_dir(out: str | os.PathLike[str], fold: int) -> Path:
+    """Where fold `fold` of a split run lives: ``<out>/fold-<fold>``."""
+    return Path(out) / f"fold-{fold}"
+
+
+def train_folds(corpus: str | os.PathLike[str] | Sequence[str], out: str | os.PathLike[str],
+                config: TrainConfig, split: Split, folds: Sequence[int] | None = None, *,
+                resume: bool = False) -> list[dict[str, Any]]:
+    """Train each fold (default: all) of `split` into ``<out>/fold-<i>``; one summary a fold."""
+    chosen = range(len(split.folds)) if folds is None else folds
+    return [{"fold": int(i), **train(corpus, fold_dir(out, i), config, resume=resume,
+                                     split=split, fold=int(i))} for i in chosen]
+
+
 def config_from_args(values: dict[str, Any]) -> TrainConfig:
     """Make a TrainConfig from keyword options, ignoring unknown keys and None values."""
     names = {f.name for f in fields(TrainConfig)}
@@ -303,12 +340,16 @@ def _main() -> None:
     parser.add_argument("corpus", nargs="+")
     parser.add_argument("--out", required=True)
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--split", default=None, help="split file (histmol split)")
+    parser.add_argument("--fold", type=int, default=None, help="with --split: the fold (OUT)")
     for f in fields(TrainConfig):
         kind = {"int": int, "float": float, "str": str, "bool": _flag}[str(f.type).split(" ")[0]]
         parser.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=None)
     args = vars(parser.parse_args())
+    split_file, fold = args.pop("split"), args.pop("fold")
+    split = read_split(split_file) if split_file is not None else None
     summary = train(args.pop("corpus"), args.pop("out"), config_from_args(args),
-                    resume=args.pop("resume"))
+                    resume=args.pop("resume"), split=split, fold=fold)
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     print(json.dumps(summary))

@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, JpegImagePlugin, PngImagePlugin
 
 from histmol.errors import WSIError
 from histmol.wsi.base import SlideReader, _composite_on_white
@@ -17,28 +17,61 @@ from histmol.wsi.mpp import (
 logger = logging.getLogger(__name__)
 
 
+# histmol's own limit for a plain image decoded whole into memory (3 bytes a pixel: ~3 GiB);
+# larger H&E belongs in a tiled TIFF. Pillow's global MAX_IMAGE_PIXELS (and its warning) is
+# neither used nor changed: the size is read from the header before anything is decoded.
+MAX_PLAIN_IMAGE_PIXELS = 1 << 30
+_SIGNATURES = (
+    (b"\xff\xd8\xff", JpegImagePlugin.JpegImageFile),
+    (b"\x89PNG\r\n\x1a\n", PngImagePlugin.PngImageFile),
+)
+
+
+def open_plain_image(path: Path, max_pixels: int = MAX_PLAIN_IMAGE_PIXELS) -> Image.Image:
+    """Open a JPEG/PNG lazily (header only) and refuse it, naming its size, past `max_pixels`.
+
+    Uses the format's ImageFile class directly: `PIL.Image.open` would apply Pillow's global
+    decompression-bomb check (a warning past 89 Mpx, an error past twice that).
+    """
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+    for signature, factory in _SIGNATURES:
+        if head.startswith(signature):
+            image = factory(str(path))
+            break
+    else:
+        raise WSIError(path, "not a JPEG or PNG file (its first bytes say otherwise)")
+    width, height = image.size
+    if width * height > max_pixels:
+        image.close()
+        raise WSIError(
+            path,
+            f"{width} x {height} px ({width * height * 3 / 2**30:.1f} GiB decoded) is past "
+            f"histmol's limit of {max_pixels / 1e6:,.0f} Mpx for plain images, which are decoded "
+            "whole; convert it to a tiled pyramidal TIFF (e.g. vips tiffsave --tile --pyramid)",
+        )
+    return image
+
+
 class PillowReader(SlideReader):
     """Pillow backend for plain JPEG/PNG (legacy ST images, a few thousand px).
 
     One level, decoded once at open and then sliced without a lock. PIL's global image-size
-    limit and truncated-image setting are left untouched; images past its limit are refused.
+    limit and truncated-image setting are left untouched; histmol checks the size itself
+    (`open_plain_image`), from the header, before decoding.
     """
 
     backend = "pillow"
 
     def __init__(self, path: Path) -> None:
         try:
-            with Image.open(path, formats=["JPEG", "PNG"]) as image:
+            with open_plain_image(path) as image:
                 image.load()  # decodes now, so a truncated file fails here
                 mpp = mpp_from_pillow_info(image.info, image.format)
                 orientation = image.getexif().get(0x0112)
                 array = _pillow_rgb(path, image)
         except WSIError:
             raise
-        except Image.DecompressionBombError as exc:
-            raise WSIError(
-                path, f"too large for the plain-image backend ({exc}); convert it to a tiled TIFF"
-            ) from exc
         except (OSError, SyntaxError, ValueError) as exc:
             raise WSIError(path, f"cannot decode the image (truncated or corrupt?): {exc}") from exc
         if orientation not in (None, 1):
