@@ -1,8 +1,13 @@
-"""The `histmol` command line: thin wrappers over library functions (STYLE.md rule 5)."""
+"""histmol: build a corpus of (H&E patch, spatial expression) pairs and train on it.
+
+Start with `histmol demo --out demo/`; `histmol COMMAND --help` shows each command's options and
+an example. Add --debug (or set HISTMOL_DEBUG=1) to see the traceback of a failure.
+"""
 
 from __future__ import annotations
 
 import json
+import numbers
 import os
 import sys
 from collections.abc import Iterator
@@ -10,14 +15,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
-import numpy as np
-import pandas as pd
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from histmol import __version__
+from histmol.cli_errors import GuardedTyper
 from histmol.errors import HistmolError
 
 MPP_SOURCE_SHORT = {
@@ -26,9 +30,20 @@ MPP_SOURCE_SHORT = {
     "estimated_from_pitch": "pitch",
     "user": "user",
 }
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+app = GuardedTyper(add_completion=False, no_args_is_help=True, help=__doc__)
 console = Console(stderr=True)
 out_console = Console()
+
+
+@app.callback()
+def main_options(
+    debug: Annotated[
+        bool, typer.Option("--debug", help="Show the full traceback of a failure.")
+    ] = False,
+) -> None:
+    """Options for every command (give them before the command name)."""
+    if debug:
+        os.environ["HISTMOL_DEBUG"] = "1"
 
 
 def quiet_prefect() -> None:
@@ -163,8 +178,26 @@ def build(
     threads: Annotated[int, typer.Option(help="Tile-reading threads.")] = 2,
 ) -> None:
     """Build one section from a platform bundle and its H&E into a corpus."""
+    from histmol.preflight import check_build_inputs
+
+    try:
+        given = platform
+        platform = check_build_inputs(
+            platform,
+            bundle,
+            wsi,
+            out,
+            files=[
+                (transform, "--transform"),
+                (landmarks, "--landmarks"),
+                (alignment, "--alignment"),
+            ],
+        )
+    except HistmolError as err:
+        fail(err)
+    if given.strip().lower() == "auto":
+        console.print(f"platform: {platform} (recognised from the bundle's files)", highlight=False)
     quiet_prefect()
-    from flows.build import build_sections
     from histmol.build import SectionRequest
     from histmol.config import BuildConfig
     from platform_adapters import get_platform
@@ -206,6 +239,8 @@ def build(
         )
         get_platform(platform)
         request.resolved_section_id()  # refuse an unsafe id before any work starts
+        from flows.build import build_sections
+
         with progress_display():
             [result] = build_sections([request], str(out), config, force=force, threads=threads)
     except HistmolError as err:
@@ -228,6 +263,8 @@ def inspect(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Sections, platforms, pairs, units, genes, bytes and QC flags of a corpus."""
+    import pandas as pd
+
     from histmol.summary import summarise
 
     try:
@@ -312,7 +349,7 @@ def format_cell(value: Any) -> str:
         return ""
     if isinstance(value, float):
         return f"{value:.4g}"
-    if isinstance(value, (int, np.integer)):
+    if isinstance(value, numbers.Integral):
         return f"{int(value):,}"
     return str(value)
 
@@ -456,6 +493,14 @@ def export(
     force: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
 ) -> None:
     """Export one section as SpatialData (zarr) or AnnData (h5ad) for the scverse tools."""
+    from histmol.preflight import check_existing_file, check_output_path
+
+    try:
+        check_output_path(out, overwrite=force)
+        if wsi is not None:
+            check_existing_file(wsi, "WSI (--wsi)")
+    except HistmolError as err:
+        fail(err)
     from histmol.export import export_section
 
     try:
@@ -491,6 +536,13 @@ def ingest(
     force: Annotated[bool, typer.Option(help="Rebuild sections even when unchanged.")] = False,
 ) -> None:
     """Build every section of a manifest into one corpus: resumable, failures isolated."""
+    from histmol.preflight import check_existing_file, check_output_folder
+
+    try:
+        check_existing_file(manifest, "manifest")
+        check_output_folder(out)
+    except HistmolError as err:
+        fail(err)
     quiet_prefect()
     from flows.ingest import IngestFailed, ingest_corpus
     from histmol.ingest_view import ingest_display, outcome_table

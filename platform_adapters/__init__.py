@@ -10,10 +10,12 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from histmol.errors import ConfigError
-from histmol.section import Section, TilingMode, UnitShape
+
+if TYPE_CHECKING:  # annotations only: importing the registry stays light (no pandas, pyarrow)
+    from histmol.section import Section, TilingMode, UnitShape
 
 __all__ = ["PLATFORMS", "PlatformSpec", "get_platform", "load_reader", "platform_names"]
 
@@ -254,7 +256,7 @@ _SPECS = (
 
 PLATFORMS: dict[str, PlatformSpec] = {spec.name: spec for spec in _SPECS}
 
-Reader = Callable[..., Section]
+Reader = Callable[..., "Section"]
 
 
 def platform_names() -> tuple[str, ...]:
