@@ -47,7 +47,17 @@ def main_options(
 
 
 def quiet_prefect() -> None:
-    """Offline-friendly Prefect defaults (no telemetry, warnings only) unless the user set them."""
+    """Offline-friendly Prefect defaults (no telemetry, warnings only) unless the user set them.
+
+    Prefect's database goes to histmol's own state folder, not the user's ~/.prefect, unless
+    PREFECT_HOME is set; the user's Prefect profiles (e.g. an API URL) still apply.
+    """
+    if "PREFECT_HOME" not in os.environ:
+        profiles = Path.home() / ".prefect" / "profiles.toml"
+        if profiles.is_file():
+            os.environ.setdefault("PREFECT_PROFILES_PATH", str(profiles))
+        cache = os.environ.get("HISTMOL_CACHE_DIR") or str(Path.home() / ".cache" / "histmol")
+        os.environ["PREFECT_HOME"] = str(Path(cache) / "prefect")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # histmol reports failures itself, once and without a traceback; PREFECT_LOGGING_LEVEL=INFO
     # brings Prefect's own task-run log lines back.
