@@ -24,12 +24,6 @@ from histmol import __version__
 from histmol.cli_errors import GuardedTyper
 from histmol.errors import HistmolError
 
-MPP_SOURCE_SHORT = {
-    "embedded": "file",
-    "scalefactors": "bundle",
-    "estimated_from_pitch": "pitch",
-    "user": "user",
-}
 app = GuardedTyper(add_completion=False, no_args_is_help=True, help=__doc__)
 console = Console(stderr=True)
 out_console = Console()
@@ -57,7 +51,9 @@ def quiet_prefect() -> None:
         if profiles.is_file():
             os.environ.setdefault("PREFECT_PROFILES_PATH", str(profiles))
         cache = os.environ.get("HISTMOL_CACHE_DIR") or str(Path.home() / ".cache" / "histmol")
-        os.environ["PREFECT_HOME"] = str(Path(cache) / "prefect")
+        home = Path(cache) / "prefect"
+        home.mkdir(parents=True, exist_ok=True)  # Prefect's server does not create it
+        os.environ["PREFECT_HOME"] = str(home)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # histmol reports failures itself, once and without a traceback; PREFECT_LOGGING_LEVEL=INFO
     # brings Prefect's own task-run log lines back.
@@ -112,7 +108,12 @@ def fail(err: Exception) -> None:
 
 @app.command()
 def build(
-    platform: Annotated[str, typer.Option(help="Platform name (see `histmol platforms`).")],
+    platform: Annotated[
+        str,
+        typer.Option(
+            help="Platform name (see `histmol platforms`), or auto: recognised from the bundle."
+        ),
+    ],
     bundle: Annotated[
         Path, typer.Option(help="The platform's output folder (e.g. Space Ranger outs/).")
     ],
@@ -121,10 +122,13 @@ def build(
     ],
     out: Annotated[Path, typer.Option(help="Corpus folder; created, or added to.")],
     section_id: Annotated[
-        Optional[str], typer.Option(help="Slug id; default: the bundle folder name.")
+        Optional[str],
+        typer.Option(help="Section id (a slug).", show_default="the bundle folder's name"),
     ] = None,
     tissue: Annotated[str, typer.Option(help="Tissue type, e.g. colon.")] = "",
-    species: Annotated[str, typer.Option(help="Species; default: inferred from Ensembl ids.")] = "",
+    species: Annotated[
+        str, typer.Option(help="Species.", show_default="inferred from Ensembl gene ids")
+    ] = "",
     patient_id: Annotated[
         str, typer.Option(help="Patient or donor id (evaluation splits by it).")
     ] = "",
@@ -135,41 +139,50 @@ def build(
         typer.Option(help="CSV of point pairs native_x,native_y,wsi_x,wsi_y; an affine is fitted."),
     ] = None,
     max_landmark_residual_um: Annotated[
-        Optional[float], typer.Option(help="Fail when a landmark misses by more [50].")
+        Optional[float],
+        typer.Option(help="Fail when a landmark misses by more than this (um).", show_default="50"),
     ] = None,
     mpp: Annotated[
         Optional[float], typer.Option(help="Override the WSI's um/px (skips the pitch check).")
     ] = None,
     target_mpp: Annotated[
-        Optional[float], typer.Option(help="Patch resolution in um/px [0.5].")
+        Optional[float], typer.Option(help="Patch resolution in um/px.", show_default="0.5")
     ] = None,
-    patch_px: Annotated[Optional[int], typer.Option(help="Patch side in pixels [224].")] = None,
+    patch_px: Annotated[
+        Optional[int], typer.Option(help="Patch side in pixels.", show_default="224")
+    ] = None,
     mode: Annotated[
-        Optional[str], typer.Option(help="Tiling mode: spot or grid [platform default].")
+        Optional[str],
+        typer.Option(help="Tiling mode: spot or grid.", show_default="platform default"),
     ] = None,
     min_tissue_fraction: Annotated[
-        Optional[float], typer.Option(help="Drop patches under this tissue fraction [0.1].")
+        Optional[float],
+        typer.Option(help="Drop patches under this tissue fraction.", show_default="0.1"),
     ] = None,
     min_units_on_tissue: Annotated[
-        Optional[float], typer.Option(help="Fail when fewer unit centres lie on tissue [0.5].")
+        Optional[float],
+        typer.Option(help="Fail when fewer unit centres lie on tissue.", show_default="0.5"),
     ] = None,
     mpp_tolerance: Annotated[
-        Optional[float], typer.Option(help="Allowed mpp disagreement with the unit pitch [0.05].")
+        Optional[float],
+        typer.Option(help="Allowed mpp disagreement with the unit pitch.", show_default="0.05"),
     ] = None,
     tissue_mpp: Annotated[
-        Optional[float], typer.Option(help="Resolution of the tissue mask in um/px [8].")
+        Optional[float],
+        typer.Option(help="Resolution of the tissue mask in um/px.", show_default="8"),
     ] = None,
     resample: Annotated[
-        Optional[str], typer.Option(help="Resampling filter: lanczos, bilinear or box [lanczos].")
+        Optional[str],
+        typer.Option(help="Resampling filter: lanczos, bilinear or box.", show_default="lanczos"),
     ] = None,
     jpeg_quality: Annotated[
-        Optional[int], typer.Option(help="JPEG quality of stored patches [90].")
+        Optional[int], typer.Option(help="JPEG quality of stored patches.", show_default="90")
     ] = None,
     pairs_per_shard: Annotated[
-        Optional[int], typer.Option(help="Pairs per shard part [2048].")
+        Optional[int], typer.Option(help="Pairs per shard part.", show_default="2048")
     ] = None,
     min_match_rate: Annotated[
-        Optional[float], typer.Option(help="Minimum barcode match rate [0.9].")
+        Optional[float], typer.Option(help="Minimum barcode match rate.", show_default="0.9")
     ] = None,
     bin_um: Annotated[
         Optional[float], typer.Option(help="Bin size in um for binned platforms.")
@@ -182,12 +195,19 @@ def build(
         typer.Option(help="Platform alignment file (e.g. Xenium *_he_imagealignment.csv)."),
     ] = None,
     option: Annotated[
-        Optional[list[str]], typer.Option(help="Adapter option key=value (repeatable).")
+        Optional[list[str]],
+        typer.Option(
+            metavar="KEY=VALUE", help="Adapter option (repeatable), e.g. positions=spots.tsv."
+        ),
     ] = None,
     force: Annotated[bool, typer.Option(help="Rebuild a section already in the corpus.")] = False,
     threads: Annotated[int, typer.Option(help="Tile-reading threads.")] = 2,
 ) -> None:
-    """Build one section from a platform bundle and its H&E into a corpus."""
+    """Build one section from a platform bundle and its H&E into a corpus.
+
+    Example: histmol build --platform auto --bundle demo/bundles/st-breast-01
+    --wsi demo/bundles/st-breast-01/breast01.jpg --out my-corpus/
+    """
     from histmol.preflight import check_build_inputs
 
     try:
@@ -272,7 +292,10 @@ def inspect(
     corpus: Annotated[Path, typer.Argument(help="Corpus folder.")],
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
-    """Sections, platforms, pairs, units, genes, bytes and QC flags of a corpus."""
+    """Sections, platforms, pairs, units, genes, bytes and QC flags of a corpus.
+
+    Example: histmol inspect demo/corpus --json
+    """
     import pandas as pd
 
     from histmol.summary import summarise
@@ -325,12 +348,7 @@ def inspect(
             justify="right" if header in ("pairs", "units", "genes", "MB") else "left",
         )
     for record in rows.to_dict("records"):
-        mpp = (
-            ""
-            if pd.isna(record["mpp"])
-            else f"{record['mpp']:.4g} "
-            f"({MPP_SOURCE_SHORT.get(record['mpp_source'], record['mpp_source'])})"
-        )
+        mpp = "" if pd.isna(record["mpp"]) else f"{record['mpp']:.4g} ({record['mpp_source']})"
         notes = "; ".join(
             str(v) for v in (record["qc_flags"], record["reason"]) if isinstance(v, str) and v
         )
@@ -368,18 +386,21 @@ def format_cell(value: Any) -> str:
 def platforms(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
-    """Each platform, the files its adapter expects and its default tiling mode."""
+    """Each platform, its default units and tiling mode, and the files its adapter expects.
+
+    Example: histmol platforms --json
+    """
     from platform_adapters import PLATFORMS
 
     if as_json:
         out_console.print_json(json.dumps([spec.to_dict() for spec in PLATFORMS.values()]))
         return
     table = Table(title="histmol platforms")
-    for column in ("platform", "mode", "unit", "expected files"):
+    for column in ("platform", "default units (tiling)", "expected files"):
         table.add_column(column, overflow="fold")
     for spec in PLATFORMS.values():
-        unit = f"{spec.unit_shape} {spec.unit_size_um:g} um"
-        table.add_row(spec.name, spec.default_mode, unit, "\n".join(spec.expected_files))
+        units = f"{spec.default_units} ({spec.default_mode})"
+        table.add_row(spec.name, units, "\n".join(spec.expected_files))
     out_console.print(table)
 
 
@@ -391,7 +412,10 @@ def demo(
     seed: Annotated[int, typer.Option(help="Generator seed.")] = 0,
     threads: Annotated[int, typer.Option(help="Tile-reading threads.")] = 2,
 ) -> None:
-    """Generate sample bundles and a synthetic WSI, build them into a corpus, summarise it."""
+    """Generate sample bundles and synthetic slides, build them into a corpus, summarise it.
+
+    Example: histmol demo --out demo/   (then: histmol inspect demo/corpus)
+    """
     quiet_prefect()
     from histmol.demo import run_demo
 
@@ -405,7 +429,10 @@ def demo(
 
 @app.command()
 def version() -> None:
-    """Print the histmol version."""
+    """Print the histmol version.
+
+    Example: histmol version
+    """
     out_console.print(__version__)
 
 
@@ -413,11 +440,16 @@ def version() -> None:
 def qc(
     corpus: Annotated[Path, typer.Argument(help="Corpus folder.")],
     section: Annotated[
-        Optional[list[str]], typer.Option(help="Section id (repeatable) [every committed section].")
+        Optional[list[str]],
+        typer.Option(
+            metavar="ID", help="Section id (repeatable).", show_default="every committed section"
+        ),
     ] = None,
     out: Annotated[
         Optional[Path],
-        typer.Option(help="Folder for the figures, one subfolder per section [<corpus>/qc]."),
+        typer.Option(
+            help="Folder for the figures, one subfolder per section.", show_default="<corpus>/qc"
+        ),
     ] = None,
     wsi: Annotated[
         Optional[Path],
@@ -426,7 +458,10 @@ def qc(
         ),
     ] = None,
 ) -> None:
-    """Write each section's QC figures (PNG): overview, zoom, metrics, thumbnail."""
+    """Write each section's QC figures (PNG): overview, zoom, metrics, thumbnail.
+
+    Example: histmol qc demo/corpus --section crc-01 --wsi demo/slides/slide-a.tif
+    """
     from histmol.qc.figures import write_section_figures
     from histmol.shards.corpus import COMMITTED, Corpus
 
@@ -454,10 +489,14 @@ def report(
     corpus: Annotated[Path, typer.Argument(help="Corpus folder.")],
     out: Annotated[Path, typer.Option(help="The HTML file to write.")] = Path("report.html"),
     figures: Annotated[
-        Optional[Path], typer.Option(help="Where `histmol qc` wrote the figures [<corpus>/qc].")
+        Optional[Path],
+        typer.Option(help="Where `histmol qc` wrote the figures.", show_default="<corpus>/qc"),
     ] = None,
 ) -> None:
-    """Write one self-contained HTML page about the corpus (no server, no network)."""
+    """Write one self-contained HTML page about the corpus (no server, no network).
+
+    Example: histmol report demo/corpus --out report.html
+    """
     from histmol.qc.report import write_report
 
     try:
@@ -473,7 +512,10 @@ def validate(
         bool, typer.Option(help="Recompute every shard's sha256 (off: sizes only).")
     ] = True,
 ) -> None:
-    """Check checksums, schemas and references; list every problem and exit 1 if any."""
+    """Check checksums, schemas and references; list every problem and exit 1 if any.
+
+    Example: histmol validate demo/corpus
+    """
     from histmol.validate import validate_corpus
 
     problems = validate_corpus(corpus, checksums=checksums)
@@ -495,14 +537,17 @@ def export(
     fmt: Annotated[str, typer.Option("--format", help="spatialdata or anndata.")] = "spatialdata",
     wsi: Annotated[
         Optional[Path],
-        typer.Option(help="The section's H&E [without: a mosaic of the stored patches]."),
+        typer.Option(help="The section's H&E.", show_default="a mosaic of the stored patches"),
     ] = None,
     image_mpp: Annotated[
         float, typer.Option(help="um/px of the SpatialData image's finest level.")
     ] = 2.0,
     force: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
 ) -> None:
-    """Export one section as SpatialData (zarr) or AnnData (h5ad) for the scverse tools."""
+    """Export one section as SpatialData (zarr) or AnnData (h5ad) for the scverse tools.
+
+    Example: histmol export demo/corpus --section crc-01 --format anndata --out crc-01.h5ad
+    """
     from histmol.preflight import check_existing_file, check_output_path
 
     try:
@@ -540,12 +585,17 @@ def ingest(
     ] = None,
     max_parallel: Annotated[
         Optional[int],
-        typer.Option(help="Sections built at once [cores / threads; with Dask, its threads]."),
+        typer.Option(
+            help="Sections built at once.", show_default="cores / threads; with Dask, its threads"
+        ),
     ] = None,
     threads: Annotated[int, typer.Option(help="Tile-reading threads per section.")] = 1,
     force: Annotated[bool, typer.Option(help="Rebuild sections even when unchanged.")] = False,
 ) -> None:
-    """Build every section of a manifest into one corpus: resumable, failures isolated."""
+    """Build every section of a manifest into one corpus: resumable, failures isolated.
+
+    Example: histmol ingest manifests/demo.yaml --out corpus/
+    """
     from histmol.preflight import check_existing_file, check_output_folder
 
     try:
@@ -582,7 +632,10 @@ def ingest(
 def serve(
     name: Annotated[str, typer.Option(help="Deployment name.")] = "default",
 ) -> None:
-    """Serve the ingest-corpus flow for `prefect deployment run 'ingest-corpus/NAME'`."""
+    """Serve the ingest-corpus flow for `prefect deployment run 'ingest-corpus/NAME'`.
+
+    Example: histmol serve --name default   (needs PREFECT_API_URL)
+    """
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from flows.ingest import ingest_corpus
 
@@ -591,7 +644,7 @@ def serve(
 
 @app.command()
 def train(
-    corpus: Annotated[list[Path], typer.Argument(help="Corpus folder(s).")],
+    corpus: Annotated[list[Path], typer.Argument(metavar="CORPUS...", help="Corpus folder(s).")],
     out: Annotated[Path, typer.Option(help="Run folder (checkpoint, metrics, config).")],
     resume: Annotated[bool, typer.Option(help="Continue exactly from --out's checkpoint.")] = False,
     epochs: Annotated[int, typer.Option(help="Epochs.")] = 10,
@@ -610,7 +663,10 @@ def train(
         Optional[int], typer.Option(help="Pause (checkpointed) at this step.")
     ] = None,
 ) -> None:
-    """Train the CLIP-style patch/expression model (multi-GPU: torchrun -m histmol.model.train)."""
+    """Train the CLIP-style patch/expression model (multi-GPU: torchrun -m histmol.model.train).
+
+    Example: histmol train corpus/ --out runs/r1 --epochs 10 --batch-size 256
+    """
     from histmol.model.train import TrainConfig
     from histmol.model.train import train as train_run
 
@@ -635,13 +691,16 @@ def train(
 @app.command()
 def embed(
     run: Annotated[Path, typer.Argument(help="Run folder (from histmol train).")],
-    corpus: Annotated[list[Path], typer.Argument(help="Corpus folder(s).")],
+    corpus: Annotated[list[Path], typer.Argument(metavar="CORPUS...", help="Corpus folder(s).")],
     out: Annotated[
         Path, typer.Option(help="Output: .parquet, or .h5ad (AnnData, embeddings in obsm).")
     ],
     batch_size: Annotated[int, typer.Option(help="Pairs per batch.")] = 128,
 ) -> None:
-    """Write per-pair image and expression embeddings of a trained run."""
+    """Write per-pair image and expression embeddings of a trained run.
+
+    Example: histmol embed runs/r1 corpus/ --out embeddings.parquet
+    """
     from histmol.model.embed import embed_corpus
 
     try:
@@ -654,16 +713,20 @@ def embed(
 @app.command(name="eval")
 def evaluate(
     run: Annotated[Path, typer.Argument(help="Run folder (from histmol train).")],
-    corpus: Annotated[list[Path], typer.Argument(help="Corpus folder(s).")],
+    corpus: Annotated[list[Path], typer.Argument(metavar="CORPUS...", help="Corpus folder(s).")],
     split_by: Annotated[str, typer.Option(help="Held-out groups: patient or section.")] = "patient",
     genes: Annotated[
         str, typer.Option(help="Target genes: hvg:K, all or a comma-separated list.")
     ] = "hvg:50",
     out: Annotated[
-        Optional[Path], typer.Option(help="Folder for eval.csv + eval_genes.csv [RUN/eval].")
+        Optional[Path],
+        typer.Option(help="Folder for eval.csv + eval_genes.csv.", show_default="RUN/eval"),
     ] = None,
 ) -> None:
-    """HEST-Benchmark protocol: frozen embeddings, PCA 256, ridge, per-gene Pearson; baselines."""
+    """HEST-Benchmark protocol: frozen embeddings, PCA 256, ridge, per-gene Pearson; baselines.
+
+    Example: histmol eval runs/r1 corpus/ --split-by patient --genes hvg:50
+    """
     from histmol.model.evaluate import evaluate_run
 
     gene_spec: str | list[str] = (

@@ -74,6 +74,7 @@ def environment(home: Path) -> dict[str, str]:
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env["PYTHONPATH"] = f"{REPO}{os.pathsep}{env.get('PYTHONPATH', '')}".rstrip(os.pathsep)
+    (home / "prefect-home").mkdir(exist_ok=True)
     env["PREFECT_HOME"] = str(home / "prefect-home")
     env["HISTMOL_CACHE_DIR"] = str(home / "cache")
     # a busy 2-core test machine starts the in-process Prefect server slowly

@@ -43,12 +43,6 @@ COLUMNS = (  # key, header, numeric
     ("bytes", "MB", True),
     ("notes", "QC flags / failure reason", False),
 )
-MPP_SOURCE_LABEL = {
-    "embedded": "file",
-    "scalefactors": "bundle",
-    "estimated_from_pitch": "pitch",
-    "user": "user",
-}  # as `histmol inspect` prints them
 
 STYLE = """
 body{font:14px/1.4 system-ui,sans-serif;margin:1.5em;color:#222}
@@ -239,7 +233,7 @@ def _cell(key: str, record: dict[str, object]) -> str:
         source = str(record.get("mpp_source"))
         return (
             f"<td class=num data-v='{value}' title='mpp source: {_e(source)}'>{value:.4f} "
-            f"({_e(MPP_SOURCE_LABEL.get(source, source))})</td>"
+            f"({_e(source)})</td>"
         )
     if key == "dropped":
         planned, dropped = record.get("qc_n_pairs_planned"), record.get("qc_n_pairs_dropped_tissue")
