@@ -10,6 +10,7 @@ import json
 import numbers
 import os
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,6 +24,8 @@ from rich.table import Table
 from histmol import __version__
 from histmol.cli_errors import GuardedTyper
 from histmol.errors import HistmolError
+from histmol.progress import track
+from histmol.progress_view import summary_line, task_display
 
 app = GuardedTyper(add_completion=False, no_args_is_help=True, help=__doc__)
 console = Console(stderr=True)
@@ -477,11 +480,17 @@ def qc(
             raise typer.BadParameter(
                 "--wsi needs exactly one --section (the image it was built on)"
             )
-        for section_id in ids:
-            paths = write_section_figures(corpus, section_id, out or corpus / "qc", slide=wsi)
-            out_console.print(f"{section_id}: {', '.join(str(p) for p in paths)}", soft_wrap=True)
+        started = time.perf_counter()
+        with task_display(console):
+            for section_id in track(ids, "qc", unit="sections"):
+                paths = write_section_figures(corpus, section_id, out or corpus / "qc", slide=wsi)
+                out_console.print(
+                    f"{section_id}: {', '.join(str(p) for p in paths)}", soft_wrap=True
+                )
     except HistmolError as err:
         fail(err)
+    folder = out or corpus / "qc"
+    console.print(summary_line("wrote figures to", folder, started, f"{len(ids)} sections"))
 
 
 @app.command()
@@ -499,10 +508,13 @@ def report(
     """
     from histmol.qc.report import write_report
 
+    started = time.perf_counter()
     try:
-        out_console.print(str(write_report(corpus, out, figures_dir=figures)))
+        with task_display(console):
+            path = write_report(corpus, out, figures_dir=figures)
     except HistmolError as err:
         fail(err)
+    out_console.print(summary_line("wrote", path, started), highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -518,13 +530,16 @@ def validate(
     """
     from histmol.validate import validate_corpus
 
-    problems = validate_corpus(corpus, checksums=checksums)
+    started = time.perf_counter()
+    with task_display(console):
+        problems = validate_corpus(corpus, checksums=checksums)
     for problem in problems:
         out_console.print(str(problem), highlight=False, soft_wrap=True)
     if problems:
         console.print(f"[red]{len(problems)} problem(s)[/red] in {corpus}", highlight=False)
         raise typer.Exit(1)
-    out_console.print(f"{corpus}: no problems found")
+    seconds = time.perf_counter() - started
+    out_console.print(f"{corpus}: no problems found ({seconds:.1f} s)", highlight=False)
 
 
 @app.command()
@@ -558,13 +573,17 @@ def export(
         fail(err)
     from histmol.export import export_section
 
+    started = time.perf_counter()
     try:
-        path = export_section(
-            corpus, section, out, format=fmt, slide=wsi, image_mpp=image_mpp, overwrite=force
-        )
+        with task_display(console):
+            path = export_section(
+                corpus, section, out, format=fmt, slide=wsi, image_mpp=image_mpp, overwrite=force
+            )
     except HistmolError as err:
         fail(err)
-    out_console.print(str(path))
+    out_console.print(
+        summary_line(f"exported {section} ({fmt}) to", path, started), highlight=False
+    )
 
 
 @app.command()
@@ -682,10 +701,17 @@ def train(
             seed=seed,
             max_steps=max_steps,
         )
-        summary = train_run([str(c) for c in corpus], out, config, resume=resume)
+        started = time.perf_counter()
+        with task_display(console):
+            summary = train_run([str(c) for c in corpus], out, config, resume=resume)
     except HistmolError as err:
         fail(err)
     out_console.print_json(json.dumps(summary))
+    state = "finished" if summary.get("finished") else "paused (--resume continues)"
+    console.print(
+        summary_line("checkpoint in", out, started, f"step {summary.get('step')}, {state}"),
+        highlight=False,
+    )
 
 
 @app.command()
@@ -704,10 +730,12 @@ def embed(
     from histmol.model.embed import embed_corpus
 
     try:
-        path = embed_corpus(run, [str(c) for c in corpus], out, batch_size=batch_size)
+        started = time.perf_counter()
+        with task_display(console):
+            path = embed_corpus(run, [str(c) for c in corpus], out, batch_size=batch_size)
     except HistmolError as err:
         fail(err)
-    out_console.print(str(path))
+    out_console.print(summary_line("wrote embeddings to", path, started), highlight=False)
 
 
 @app.command(name="eval")
@@ -732,10 +760,12 @@ def evaluate(
     gene_spec: str | list[str] = (
         genes if genes == "all" or genes.startswith("hvg:") else genes.split(",")
     )
+    started = time.perf_counter()
     try:
-        summary, _ = evaluate_run(
-            run, [str(c) for c in corpus], split_by=split_by, genes=gene_spec, out=out
-        )
+        with task_display(console):
+            summary, _ = evaluate_run(
+                run, [str(c) for c in corpus], split_by=split_by, genes=gene_spec, out=out
+            )
     except HistmolError as err:
         fail(err)
     table = Table(title=f"{run} on {', '.join(map(str, corpus))} (held out by {split_by})")
@@ -751,6 +781,8 @@ def evaluate(
             str(row.n_genes),
         )
     out_console.print(table)
+    folder = out or run / "eval"
+    console.print(summary_line("wrote eval.csv and eval_genes.csv to", folder, started))
 
 
 def main() -> None:

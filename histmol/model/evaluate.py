@@ -32,20 +32,24 @@ from histmol.data import PairDataset, pair_collate
 from histmol.errors import ConfigError
 from histmol.model.clip import HistMolCLIP, normalise_expression
 from histmol.model.train import load_model
+from histmol.progress import track
 
 SPLITS = ("patient", "section")
 
 
 def frozen_features(model: HistMolCLIP, corpus: str | os.PathLike[str] | Sequence[str], *,
                     genes: str | Sequence[str], batch_size: int = 128,
-                    device: str | torch.device = "cpu") -> dict[str, Any]:
+                    device: str | torch.device = "cpu",
+                    description: str = "model") -> dict[str, Any]:
     """Image features, log1p-CP10k expression and ids of every pair, in stored order."""
     dataset = PairDataset(corpus, genes=genes, shuffle="none", batch_size=batch_size,
                           patch_format="float_chw", aggregate_units=True)
     feats, expr, masks, sections, parts, pairs = [], [], [], [], [], []
     model.eval()
     with torch.no_grad():
-        for batch in DataLoader(dataset, batch_size=batch_size, collate_fn=pair_collate):
+        batches = DataLoader(dataset, batch_size=batch_size, collate_fn=pair_collate)
+        for batch in track(batches, f"features ({description})", total=dataset.epoch_length,
+                           unit="pairs", weight=lambda b: len(b["pair_index"])):
             feats.append(model.image_features(batch["patch"].to(device)).float().cpu().numpy())
             expr.append(normalise_expression(batch["expression"], batch["panel_mask"]).numpy())
             masks.append(batch["panel_mask"].numpy())
@@ -138,10 +142,11 @@ def evaluate_run(run: str | os.PathLike[str], corpus: str | os.PathLike[str] | S
     trained, payload = load_model(run, device=device, trained=True)
     random_init, _ = load_model(run, device=device, trained=False)
     seed = int(payload["train_config"]["seed"])
-    data = frozen_features(trained, corpus, genes=genes, batch_size=batch_size, device=device)
+    data = frozen_features(trained, corpus, genes=genes, batch_size=batch_size, device=device,
+                           description="trained")
     groups = split_groups(data, split_by)
     base = frozen_features(random_init, corpus, genes=genes, batch_size=batch_size,
-                           device=device)["features"]
+                           device=device, description="random init")["features"]
     results = {
         "trained": score(data["features"], data["expression"], data["mask"], groups, seed=seed),
         "random-init": score(base, data["expression"], data["mask"], groups, seed=seed),

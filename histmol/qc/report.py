@@ -22,6 +22,7 @@ import pandas as pd
 from PIL import Image
 
 import histmol
+from histmol.progress import track
 from histmol.shards.atomic import temp_name
 from histmol.shards.corpus import COMMITTED, Corpus
 from histmol.summary import summarise
@@ -270,7 +271,7 @@ def _sections_table(sections: pd.DataFrame, figures: Path, base: Path) -> str:
         for key, title, numeric in COLUMNS
     )
     rows = []
-    for record in sections.to_dict("records"):
+    for record in track(sections.to_dict("records"), "report", unit="sections"):
         section_id = str(record["section_id"])
         folder = figures / section_id
         thumb = folder / "thumbnail.png"
