@@ -460,8 +460,19 @@ def qc(
             help="The section's H&E (with one --section): draws the slide and tissue contour."
         ),
     ] = None,
+    genes: Annotated[
+        Optional[str],
+        typer.Option(
+            metavar="GENE,...",
+            help="Genes to map in genes.png (symbols or ids, comma-separated).",
+            show_default="the section's most variable genes",
+        ),
+    ] = None,
+    n_genes: Annotated[
+        int, typer.Option(help="How many most-variable genes to map without --genes.")
+    ] = 3,
 ) -> None:
-    """Write each section's QC figures (PNG): overview, zoom, metrics, thumbnail.
+    """Write each section's QC figures (PNG): overview, zoom, metrics, gene maps, thumbnail.
 
     Example: histmol qc demo/corpus --section crc-01 --wsi demo/slides/slide-a.tif
     """
@@ -483,7 +494,14 @@ def qc(
         started = time.perf_counter()
         with task_display(console):
             for section_id in track(ids, "qc", unit="sections"):
-                paths = write_section_figures(corpus, section_id, out or corpus / "qc", slide=wsi)
+                paths = write_section_figures(
+                    corpus,
+                    section_id,
+                    out or corpus / "qc",
+                    slide=wsi,
+                    genes=[g for g in genes.split(",") if g.strip()] if genes else None,
+                    n_genes=n_genes,
+                )
                 out_console.print(
                     f"{section_id}: {', '.join(str(p) for p in paths)}", soft_wrap=True
                 )

@@ -67,6 +67,7 @@ def run_snippet(code: str, cwd: Path) -> str:
 
 def test_the_shell_block_wrote_what_it_says(workdir: Path) -> None:
     assert sorted(p.name for p in (workdir / "corpus" / "qc" / "crc-01").iterdir()) == [
+        "genes.png",
         "metrics.png",
         "overview.png",
         "thumbnail.png",

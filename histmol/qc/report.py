@@ -28,7 +28,7 @@ from histmol.shards.corpus import COMMITTED, Corpus
 from histmol.summary import summarise
 
 THUMBNAIL_WIDTH = 200
-FIGURE_LINKS = ("overview", "zoom", "metrics")
+FIGURE_LINKS = ("overview", "genes", "zoom", "metrics")
 COLUMNS = (  # key, header, numeric
     ("thumbnail", "", False),
     ("section_id", "section", False),
