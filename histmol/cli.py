@@ -211,7 +211,7 @@ def build(
     Example: histmol build --platform auto --bundle demo/bundles/st-breast-01
     --wsi demo/bundles/st-breast-01/breast01.jpg --out my-corpus/
     """
-    from histmol.preflight import check_build_inputs
+    from histmol.preflight import check_adapter_options, check_build_inputs
 
     try:
         given = platform
@@ -267,6 +267,7 @@ def build(
             if v is not None
         }
         options.update(parse_options(option or []))
+        check_adapter_options(platform, options)
         request = SectionRequest(
             platform, bundle, wsi, section_id, transform, metadata, options, landmarks
         )

@@ -15,6 +15,7 @@ from pathlib import Path
 from histmol.errors import BundleError, ConfigError, FileProblem, WSIError
 
 __all__ = [
+    "check_adapter_options",
     "check_build_inputs",
     "check_existing_file",
     "check_input_folder",
@@ -123,6 +124,19 @@ def resolve_platform(platform: str, bundle: Path) -> str:
     if not _is_url(bundle):
         check_platform(spec.name, bundle)
     return spec.name
+
+
+def check_adapter_options(platform: str, options: Iterable[str]) -> None:
+    """Refuse options the platform's reader does not take, naming the ones it does."""
+    from platform_adapters import adapter_options
+
+    accepted = adapter_options(platform)
+    unknown = sorted(set(options) - accepted)
+    if unknown:
+        raise ConfigError(
+            f"platform {platform!r} has no option {', '.join(unknown)}; its options are: "
+            f"{', '.join(sorted(accepted)) or 'none'}"
+        )
 
 
 def check_build_inputs(

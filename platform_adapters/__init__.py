@@ -17,7 +17,15 @@ from histmol.errors import ConfigError
 if TYPE_CHECKING:  # annotations only: importing the registry stays light (no pandas, pyarrow)
     from histmol.section import Section, TilingMode, UnitShape
 
-__all__ = ["PLATFORMS", "PlatformSpec", "get_platform", "load_reader", "platform_names"]
+__all__ = [
+    "BUILDER_ARGUMENTS",
+    "PLATFORMS",
+    "PlatformSpec",
+    "adapter_options",
+    "get_platform",
+    "load_reader",
+    "platform_names",
+]
 
 
 @dataclass(frozen=True)
@@ -287,6 +295,24 @@ def get_platform(name: str) -> PlatformSpec:
             f"unknown platform {name!r}; valid platforms: {', '.join(platform_names())}"
         )
     return spec
+
+
+# Reader keywords the builder fills itself; every other keyword-only one is a user option.
+BUILDER_ARGUMENTS = frozenset({"wsi", "section_id", "metadata", "min_match_rate"})
+
+
+def adapter_options(name: str) -> frozenset[str]:
+    """The options (`--option key=value`, `--bin-um`, ...) platform `name`'s reader accepts."""
+    import inspect
+
+    return (
+        frozenset(
+            option
+            for option, parameter in inspect.signature(load_reader(name)).parameters.items()
+            if parameter.kind is inspect.Parameter.KEYWORD_ONLY
+        )
+        - BUILDER_ARGUMENTS
+    )
 
 
 def load_reader(name: str) -> Reader:

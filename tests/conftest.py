@@ -14,6 +14,8 @@ import pytest
 PREFECT_HOME = tempfile.mkdtemp(prefix="histmol-tests-prefect-")
 os.environ["PREFECT_HOME"] = PREFECT_HOME
 os.environ.pop("PREFECT_PROFILES_PATH", None)
+# A fresh home migrates its database on the first server start: slow on a busy 2-core machine.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = REPO_ROOT.parent / "shared" / "fixtures"
