@@ -70,3 +70,33 @@ def test_inspect_and_report_name_mpp_sources_as_stored(qc: QcCorpus, tmp_path: P
         assert f"({source})" in result.output and f"({source})</td>" in html
     for old in ("(file)", "(pitch)", "(bundle)"):
         assert old not in result.output and old not in html
+
+
+COMMANDS = [  # every command of the app
+    "build",
+    "inspect",
+    "platforms",
+    "demo",
+    "version",
+    "qc",
+    "report",
+    "validate",
+    "export",
+    "ingest",
+    "serve",
+    "train",
+    "embed",
+    "eval",
+]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_is_written_for_users(command: str) -> None:
+    result = CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert f"Example: histmol {command}" in text
+    for internal in ("STYLE.md", "DESIGN.md", "rule 5"):
+        assert internal not in text
+    # defaults are shown one way, by typer ("[default: ...]"), never as a bare "[0.5]"
+    assert not re.search(r"\[\d[\d.]*\]", text)
