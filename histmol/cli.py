@@ -420,6 +420,12 @@ def demo(
 
     Example: histmol demo --out demo/   (then: histmol inspect demo/corpus)
     """
+    from histmol.preflight import check_output_folder
+
+    try:
+        check_output_folder(out)
+    except HistmolError as err:
+        fail(err)
     quiet_prefect()
     from histmol.demo import run_demo
 

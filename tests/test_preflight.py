@@ -195,6 +195,9 @@ def test_out_an_existing_file_is_one_line(bundles: dict[str, Path], tmp_path: Pa
     done, _, heavy = run_cli("ingest", str(manifest), "--out", str(afile))
     assert done.returncode == 1 and heavy == []
     assert "--out is an existing file" in done.stderr
+    done, _, heavy = run_cli("demo", "--out", str(afile))
+    assert done.returncode == 1 and heavy == []
+    assert "--out is an existing file" in done.stderr
 
 
 def test_manifest_platform_auto(bundles: dict[str, Path], tmp_path: Path) -> None:
