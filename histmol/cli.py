@@ -1,17 +1,21 @@
-"""The `histmol` command line: thin wrappers over library functions (STYLE.md rule 5)."""
+"""histmol: build a corpus of (H&E patch, spatial expression) pairs and train on it.
+
+Start with `histmol demo --out demo/`; `histmol COMMAND --help` shows each command's options and
+an example. Add --debug (or set HISTMOL_DEBUG=1) to see the traceback of a failure.
+"""
 
 from __future__ import annotations
 
 import json
+import numbers
 import os
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
-import numpy as np
-import pandas as pd
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -19,21 +23,41 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from histmol import __version__
+from histmol.cli_errors import GuardedTyper
 from histmol.errors import HistmolError
+from histmol.progress import track
+from histmol.progress_view import summary_line, task_display
 
-MPP_SOURCE_SHORT = {
-    "embedded": "file",
-    "scalefactors": "bundle",
-    "estimated_from_pitch": "pitch",
-    "user": "user",
-}
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+app = GuardedTyper(add_completion=False, no_args_is_help=True, help=__doc__)
 console = Console(stderr=True)
 out_console = Console()
 
 
+@app.callback()
+def main_options(
+    debug: Annotated[
+        bool, typer.Option("--debug", help="Show the full traceback of a failure.")
+    ] = False,
+) -> None:
+    """Options for every command (give them before the command name)."""
+    if debug:
+        os.environ["HISTMOL_DEBUG"] = "1"
+
+
 def quiet_prefect() -> None:
-    """Offline-friendly Prefect defaults (no telemetry, warnings only) unless the user set them."""
+    """Offline-friendly Prefect defaults (no telemetry, warnings only) unless the user set them.
+
+    Prefect's database goes to histmol's own state folder, not the user's ~/.prefect, unless
+    PREFECT_HOME is set; the user's Prefect profiles (e.g. an API URL) still apply.
+    """
+    if "PREFECT_HOME" not in os.environ:
+        profiles = Path.home() / ".prefect" / "profiles.toml"
+        if profiles.is_file():
+            os.environ.setdefault("PREFECT_PROFILES_PATH", str(profiles))
+        cache = os.environ.get("HISTMOL_CACHE_DIR") or str(Path.home() / ".cache" / "histmol")
+        home = Path(cache) / "prefect"
+        home.mkdir(parents=True, exist_ok=True)  # Prefect's server does not create it
+        os.environ["PREFECT_HOME"] = str(home)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # histmol reports failures itself, once and without a traceback; PREFECT_LOGGING_LEVEL=INFO
     # brings Prefect's own task-run log lines back.
@@ -88,7 +112,12 @@ def fail(err: Exception) -> None:
 
 @app.command()
 def build(
-    platform: Annotated[str, typer.Option(help="Platform name (see `histmol platforms`).")],
+    platform: Annotated[
+        str,
+        typer.Option(
+            help="Platform name (see `histmol platforms`), or auto: recognised from the bundle."
+        ),
+    ],
     bundle: Annotated[
         Path, typer.Option(help="The platform's output folder (e.g. Space Ranger outs/).")
     ],
@@ -98,10 +127,13 @@ def build(
     out: Annotated[Path, typer.Option(help="Corpus folder; created, or added to.")],
     section_id: Annotated[
         Optional[str],
-        typer.Option(help="Section id (lower-cased); default: the bundle folder name."),
+        typer.Option(help="Section id (lower-cased; the name as given is kept).",
+                     show_default="the bundle folder's name"),
     ] = None,
     tissue: Annotated[str, typer.Option(help="Tissue type, e.g. colon.")] = "",
-    species: Annotated[str, typer.Option(help="Species; default: inferred from Ensembl ids.")] = "",
+    species: Annotated[
+        str, typer.Option(help="Species.", show_default="inferred from Ensembl gene ids")
+    ] = "",
     patient_id: Annotated[
         str, typer.Option(help="Patient or donor id (evaluation splits by it).")
     ] = "",
@@ -112,7 +144,8 @@ def build(
         typer.Option(help="CSV of point pairs native_x,native_y,wsi_x,wsi_y; an affine is fitted."),
     ] = None,
     max_landmark_residual_um: Annotated[
-        Optional[float], typer.Option(help="Fail when a landmark misses by more [50].")
+        Optional[float],
+        typer.Option(help="Fail when a landmark misses by more than this (um).", show_default="50"),
     ] = None,
     register: Annotated[
         Optional[str],
@@ -125,39 +158,44 @@ def build(
         Optional[float], typer.Option(help="Override the WSI's um/px (skips the pitch check).")
     ] = None,
     target_mpp: Annotated[
-        Optional[float], typer.Option(help="Patch resolution in um/px [0.5].")
+        Optional[float], typer.Option(help="Patch resolution in um/px.", show_default="0.5")
     ] = None,
-    patch_px: Annotated[Optional[int], typer.Option(help="Patch side in pixels [224].")] = None,
+    patch_px: Annotated[
+        Optional[int], typer.Option(help="Patch side in pixels.", show_default="224")
+    ] = None,
     mode: Annotated[
-        Optional[str], typer.Option(help="Tiling mode: spot or grid [platform default].")
+        Optional[str],
+        typer.Option(help="Tiling mode: spot or grid.", show_default="platform default"),
     ] = None,
     min_tissue_fraction: Annotated[
         Optional[float],
-        typer.Option(
-            help="Drop patches under this tissue fraction [0.1; spots the bundle marks under "
-            "tissue are kept, only flagged]."
-        ),
+        typer.Option(help="Drop patches under this tissue fraction (spots the bundle marks "
+                     "under tissue are kept, only flagged).", show_default="0.1"),
     ] = None,
     min_units_on_tissue: Annotated[
-        Optional[float], typer.Option(help="Fail when fewer unit centres lie on tissue [0.5].")
+        Optional[float],
+        typer.Option(help="Fail when fewer unit centres lie on tissue.", show_default="0.5"),
     ] = None,
     mpp_tolerance: Annotated[
-        Optional[float], typer.Option(help="Allowed mpp disagreement with the unit pitch [0.05].")
+        Optional[float],
+        typer.Option(help="Allowed mpp disagreement with the unit pitch.", show_default="0.05"),
     ] = None,
     tissue_mpp: Annotated[
-        Optional[float], typer.Option(help="Resolution of the tissue mask in um/px [8].")
+        Optional[float],
+        typer.Option(help="Resolution of the tissue mask in um/px.", show_default="8"),
     ] = None,
     resample: Annotated[
-        Optional[str], typer.Option(help="Resampling filter: lanczos, bilinear or box [lanczos].")
+        Optional[str],
+        typer.Option(help="Resampling filter: lanczos, bilinear or box.", show_default="lanczos"),
     ] = None,
     jpeg_quality: Annotated[
-        Optional[int], typer.Option(help="JPEG quality of stored patches [90].")
+        Optional[int], typer.Option(help="JPEG quality of stored patches.", show_default="90")
     ] = None,
     pairs_per_shard: Annotated[
-        Optional[int], typer.Option(help="Pairs per shard part [2048].")
+        Optional[int], typer.Option(help="Pairs per shard part.", show_default="2048")
     ] = None,
     min_match_rate: Annotated[
-        Optional[float], typer.Option(help="Minimum barcode match rate [0.9].")
+        Optional[float], typer.Option(help="Minimum barcode match rate.", show_default="0.9")
     ] = None,
     bin_um: Annotated[
         Optional[float], typer.Option(help="Bin size in um for binned platforms.")
@@ -170,12 +208,38 @@ def build(
         typer.Option(help="Platform alignment file (e.g. Xenium *_he_imagealignment.csv)."),
     ] = None,
     option: Annotated[
-        Optional[list[str]], typer.Option(help="Adapter option key=value (repeatable).")
+        Optional[list[str]],
+        typer.Option(
+            metavar="KEY=VALUE", help="Adapter option (repeatable), e.g. positions=spots.tsv."
+        ),
     ] = None,
     force: Annotated[bool, typer.Option(help="Rebuild a section already in the corpus.")] = False,
     threads: Annotated[int, typer.Option(help="Tile-reading threads.")] = 2,
 ) -> None:
-    """Build one section from a platform bundle and its H&E into a corpus."""
+    """Build one section from a platform bundle and its H&E into a corpus.
+
+    Example: histmol build --platform auto --bundle demo/bundles/st-breast-01
+    --wsi demo/bundles/st-breast-01/breast01.jpg --out my-corpus/
+    """
+    from histmol.preflight import check_adapter_options, check_build_inputs
+
+    try:
+        given = platform
+        platform = check_build_inputs(
+            platform,
+            bundle,
+            wsi,
+            out,
+            files=[
+                (transform, "--transform"),
+                (landmarks, "--landmarks"),
+                (alignment, "--alignment"),
+            ],
+        )
+    except HistmolError as err:
+        fail(err)
+    if given.strip().lower() == "auto":
+        console.print(f"platform: {platform} (recognised from the bundle's files)", highlight=False)
     from histmol.build import SectionRequest, build_section
     from histmol.config import BuildConfig
     from platform_adapters import get_platform
@@ -214,6 +278,7 @@ def build(
             if v is not None
         }
         options.update(parse_options(option or []))
+        check_adapter_options(platform, options)
         request = SectionRequest(
             platform, bundle, wsi, section_id, transform, metadata, options, landmarks
         )
@@ -240,7 +305,12 @@ def inspect(
     corpus: Annotated[Path, typer.Argument(help="Corpus folder.")],
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
-    """Sections, platforms, pairs, units, genes, bytes and QC flags of a corpus."""
+    """Sections, platforms, pairs, units, genes, bytes and QC flags of a corpus.
+
+    Example: histmol inspect demo/corpus --json
+    """
+    import pandas as pd
+
     from histmol.summary import summarise
 
     try:
@@ -291,12 +361,7 @@ def inspect(
             justify="right" if header in ("pairs", "units", "genes", "MB") else "left",
         )
     for record in rows.to_dict("records"):
-        mpp = (
-            ""
-            if pd.isna(record["mpp"])
-            else f"{record['mpp']:.4g} "
-            f"({MPP_SOURCE_SHORT.get(record['mpp_source'], record['mpp_source'])})"
-        )
+        mpp = "" if pd.isna(record["mpp"]) else f"{record['mpp']:.4g} ({record['mpp_source']})"
         notes = "; ".join(
             str(v) for v in (record["qc_flags"], record["reason"]) if isinstance(v, str) and v
         )
@@ -325,7 +390,7 @@ def format_cell(value: Any) -> str:
         return ""
     if isinstance(value, float):
         return f"{value:.4g}"
-    if isinstance(value, (int, np.integer)):
+    if isinstance(value, numbers.Integral):
         return f"{int(value):,}"
     return str(value)
 
@@ -334,18 +399,21 @@ def format_cell(value: Any) -> str:
 def platforms(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
-    """Each platform, the files its adapter expects and its default tiling mode."""
+    """Each platform, its default units and tiling mode, and the files its adapter expects.
+
+    Example: histmol platforms --json
+    """
     from platform_adapters import PLATFORMS
 
     if as_json:
         out_console.print_json(json.dumps([spec.to_dict() for spec in PLATFORMS.values()]))
         return
     table = Table(title="histmol platforms")
-    for column in ("platform", "mode", "unit", "expected files"):
+    for column in ("platform", "default units (tiling)", "expected files"):
         table.add_column(column, overflow="fold")
     for spec in PLATFORMS.values():
-        unit = f"{spec.unit_shape} {spec.unit_size_um:g} um"
-        table.add_row(spec.name, spec.default_mode, unit, "\n".join(spec.expected_files))
+        units = f"{spec.default_units} ({spec.default_mode})"
+        table.add_row(spec.name, units, "\n".join(spec.expected_files))
     out_console.print(table)
 
 
@@ -357,7 +425,16 @@ def demo(
     seed: Annotated[int, typer.Option(help="Generator seed.")] = 0,
     threads: Annotated[int, typer.Option(help="Tile-reading threads.")] = 2,
 ) -> None:
-    """Generate sample bundles and a synthetic WSI, build them into a corpus, summarise it."""
+    """Generate sample bundles and synthetic slides, build them into a corpus, summarise it.
+
+    Example: histmol demo --out demo/   (then: histmol inspect demo/corpus)
+    """
+    from histmol.preflight import check_output_folder
+
+    try:
+        check_output_folder(out)
+    except HistmolError as err:
+        fail(err)
     from histmol.demo import run_demo
 
     try:
@@ -370,7 +447,10 @@ def demo(
 
 @app.command()
 def version() -> None:
-    """Print the histmol version."""
+    """Print the histmol version.
+
+    Example: histmol version
+    """
     out_console.print(__version__)
 
 
@@ -378,11 +458,16 @@ def version() -> None:
 def qc(
     corpus: Annotated[Path, typer.Argument(help="Corpus folder.")],
     section: Annotated[
-        Optional[list[str]], typer.Option(help="Section id (repeatable) [every committed section].")
+        Optional[list[str]],
+        typer.Option(
+            metavar="ID", help="Section id (repeatable).", show_default="every committed section"
+        ),
     ] = None,
     out: Annotated[
         Optional[Path],
-        typer.Option(help="Folder for the figures, one subfolder per section [<corpus>/qc]."),
+        typer.Option(
+            help="Folder for the figures, one subfolder per section.", show_default="<corpus>/qc"
+        ),
     ] = None,
     wsi: Annotated[
         Optional[Path],
@@ -390,8 +475,22 @@ def qc(
             help="The section's H&E (with one --section): draws the slide and tissue contour."
         ),
     ] = None,
+    genes: Annotated[
+        Optional[str],
+        typer.Option(
+            metavar="GENE,...",
+            help="Genes to map in genes.png (symbols or ids, comma-separated).",
+            show_default="the section's most variable genes",
+        ),
+    ] = None,
+    n_genes: Annotated[
+        int, typer.Option(help="How many most-variable genes to map without --genes.")
+    ] = 3,
 ) -> None:
-    """Write each section's QC figures (PNG): overview, zoom, metrics, thumbnail."""
+    """Write each section's QC figures (PNG): overview, zoom, metrics, gene maps, thumbnail.
+
+    Example: histmol qc demo/corpus --section crc-01 --wsi demo/slides/slide-a.tif
+    """
     from histmol.qc.figures import write_section_figures
     from histmol.shards.corpus import COMMITTED, Corpus
 
@@ -407,11 +506,24 @@ def qc(
             raise typer.BadParameter(
                 "--wsi needs exactly one --section (the image it was built on)"
             )
-        for section_id in ids:
-            paths = write_section_figures(corpus, section_id, out or corpus / "qc", slide=wsi)
-            out_console.print(f"{section_id}: {', '.join(str(p) for p in paths)}", soft_wrap=True)
+        started = time.perf_counter()
+        with task_display(console):
+            for section_id in track(ids, "qc", unit="sections"):
+                paths = write_section_figures(
+                    corpus,
+                    section_id,
+                    out or corpus / "qc",
+                    slide=wsi,
+                    genes=[g for g in genes.split(",") if g.strip()] if genes else None,
+                    n_genes=n_genes,
+                )
+                out_console.print(
+                    f"{section_id}: {', '.join(str(p) for p in paths)}", soft_wrap=True
+                )
     except HistmolError as err:
         fail(err)
+    folder = out or corpus / "qc"
+    console.print(summary_line("wrote figures to", folder, started, f"{len(ids)} sections"))
 
 
 @app.command()
@@ -419,16 +531,23 @@ def report(
     corpus: Annotated[Path, typer.Argument(help="Corpus folder.")],
     out: Annotated[Path, typer.Option(help="The HTML file to write.")] = Path("report.html"),
     figures: Annotated[
-        Optional[Path], typer.Option(help="Where `histmol qc` wrote the figures [<corpus>/qc].")
+        Optional[Path],
+        typer.Option(help="Where `histmol qc` wrote the figures.", show_default="<corpus>/qc"),
     ] = None,
 ) -> None:
-    """Write one self-contained HTML page about the corpus (no server, no network)."""
+    """Write one self-contained HTML page about the corpus (no server, no network).
+
+    Example: histmol report demo/corpus --out report.html
+    """
     from histmol.qc.report import write_report
 
+    started = time.perf_counter()
     try:
-        out_console.print(str(write_report(corpus, out, figures_dir=figures)))
+        with task_display(console):
+            path = write_report(corpus, out, figures_dir=figures)
     except HistmolError as err:
         fail(err)
+    out_console.print(summary_line("wrote", path, started), highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -438,16 +557,22 @@ def validate(
         bool, typer.Option(help="Recompute every shard's sha256 (off: sizes only).")
     ] = True,
 ) -> None:
-    """Check checksums, schemas and references; list every problem and exit 1 if any."""
+    """Check checksums, schemas and references; list every problem and exit 1 if any.
+
+    Example: histmol validate demo/corpus
+    """
     from histmol.validate import validate_corpus
 
-    problems = validate_corpus(corpus, checksums=checksums)
+    started = time.perf_counter()
+    with task_display(console):
+        problems = validate_corpus(corpus, checksums=checksums)
     for problem in problems:
         out_console.print(str(problem), highlight=False, soft_wrap=True)
     if problems:
         console.print(f"[red]{len(problems)} problem(s)[/red] in {corpus}", highlight=False)
         raise typer.Exit(1)
-    out_console.print(f"{corpus}: no problems found")
+    seconds = time.perf_counter() - started
+    out_console.print(f"{corpus}: no problems found ({seconds:.1f} s)", highlight=False)
 
 
 @app.command()
@@ -460,23 +585,38 @@ def export(
     fmt: Annotated[str, typer.Option("--format", help="spatialdata or anndata.")] = "spatialdata",
     wsi: Annotated[
         Optional[Path],
-        typer.Option(help="The section's H&E [without: a mosaic of the stored patches]."),
+        typer.Option(help="The section's H&E.", show_default="a mosaic of the stored patches"),
     ] = None,
     image_mpp: Annotated[
         float, typer.Option(help="um/px of the SpatialData image's finest level.")
     ] = 2.0,
     force: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
 ) -> None:
-    """Export one section as SpatialData (zarr) or AnnData (h5ad) for the scverse tools."""
-    from histmol.export import export_section
+    """Export one section as SpatialData (zarr) or AnnData (h5ad) for the scverse tools.
+
+    Example: histmol export demo/corpus --section crc-01 --format anndata --out crc-01.h5ad
+    """
+    from histmol.preflight import check_existing_file, check_output_path
 
     try:
-        path = export_section(
-            corpus, section, out, format=fmt, slide=wsi, image_mpp=image_mpp, overwrite=force
-        )
+        check_output_path(out, overwrite=force)
+        if wsi is not None:
+            check_existing_file(wsi, "WSI (--wsi)")
     except HistmolError as err:
         fail(err)
-    out_console.print(str(path))
+    from histmol.export import export_section
+
+    started = time.perf_counter()
+    try:
+        with task_display(console):
+            path = export_section(
+                corpus, section, out, format=fmt, slide=wsi, image_mpp=image_mpp, overwrite=force
+            )
+    except HistmolError as err:
+        fail(err)
+    out_console.print(
+        summary_line(f"exported {section} ({fmt}) to", path, started), highlight=False
+    )
 
 
 @app.command()
@@ -497,12 +637,24 @@ def ingest(
     ] = None,
     max_parallel: Annotated[
         Optional[int],
-        typer.Option(help="Sections built at once [cores / threads; with Dask, its threads]."),
+        typer.Option(
+            help="Sections built at once.", show_default="cores / threads; with Dask, its threads"
+        ),
     ] = None,
     threads: Annotated[int, typer.Option(help="Tile-reading threads per section.")] = 1,
     force: Annotated[bool, typer.Option(help="Rebuild sections even when unchanged.")] = False,
 ) -> None:
-    """Build every section of a manifest into one corpus: resumable, failures isolated."""
+    """Build every section of a manifest into one corpus: resumable, failures isolated.
+
+    Example: histmol ingest manifests/demo.yaml --out corpus/
+    """
+    from histmol.preflight import check_existing_file, check_output_folder
+
+    try:
+        check_existing_file(manifest, "manifest")
+        check_output_folder(out)
+    except HistmolError as err:
+        fail(err)
     quiet_prefect()
     from flows.ingest import IngestFailed, run_ingest
     from histmol.ingest_view import ingest_display, outcome_table
@@ -526,6 +678,8 @@ def serve(
     """Serve the ingest-corpus flow for `prefect deployment run 'ingest-corpus/NAME'`.
 
     Without PREFECT_API_URL a private Prefect server runs as long as this command does.
+
+    Example: histmol serve --name default
     """
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from flows.ingest import ingest_corpus
@@ -543,7 +697,7 @@ def serve(
 
 @app.command()
 def train(
-    corpus: Annotated[list[Path], typer.Argument(help="Corpus folder(s).")],
+    corpus: Annotated[list[Path], typer.Argument(metavar="CORPUS...", help="Corpus folder(s).")],
     out: Annotated[Path, typer.Option(help="Run folder (checkpoint, metrics, config).")],
     resume: Annotated[bool, typer.Option(help="Continue exactly from --out's checkpoint.")] = False,
     epochs: Annotated[int, typer.Option(help="Epochs.")] = 10,
@@ -568,7 +722,10 @@ def train(
         Optional[str], typer.Option(help="With --split: a fold number, or all (OUT/fold-<i>).")
     ] = None,
 ) -> None:
-    """Train the CLIP-style patch/expression model (multi-GPU: torchrun -m histmol.model.train)."""
+    """Train the CLIP-style patch/expression model (multi-GPU: torchrun -m histmol.model.train).
+
+    Example: histmol train corpus/ --out runs/r1 --epochs 10 --batch-size 256
+    """
     from histmol.model.train import TrainConfig, fold_dir, train_folds
     from histmol.model.train import train as train_run
 
@@ -584,32 +741,41 @@ def train(
             seed=seed,
             max_steps=max_steps,
         )
-        corpora = [str(c) for c in corpus]
-        if split is None:
-            if fold is not None:
-                raise typer.BadParameter("--fold needs --split")
-            summary: Any = train_run(corpora, out, config, resume=resume)
-        else:
-            from histmol.split import read_split
-
-            spec = read_split(split)
-            if fold is None:
-                raise typer.BadParameter(
-                    f"--split needs --fold: 0..{len(spec.folds) - 1} or all")
-            if fold == "all":
-                summary = train_folds(corpora, out, config, spec, resume=resume)
+        started = time.perf_counter()
+        with task_display(console):
+            corpora = [str(c) for c in corpus]
+            if split is None:
+                if fold is not None:
+                    raise typer.BadParameter("--fold needs --split")
+                summary: Any = train_run(corpora, out, config, resume=resume)
             else:
-                try:
-                    index = int(fold)
-                except ValueError:
+                from histmol.split import read_split
+
+                spec = read_split(split)
+                if fold is None:
                     raise typer.BadParameter(
-                        f"--fold must be a number or all, got {fold!r}"
-                    ) from None
-                summary = train_run(corpora, fold_dir(out, index), config, resume=resume,
-                                    split=spec, fold=index)
+                        f"--split needs --fold: 0..{len(spec.folds) - 1} or all")
+                if fold == "all":
+                    summary = train_folds(corpora, out, config, spec, resume=resume)
+                else:
+                    try:
+                        index = int(fold)
+                    except ValueError:
+                        raise typer.BadParameter(
+                            f"--fold must be a number or all, got {fold!r}"
+                        ) from None
+                    summary = train_run(corpora, fold_dir(out, index), config, resume=resume,
+                                        split=spec, fold=index)
     except HistmolError as err:
         fail(err)
     out_console.print_json(json.dumps(summary))
+    last = summary[-1] if isinstance(summary, list) else summary  # --fold all: one per fold
+    state = "finished" if last.get("finished") else "paused (--resume continues)"
+    folds = f"{len(summary)} folds, " if isinstance(summary, list) else ""
+    console.print(
+        summary_line("checkpoint in", out, started, f"{folds}step {last.get('step')}, {state}"),
+        highlight=False,
+    )
 
 
 @app.command(name="split")
@@ -657,26 +823,31 @@ def split_command(
 @app.command()
 def embed(
     run: Annotated[Path, typer.Argument(help="Run folder (from histmol train).")],
-    corpus: Annotated[list[Path], typer.Argument(help="Corpus folder(s).")],
+    corpus: Annotated[list[Path], typer.Argument(metavar="CORPUS...", help="Corpus folder(s).")],
     out: Annotated[
         Path, typer.Option(help="Output: .parquet, or .h5ad (AnnData, embeddings in obsm).")
     ],
     batch_size: Annotated[int, typer.Option(help="Pairs per batch.")] = 128,
 ) -> None:
-    """Write per-pair image and expression embeddings of a trained run."""
+    """Write per-pair image and expression embeddings of a trained run.
+
+    Example: histmol embed runs/r1 corpus/ --out embeddings.parquet
+    """
     from histmol.model.embed import embed_corpus
 
     try:
-        path = embed_corpus(run, [str(c) for c in corpus], out, batch_size=batch_size)
+        started = time.perf_counter()
+        with task_display(console):
+            path = embed_corpus(run, [str(c) for c in corpus], out, batch_size=batch_size)
     except HistmolError as err:
         fail(err)
-    out_console.print(str(path))
+    out_console.print(summary_line("wrote embeddings to", path, started), highlight=False)
 
 
 @app.command(name="eval")
 def evaluate(
     run: Annotated[Path, typer.Argument(help="Run folder (from histmol train --fold all).")],
-    corpus: Annotated[list[Path], typer.Argument(help="Corpus folder(s).")],
+    corpus: Annotated[list[Path], typer.Argument(metavar="CORPUS...", help="Corpus folder(s).")],
     split: Annotated[
         Path, typer.Option(help="The split file the folds were trained on (`histmol split`).")
     ],
@@ -689,7 +860,10 @@ def evaluate(
         Optional[Path], typer.Option(help="Folder for the result tables [RUN/eval].")
     ] = None,
 ) -> None:
-    """HEST-Benchmark per fold: frozen embeddings, PCA 256, ridge, per-gene Pearson; baselines."""
+    """HEST-Benchmark per fold: frozen embeddings, PCA 256, ridge, per-gene Pearson; baselines.
+
+    Example: histmol eval runs/r1 corpus/ --split split.json --genes hvg:50
+    """
     from rich.progress import Progress as Bar
 
     from histmol.model.evaluate import evaluate_split
@@ -698,6 +872,7 @@ def evaluate(
     gene_spec: str | list[str] = (
         genes if genes == "all" or genes.startswith(("hvg:", "homolog:")) else genes.split(",")
     )
+    started = time.perf_counter()
     try:
         spec = read_split(split)
         with Bar(TextColumn("embedding"), BarColumn(), MofNCompleteColumn(), TextColumn("pairs"),
@@ -724,7 +899,8 @@ def evaluate(
             f"{row.model}: pearson {row.pearson_mean:.4f} +- {row.pearson_sd:.4f}, "
             f"mse {row.mse_mean:.4f} +- {row.mse_sd:.4f} over {row.n_folds} folds, "
             f"{row.n_genes} genes", highlight=False)
-    out_console.print(str(out or run / "eval"), highlight=False)
+    console.print(summary_line("wrote per_fold, per_gene and summary tables to",
+                               out or run / "eval", started), highlight=False)
 
 
 @app.command()

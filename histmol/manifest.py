@@ -68,6 +68,7 @@ from histmol.manifest_limits import (
     construct,
     read_bounded_text,
 )
+from histmol.preflight import resolve_platform
 from histmol.remote_inputs import RemoteInput, check_url, describe_input, is_url
 from histmol.section import normalise_section_id
 from platform_adapters import get_platform
@@ -119,7 +120,9 @@ class ManifestEntry(SectionOptions):
 
     section_id: str = Field(description="Unique in the corpus: letters, digits, '.', '_', '-' "
                             "(lower-cased; the name as given is kept as section_name).")
-    platform: str = Field(description="Platform name (see `histmol platforms`).")
+    platform: str = Field(
+        description="Platform name (see `histmol platforms`), or auto: recognised from the bundle."
+    )
     bundle: str = Field(description="The platform's output folder, relative to the manifest.")
     wsi: str = Field(description="The paired H&E image, relative to the manifest.")
     transform: str | None = Field(None, description="3x3 native->WSI affine CSV.")
@@ -157,6 +160,8 @@ class ManifestEntry(SectionOptions):
     @field_validator("platform")
     @classmethod
     def _known_platform(cls, value: str) -> str:
+        if value.strip().lower() == "auto":
+            return "auto"  # recognised from the bundle's files once its path is resolved
         try:
             return get_platform(value).name
         except ConfigError as err:
@@ -314,7 +319,14 @@ def _plan(path: Path, manifest: Manifest, lines: list[int]) -> IngestPlan:
         metadata = {k: getattr(entry, k) for k in METADATA_FIELDS if getattr(entry, k)}
         optional = {f: Path(resolved[f]) if f in resolved else None
                     for f in ("transform", "landmarks")}
-        fields = (entry.platform, Path(resolved["bundle"]), Path(resolved["wsi"]),
+        platform = entry.platform
+        if platform == "auto":
+            try:
+                platform = resolve_platform(platform, Path(resolved["bundle"]))
+            except HistmolError as err:
+                raise ManifestError(f"{path}:{lines[index]}: sections[{index}] "
+                                    f"({entry.section_id}): platform auto: {err}") from None
+        fields = (platform, Path(resolved["bundle"]), Path(resolved["wsi"]),
                   entry.section_id, optional["transform"], metadata, options,
                   optional["landmarks"])
         requests.append(RemoteInputRequest(*fields, sources=sources) if sources else

@@ -28,6 +28,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from histmol.errors import ConfigError, CorpusError
+from histmol.progress import track
 from histmol.section import validate_section_id
 from histmol.shards.commit_record import check_local
 from histmol.shards.corpus import COMMITTED, FAILED, GENES, MANIFEST, SECTIONS, SHARDS, Corpus
@@ -406,7 +407,7 @@ def validate_corpus(root: str | os.PathLike[str], *, checksums: bool = True) -> 
         check.sections(rows, entries)
     by_id = {r["section_id"]: r for r in rows}
     unit_ids: dict[str, set[str]] = {}
-    for entry in entries:
+    for entry in track(entries, "validate", unit="parts"):
         sid = entry["section_id"]
         check.part(entry, by_id.get(sid), unit_ids.setdefault(sid, set()))
     check.stray(entries)

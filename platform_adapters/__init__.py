@@ -10,23 +10,36 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from histmol.errors import ConfigError
-from histmol.section import Section, TilingMode, UnitShape
 
-__all__ = ["PLATFORMS", "PlatformSpec", "get_platform", "load_reader", "platform_names"]
+if TYPE_CHECKING:  # annotations only: importing the registry stays light (no pandas, pyarrow)
+    from histmol.section import Section, TilingMode, UnitShape
+
+__all__ = [
+    "BUILDER_ARGUMENTS",
+    "PLATFORMS",
+    "PlatformSpec",
+    "adapter_options",
+    "get_platform",
+    "load_reader",
+    "platform_names",
+]
 
 
 @dataclass(frozen=True)
 class PlatformSpec:
     """One platform: its adapter module, vendor files and default unit geometry.
 
-    `unit_size_um` is the spot diameter (circles) or the default bin side (squares, binned from
-    finer native units and overridable); `pitch_um` the centre-to-centre distance of those units.
+    `default_units` names what one unit is without `--units`/`--bin-um` (the README's platform
+    table says the same). `unit_size_um` is the spot diameter (circles) or the bin side (squares,
+    binned from finer native units, the default or `--units bins`); `pitch_um` the
+    centre-to-centre distance of those units.
     """
 
     name: str
+    default_units: str
     module: str
     description: str
     expected_files: tuple[str, ...]
@@ -50,6 +63,7 @@ class PlatformSpec:
 _SPECS = (
     PlatformSpec(
         name="visium",
+        default_units="55 um spots",
         module="platform_adapters.visium",
         description="10x Genomics Visium (Space Ranger; standard and CytAssist), 55 um spots",
         expected_files=(
@@ -67,6 +81,7 @@ _SPECS = (
     ),
     PlatformSpec(
         name="visium-hd",
+        default_units="8 um bins",
         module="platform_adapters.visium_hd",
         description="10x Genomics Visium HD (Space Ranger >= 3.0), 8 um bins (any even size "
         "summed from 2 um, or Space Ranger 4 segmented cells)",
@@ -88,6 +103,7 @@ _SPECS = (
     ),
     PlatformSpec(
         name="xenium",
+        default_units="cells",
         module="platform_adapters.xenium",
         description="10x Genomics Xenium in situ; segmented cells (default) or transcripts "
         "binned on a square grid (units=bins, 8 um)",
@@ -107,6 +123,7 @@ _SPECS = (
     ),
     PlatformSpec(
         name="st",
+        default_units="100 um spots",
         module="platform_adapters.st",
         description="Legacy Spatial Transcriptomics (Stahl 2016, 1k/2k arrays), 100 um spots",
         expected_files=(
@@ -122,6 +139,7 @@ _SPECS = (
     ),
     PlatformSpec(
         name="stereo-seq",
+        default_units="25 um bins",
         module="platform_adapters.stereo_seq",
         description="BGI/STOmics Stereo-seq (SAW v7/v8), 0.5 um DNBs binned to bin50 (25 um) "
         "by default, or cellbin cells (units=cells)",
@@ -140,6 +158,7 @@ _SPECS = (
     ),
     PlatformSpec(
         name="slide-seq",
+        default_units="10 um beads",
         module="platform_adapters.slide_seq",
         description="Slide-seq / Slide-seqV2 (Curio Seeker), 10 um beads; H&E of an adjacent "
         "section, placed by --landmarks",
@@ -156,6 +175,7 @@ _SPECS = (
     ),
     PlatformSpec(
         name="cosmx",
+        default_units="cells",
         module="platform_adapters.cosmx",
         description="NanoString/Bruker CosMx SMI flat files (legacy and AtoMx); segmented cells "
         "(default) or transcripts binned on a square grid (units=bins, 8 um)",
@@ -174,6 +194,7 @@ _SPECS = (
     ),
     PlatformSpec(
         name="merscope",
+        default_units="cells",
         module="platform_adapters.merscope",
         description="Vizgen MERSCOPE; segmented cells (default) or detected transcripts binned "
         "on a square grid (units=bins, 8 um)",
@@ -190,6 +211,7 @@ _SPECS = (
     ),
     PlatformSpec(
         name="dbit-seq",
+        default_units="channel crossings",
         module="platform_adapters.dbit_seq",
         description="DBiT-seq microfluidic barcoding, 10 um channels (20 um pitch)",
         expected_files=(
@@ -205,6 +227,7 @@ _SPECS = (
     ),
     PlatformSpec(
         name="seq-scope",
+        default_units="8 um bins",
         module="platform_adapters.seq_scope",
         description="Seq-Scope (Illumina flow-cell HDMI array, ~0.6 um), binned to 8 um",
         expected_files=(
@@ -222,6 +245,7 @@ _SPECS = (
     ),
     PlatformSpec(
         name="hdst",
+        default_units="8 um bins",
         module="platform_adapters.hdst",
         description="High-definition ST (Vickovic 2019), 2 um beads binned to 8 um",
         expected_files=(
@@ -236,6 +260,7 @@ _SPECS = (
     ),
     PlatformSpec(
         name="open-st",
+        default_units="8 um bins",
         module="platform_adapters.open_st",
         description="Open-ST (spacemake + openst), 0.6 um capture spots binned to 8 um",
         expected_files=(
@@ -254,7 +279,7 @@ _SPECS = (
 
 PLATFORMS: dict[str, PlatformSpec] = {spec.name: spec for spec in _SPECS}
 
-Reader = Callable[..., Section]
+Reader = Callable[..., "Section"]
 
 
 def platform_names() -> tuple[str, ...]:
@@ -270,6 +295,24 @@ def get_platform(name: str) -> PlatformSpec:
             f"unknown platform {name!r}; valid platforms: {', '.join(platform_names())}"
         )
     return spec
+
+
+# Reader keywords the builder fills itself; every other keyword-only one is a user option.
+BUILDER_ARGUMENTS = frozenset({"wsi", "section_id", "metadata", "min_match_rate"})
+
+
+def adapter_options(name: str) -> frozenset[str]:
+    """The options (`--option key=value`, `--bin-um`, ...) platform `name`'s reader accepts."""
+    import inspect
+
+    return (
+        frozenset(
+            option
+            for option, parameter in inspect.signature(load_reader(name)).parameters.items()
+            if parameter.kind is inspect.Parameter.KEYWORD_ONLY
+        )
+        - BUILDER_ARGUMENTS
+    )
 
 
 def load_reader(name: str) -> Reader:

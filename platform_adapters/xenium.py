@@ -209,12 +209,15 @@ def _placement(
                     folder,
                     f"no H&E alignment: looked for {XeniumFiles.ALIGNMENT_GLOB} (the 3x3 "
                     "H&E -> morphology-pixel matrix Xenium Explorer exports, e.g. "
-                    f"<sample>_he_imagealignment.csv) in {folder}; pass alignment= (--alignment), "
-                    "keypoints= (--option keypoints=...) or native_to_wsi=",
+                    f"<sample>_he_imagealignment.csv) in {folder}; give --alignment FILE, "
+                    "--option keypoints=FILE (Xenium Explorer keypoints) or --transform FILE "
+                    "(3x3 um -> H&E px)",
                 )
             if len(found) > 1:
                 names = [p.name for p in found]
-                raise BundleError(folder, f"several H&E alignment files {names}; pass alignment=")
+                raise BundleError(
+                    folder, f"several H&E alignment files {names}; choose one with --alignment"
+                )
             path = found[0]
         is_keypoints = "fixedx" in first_line(path).lower()
     pixel_size, experiment = _pixel_size(folder, path)

@@ -191,7 +191,10 @@ def test_cli_qc_draws_every_committed_section(
 ) -> None:
     calls = []
 
-    def record(corpus: Path, section_id: str, out: Path, *, slide: Path | None) -> list[Path]:
+    def record(
+        corpus: Path, section_id: str, out: Path, *, slide: Path | None, **genes: object
+    ) -> list[Path]:
+        assert genes == {"genes": None, "n_genes": 3}
         calls.append((corpus, section_id, out, slide))
         return [out / section_id / "overview.png"]
 

@@ -40,9 +40,12 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     qc: QcCorpus = shared_qc_corpus(tmp_path_factory)
     folder = tmp_path_factory.mktemp("readme")
     qc.copy(folder / "corpus")
-    (folder / "slide.svs").symlink_to(qc.slide)  # OpenSlide reads the tiled TIFF whatever its name
+    slide = folder / "demo" / "slides" / "slide-a.tif"  # where the README's demo puts its slide
+    slide.parent.mkdir(parents=True)
+    slide.symlink_to(qc.slide)
     [shell] = section_blocks("bash")
-    commands = [line.split("#")[0].strip() for line in shell.splitlines() if line.strip()]
+    lines = shell.replace("\\\n", " ").splitlines()
+    commands = [line.split("#")[0].strip() for line in lines if line.strip()]
     assert [c.split()[1] for c in commands] == ["qc", "report", "validate", "export", "export"]
     runner = CliRunner()
     with pytest.MonkeyPatch.context() as patch:
@@ -64,6 +67,7 @@ def run_snippet(code: str, cwd: Path) -> str:
 
 def test_the_shell_block_wrote_what_it_says(workdir: Path) -> None:
     assert sorted(p.name for p in (workdir / "corpus" / "qc" / "crc-01").iterdir()) == [
+        "genes.png",
         "metrics.png",
         "overview.png",
         "thumbnail.png",

@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 
 from histmol.errors import ConfigError
+from histmol.progress import task
 from histmol.qc.section_data import (
     Background,
     SlideLike,
@@ -59,16 +60,23 @@ def export_section(
     out = Path(out)
     if out.exists() and not overwrite:
         raise ConfigError(f"{out}: already exists; remove it or pass --force")
-    section = load_section(corpus_root, section_id, counts=True)
-    genes = Corpus.open(corpus_root).genes()
-    if out.exists():
-        shutil.rmtree(out) if out.is_dir() else out.unlink()
-    if format == "anndata":
-        from histmol.export.to_anndata import HIRES_SIDE, section_anndata, write_anndata
+    with task(f"export {section_id}", total=3, unit="steps") as advance:  # read, image, write
+        section = load_section(corpus_root, section_id, counts=True)
+        genes = Corpus.open(corpus_root).genes()
+        advance()
+        if out.exists():
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        if format == "anndata":
+            from histmol.export.to_anndata import HIRES_SIDE, section_anndata, write_anndata
 
-        background = _background(section, slide, max(section.wsi_size) / HIRES_SIDE)
-        return write_anndata(section_anndata(section, genes, background), out)
-    from histmol.export.to_spatialdata import section_spatialdata, write_spatialdata
+            background = _background(section, slide, max(section.wsi_size) / HIRES_SIDE)
+            advance()
+            path = write_anndata(section_anndata(section, genes, background), out)
+        else:
+            from histmol.export.to_spatialdata import section_spatialdata, write_spatialdata
 
-    background = _background(section, slide, image_mpp / section.mpp)
-    return write_spatialdata(section_spatialdata(section, genes, background), out)
+            background = _background(section, slide, image_mpp / section.mpp)
+            advance()
+            path = write_spatialdata(section_spatialdata(section, genes, background), out)
+        advance()
+    return path

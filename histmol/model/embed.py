@@ -25,6 +25,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from histmol.data import PairDataset, pair_collate, to_float_chw
 from histmol.model.clip import normalise_expression
 from histmol.model.train import load_model
+from histmol.progress import track
 from histmol.shards.atomic import atomic_write_parquet
 
 
@@ -42,7 +43,9 @@ def embed_corpus(run: str | os.PathLike[str], corpus: str | os.PathLike[str] | S
         "part", "pair_index", "image", "expression", "features", "x")}
     sections: list[str] = []
     with torch.inference_mode():
-        for batch in StatefulDataLoader(dataset, batch_size=None, collate_fn=pair_collate):
+        batches = StatefulDataLoader(dataset, batch_size=None, collate_fn=pair_collate)
+        for batch in track(batches, "embed", total=dataset.epoch_length, unit="pairs",
+                           weight=lambda b: len(b["pair_index"])):
             features = model.image_features(to_float_chw(batch["patch"].to(device)))
             x = normalise_expression(batch["expression"], batch["panel_mask"]).to(device)
             mask = batch["panel_mask"].to(device)

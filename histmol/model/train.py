@@ -32,6 +32,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from histmol.data import PairDataset, pair_collate, to_float_chw
 from histmol.errors import ConfigError
 from histmol.model.clip import HistMolCLIP, ModelConfig
+from histmol.progress import report_task
 from histmol.split import Split, read_split
 
 CHECKPOINT = "checkpoint.pt"
@@ -284,6 +285,7 @@ def train(corpus: str | os.PathLike[str] | Sequence[str], out: str | os.PathLike
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
             step += 1
+            report_task("train", step, total, "steps")
             if step % config.log_every == 0:
                 now = time.perf_counter()
                 metrics.log({"step": step, "epoch": epoch, **last, "lr": lr,

@@ -12,6 +12,8 @@ Written to ``<out_dir>/<section_id>/``:
 - ``metrics.png``: genes-detected map, total-counts histogram, the mpp sources (embedded,
   bundle scale factors, unit pitch) against the tolerance, and the lattice residuals: distances
   between neighbouring units in um against the platform's nominal pitch.
+- ``genes.png``: total counts beside the expression of a few informative genes (the section's
+  most variable, or the ones asked for) over the same histology (`histmol.qc.gene_maps`).
 - ``thumbnail.png``: a small overview for the corpus report.
 
 Drawing uses matplotlib's object API on an Agg canvas (no pyplot, no global state), and PNGs are
@@ -21,6 +23,7 @@ written without the "Software" tag, so the same corpus gives the same bytes.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +36,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
 from histmol.qc.figure_panels import draw_metrics, draw_zoom, read_zoom_crop
+from histmol.qc.gene_maps import DEFAULT_N_GENES, gene_maps_figure, pick_genes
 from histmol.qc.measures import mpp_check, paint_units
 from histmol.qc.section_data import (
     Background,
@@ -45,11 +49,12 @@ from histmol.qc.section_data import (
     wsi_background,
 )
 from histmol.shards.atomic import is_temp_name, naming_path, remove_path, temp_name
+from histmol.shards.corpus import Corpus
 from histmol.tissue import TissueMask
 
 OVERVIEW_SIDE = 1400  # background px on the slide's longer side
 THUMBNAIL_PX = 360
-FIGURE_NAMES = ("overview", "zoom", "metrics", "thumbnail")
+FIGURE_NAMES = ("overview", "zoom", "metrics", "genes", "thumbnail")
 CMAP = "viridis"
 TISSUE_COLOUR, KEPT_COLOUR, DROPPED_COLOUR = "#00e5ff", "white", "#ff2d2d"
 
@@ -60,14 +65,19 @@ def write_section_figures(
     out_dir: str | os.PathLike[str],
     *,
     slide: SlideLike | None = None,
+    genes: Sequence[str] | None = None,
+    n_genes: int = DEFAULT_N_GENES,
 ) -> list[Path]:
     """Write the section's QC PNGs into ``out_dir/section_id/``; return their paths.
 
     `slide` (an open SlideReader or a path) must be the image the section was built on (same
     level-0 size); without it the figures use the stored patches and omit the tissue contour.
-    Each file is written under a temporary name and renamed, so a reader never sees half a PNG.
+    `genes` (symbols or ids) are drawn in ``genes.png``; without them, the `n_genes` most
+    variable. Each file is written under a temporary name and renamed, so a reader never sees
+    half a PNG.
     """
-    section = load_section(corpus_root, section_id)
+    section = load_section(corpus_root, section_id, counts=True)
+    maps = pick_genes(section, Corpus.open(corpus_root).genes(), genes, n_genes)
     folder = Path(out_dir) / section.section_id
     folder.mkdir(parents=True, exist_ok=True)
     for debris in [p for p in folder.iterdir() if is_temp_name(p.name)]:
@@ -81,6 +91,13 @@ def write_section_figures(
         "overview": overview_figure(section, background, mask),
         "zoom": draw_zoom(section, crop),
         "metrics": draw_metrics(section, background),
+        "genes": gene_maps_figure(
+            section,
+            background,
+            maps,
+            lambda values: unit_raster(section, background, values),
+            caption="given genes" if genes else "most variable genes",
+        ),
         "thumbnail": thumbnail_figure(section, background, mask),
     }
     return [_save(figure, folder / f"{name}.png") for name, figure in figures.items()]

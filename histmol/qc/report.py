@@ -22,12 +22,13 @@ import pandas as pd
 from PIL import Image
 
 import histmol
+from histmol.progress import track
 from histmol.shards.atomic import temp_name
 from histmol.shards.corpus import COMMITTED, Corpus
 from histmol.summary import summarise
 
 THUMBNAIL_WIDTH = 200
-FIGURE_LINKS = ("overview", "zoom", "metrics")
+FIGURE_LINKS = ("overview", "genes", "zoom", "metrics")
 COLUMNS = (  # key, header, numeric
     ("thumbnail", "", False),
     ("section_id", "section", False),
@@ -43,12 +44,6 @@ COLUMNS = (  # key, header, numeric
     ("bytes", "MB", True),
     ("notes", "QC flags / failure reason", False),
 )
-MPP_SOURCE_LABEL = {
-    "embedded": "file",
-    "scalefactors": "bundle",
-    "estimated_from_pitch": "pitch",
-    "user": "user",
-}  # as `histmol inspect` prints them
 
 STYLE = """
 body{font:14px/1.4 system-ui,sans-serif;margin:1.5em;color:#222}
@@ -239,7 +234,7 @@ def _cell(key: str, record: dict[str, object]) -> str:
         source = str(record.get("mpp_source"))
         return (
             f"<td class=num data-v='{value}' title='mpp source: {_e(source)}'>{value:.4f} "
-            f"({_e(MPP_SOURCE_LABEL.get(source, source))})</td>"
+            f"({_e(source)})</td>"
         )
     if key == "dropped":
         planned, dropped = record.get("qc_n_pairs_planned"), record.get("qc_n_pairs_dropped_tissue")
@@ -276,7 +271,7 @@ def _sections_table(sections: pd.DataFrame, figures: Path, base: Path) -> str:
         for key, title, numeric in COLUMNS
     )
     rows = []
-    for record in sections.to_dict("records"):
+    for record in track(sections.to_dict("records"), "report", unit="sections"):
         section_id = str(record["section_id"])
         folder = figures / section_id
         thumb = folder / "thumbnail.png"
