@@ -78,3 +78,26 @@ def test_tables_only_corpus_opens_in_the_loader(tmp_path: Path) -> None:
     assert not any((done.root / "shards").iterdir())
     with pytest.raises(Exception, match="already exists"):
         fabricate(done.root, 2, shards="none")
+
+
+def test_sections_table_from_numpy_panels_is_byte_identical_to_lists(tmp_path: Path) -> None:
+    import numpy as np
+
+    from histmol.shards.atomic import write_parquet
+    from histmol.shards.corpus_tables import section_row, sections_table
+    from histmol.synth.scale import section_extras
+
+    rows = []
+    for i, plan in enumerate(plan_cohort(12)):
+        panel = None if i % 4 == 0 else list(range(i, i + 3 * (i % 3)))
+        rows.append(section_row(plan.section_id, {**section_extras(plan, 5), "panel": panel},
+                                status="committed", reason=None, n_pairs=plan.n_pairs,
+                                n_units=5, n_parts=1))
+    as_arrays = [{**r, "panel": None if r["panel"] is None
+                  else np.asarray(r["panel"], dtype=np.int32)} for r in rows]
+    write_parquet(tmp_path / "lists.parquet", sections_table(rows))
+    write_parquet(tmp_path / "arrays.parquet", sections_table(as_arrays))
+    assert (tmp_path / "lists.parquet").read_bytes() == (tmp_path / "arrays.parquet").read_bytes()
+    table = pq.read_table(tmp_path / "lists.parquet")
+    assert table.column("panel").to_pylist() == [r["panel"] for r in
+                                                 sorted(rows, key=lambda r: r["section_id"])]
