@@ -42,6 +42,15 @@ def newest(results: Path, prefix: str) -> dict[str, Any] | None:
     return json.loads(files[-1].read_text()) if files else None
 
 
+def merged_scale(results: Path) -> dict[str, Any] | None:
+    """The scale results: each part (sizes, loader, validate) from the newest file holding it."""
+    merged: dict[str, Any] = {}
+    for path in sorted(results.glob("scale_*.json")):
+        data = json.loads(path.read_text())
+        merged.update({k: v for k, v in data.items() if v})
+    return merged or None
+
+
 def cohort_totals() -> dict[str, dict[str, float]]:
     """Sections, pairs and units per platform of the 3,446-section cohort."""
     totals: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
@@ -305,7 +314,8 @@ def main() -> None:
     if args.inputs:
         inputs = json.loads(args.inputs.read_text())
     else:
-        inputs = {name: newest(args.results, name) for name in ("scale", "platforms", "ingest")}
+        inputs = {name: newest(args.results, name) for name in ("platforms", "ingest")}
+        inputs["scale"] = merged_scale(args.results)
         missing = [k for k in ("scale", "platforms") if inputs[k] is None]
         if missing:
             raise SystemExit(f"no {missing} JSON under {args.results}: run the benchmarks")
