@@ -128,16 +128,19 @@ def sections_table(rows: Iterable[Mapping[str, Any]]) -> pa.Table:
 
 def _panel_column(panels: list[Any]) -> pa.Array:
     """list<int32> column from per-row panels (None: null)."""
-    arrays = [np.asarray(p, dtype=np.int64).ravel() for p in panels if p is not None]
-    values = np.concatenate(arrays) if arrays else np.empty(0, dtype=np.int64)
-    if len(values) and (values.min() < np.iinfo(np.int32).min
-                        or values.max() > np.iinfo(np.int32).max):
-        raise ValueError("sections column 'panel': vocabulary indices exceed int32")
+    arrays = [(p if isinstance(p, np.ndarray) and p.dtype == np.int32
+               else np.asarray(p, dtype=np.int64)).ravel() for p in panels if p is not None]
+    values = np.concatenate(arrays) if arrays else np.empty(0, dtype=np.int32)
+    if values.dtype != np.int32:  # rows from builders (Python ints): check the range once
+        if len(values) and (values.min() < np.iinfo(np.int32).min
+                            or values.max() > np.iinfo(np.int32).max):
+            raise ValueError("sections column 'panel': vocabulary indices exceed int32")
+        values = values.astype(np.int32)
     lengths = [0 if p is None else int(np.size(p)) for p in panels]
     offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(np.int32)
     mask = pa.array([p is None for p in panels], pa.bool_())
     column = pa.ListArray.from_arrays(pa.array(offsets, pa.int32()),
-                                      pa.array(values.astype(np.int32)), mask=mask)
+                                      pa.array(values), mask=mask)
     return column.cast(SECTION_CORE_SCHEMA.field("panel").type)
 
 
