@@ -15,7 +15,9 @@ manifests/demo.yaml, then times:
   flow) and `remote-dask-N` (built and uploaded by the workers; the flow writes the tables),
   all against the `prefect server`.
 Scheduler overhead per task (Prefect + Dask) is estimated from the 1-worker runs, where nothing
-overlaps: (wall - flow_fixed - plain) / task runs; its fraction is of the 1-worker wall time.
+overlaps: (wall - flow_fixed - plain) / task runs; its fraction is of the 1-worker wall time;
+``coordinator_per_section_s`` is the same overhead per section (planning, task runs, table
+updates and publish; docs/scale.md's coordinator cost, see benchmarks/scale_doc.py).
 For the remote runs that "overhead" also holds the object-store puts and the table merges.
 """
 
@@ -61,7 +63,8 @@ def _record(name: str, wall: float, outcomes: list[dict[str, Any]], plain: float
         overhead = max(wall - fixed - plain, 0.0)
         row.update(task_runs=tasks, overhead_per_task_s=round(overhead / tasks, 4),
                    overhead_fraction=round((overhead + fixed) / wall, 4),
-                   per_task_fraction=round(overhead / wall, 4))
+                   per_task_fraction=round(overhead / wall, 4),
+                   coordinator_per_section_s=round(overhead / len(built), 4))
     return row
 
 

@@ -556,6 +556,14 @@ def validate(
     checksums: Annotated[
         bool, typer.Option(help="Recompute every shard's sha256 (off: sizes only).")
     ] = True,
+    workers: Annotated[
+        int, typer.Option(min=1, help="Check sections in this many processes.")
+    ] = 1,
+    dask_address: Annotated[
+        str | None,
+        typer.Option(help="Check sections on this Dask scheduler (tcp://host:8786); the corpus "
+                     "must be at the same path on its workers."),
+    ] = None,
 ) -> None:
     """Check checksums, schemas and references; list every problem and exit 1 if any.
 
@@ -565,7 +573,8 @@ def validate(
 
     started = time.perf_counter()
     with task_display(console):
-        problems = validate_corpus(corpus, checksums=checksums)
+        problems = validate_corpus(corpus, checksums=checksums, workers=workers,
+                                   dask_address=dask_address)
     for problem in problems:
         out_console.print(str(problem), highlight=False, soft_wrap=True)
     if problems:

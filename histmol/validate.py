@@ -28,6 +28,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from histmol.errors import ConfigError, CorpusError
+from histmol.parallel_map import parallel_map
 from histmol.progress import track
 from histmol.section import validate_section_id
 from histmol.shards.commit_record import check_local
@@ -194,7 +195,9 @@ class _Validator:
                     )
 
     # ------------------------------------------------------------------ parts
-    def part(self, entry: dict[str, Any], row: dict[str, Any] | None, seen_ids: set[str]) -> None:
+    def part(
+        self, entry: dict[str, Any], row: dict[str, Any] | None, seen_ids: list[pa.Array]
+    ) -> None:
         sid, part = entry["section_id"], entry["part"]
         for key, suffix in (("images_path", ".zarr"), ("units_path", ".parquet")):
             expected = f"{SHARDS}/{sid}/{part_stem(part)}{suffix}"
@@ -249,7 +252,7 @@ class _Validator:
         entry: dict[str, Any],
         row: dict[str, Any] | None,
         n_pairs: int | None,
-        seen_ids: set[str],
+        seen_ids: list[pa.Array],
     ) -> None:
         path = self.root / entry["units_path"]
         if not path.is_file():
@@ -286,11 +289,15 @@ class _Validator:
         ids = table.column("unit_id")
         if ids.null_count:
             self.add(path, f"{ids.null_count} units have no unit_id")
-        values = [v for v in ids.to_pylist() if v is not None]
-        repeated = {v for v, n in Counter(values).items() if n > 1 or v in seen_ids}
-        if repeated:
+        ids = pc.drop_null(ids).combine_chunks()
+        unique = pc.unique(ids)
+        earlier = pa.concat_arrays(seen_ids) if seen_ids else pa.array([], pa.string())
+        if len(unique) != len(ids) or pc.any(pc.is_in(unique, value_set=earlier)).as_py():
+            # only now, with a repeat known, are the ids turned into Python strings
+            before = set(earlier.to_pylist())
+            repeated = {v for v, n in Counter(ids.to_pylist()).items() if n > 1 or v in before}
             self.add(path, f"unit ids repeat within the section: {_examples(sorted(repeated))}")
-        seen_ids.update(values)
+        seen_ids.append(unique)
         for column in COORDINATES:
             finite = np.isfinite(table.column(column).to_numpy(zero_copy_only=False))
             if not finite.all():
@@ -381,11 +388,18 @@ class _Validator:
                     self.add(item, "not referenced by the manifest")
 
 
-def validate_corpus(root: str | os.PathLike[str], *, checksums: bool = True) -> list[Problem]:
+def validate_corpus(
+    root: str | os.PathLike[str],
+    *,
+    checksums: bool = True,
+    workers: int = 1,
+    dask_address: str | None = None,
+) -> list[Problem]:
     """Every problem found in the corpus at `root` (empty when it is sound).
 
     With ``checksums=False`` sizes are still compared but no file is hashed (fast for a quick
-    structural check of a large corpus).
+    structural check of a large corpus). The per-section work (checksums and units checks) runs
+    on `workers` processes, or on the Dask cluster at `dask_address` (`histmol.parallel_map`).
     """
     recorded = [Problem(name, message) for name, message in check_local(root).items()]
     try:
@@ -406,9 +420,30 @@ def validate_corpus(root: str | os.PathLike[str], *, checksums: bool = True) -> 
     if sections is not None and not _schema_problems(SECTIONS, sections, SECTION_CORE_SCHEMA):
         check.sections(rows, entries)
     by_id = {r["section_id"]: r for r in rows}
-    unit_ids: dict[str, set[str]] = {}
-    for entry in track(entries, "validate", unit="parts"):
-        sid = entry["section_id"]
-        check.part(entry, by_id.get(sid), unit_ids.setdefault(sid, set()))
+    by_section: dict[str, list[dict[str, Any]]] = {}
+    for entry in entries:
+        by_section.setdefault(entry["section_id"], []).append(entry)
+    jobs = [(str(corpus.root), checksums, check.gene_index, by_id.get(sid), parts)
+            for sid, parts in by_section.items()]
+    found_by_section: Iterable[list[Problem]] = (
+        (_check_section(job) for job in jobs)  # one process: progress as sections finish
+        if workers == 1 and dask_address is None
+        else parallel_map(_check_section, jobs, workers=workers, dask_address=dask_address)
+    )
+    for found in track(found_by_section, "validate", total=len(jobs), unit="sections"):
+        check.problems.extend(found)
     check.stray(entries)
+    return check.problems
+
+
+def _check_section(
+    job: tuple[str, bool, np.ndarray, dict[str, Any] | None, list[dict[str, Any]]],
+) -> list[Problem]:
+    """The problems of one section's parts (a job for `histmol.parallel_map`)."""
+    root, checksums, gene_index, row, entries = job
+    check = _Validator(Corpus.open(root), checksums)
+    check.gene_index, check.n_genes = gene_index, len(gene_index)
+    seen_ids: list[pa.Array] = []  # unique unit ids of the section's earlier parts
+    for entry in entries:
+        check.part(entry, row, seen_ids)
     return check.problems

@@ -186,3 +186,41 @@ def test_consumed_of_a_finished_rank_is_the_whole_epoch() -> None:
     assert consumed(9, total, batch_size=4, world_size=2, rank=1, drop_last=False) == 9
     with pytest.raises(ValueError):
         consumed(9, total + 1, batch_size=4, world_size=2, rank=1, drop_last=False)
+
+
+def _reference_block_order(starts: np.ndarray, ids: np.ndarray, seed: int, block: int):
+    """The block shuffle as first written (one stable sort over all samples), for comparison."""
+    rng = np.random.default_rng(seed)
+    n_parts = len(starts) - 1
+    rank = np.empty(n_parts, dtype=np.int64)
+    rank[rng.permutation(n_parts)] = np.arange(n_parts)
+    part = np.searchsorted(starts, ids, side="right") - 1
+    ordered = ids[np.argsort(rank[part], kind="stable")]
+    keys = rng.random(len(ordered))
+    blocks = np.arange(len(ordered)) // block
+    return ordered[np.lexsort((keys, blocks))]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_fast_block_and_shard_orders_equal_the_sort_based_ones(seed: int) -> None:
+    from histmol.data.shuffle import block
+
+    rng = np.random.default_rng(100 + seed)
+    sizes = rng.integers(0, 40, size=int(rng.integers(1, 30)))
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    total = int(starts[-1])
+    every = np.arange(total, dtype=np.int64)
+    some = np.sort(rng.choice(every, size=total // 2, replace=False)) if total else every
+    repeated = np.sort(np.concatenate([every, some]))
+    for ids in (every, some, repeated):
+        for size in (1, 7, 64):
+            expected = _reference_block_order(starts, ids, seed, size)
+            got = block.order(starts, ids.copy(), np.random.default_rng(seed), size)
+            assert np.array_equal(got, expected)
+    chunked = block.CHUNK_SAMPLES
+    try:  # keys drawn chunk by chunk are the same numbers as one draw
+        block.CHUNK_SAMPLES = 16
+        got = block.order(starts, every, np.random.default_rng(seed), 5)
+    finally:
+        block.CHUNK_SAMPLES = chunked
+    assert np.array_equal(got, _reference_block_order(starts, every, seed, 5))

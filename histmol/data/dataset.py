@@ -49,6 +49,7 @@ from histmol.data.mixing import MIX_KEYS, assign_groups
 from histmol.data.order import OrderSpec, epoch_order
 from histmol.data.part import OpenPart, PartUnits, decode_units
 from histmol.data.partition import assigned
+from histmol.data.sections import live_section_facts
 from histmol.data.shm import BufferPool
 from histmol.data.source import PartRef, open_sources
 from histmol.data.state import PARTITION_KEYS, STATE_FORMAT, STATE_VERSION, rank_progress
@@ -183,16 +184,16 @@ class PairDataset(IterableDataset):
                                      or p.section_id in self.section_filter]
         if not self.parts:
             raise CorpusError(f"{[s.url for s in self.sources]}: no committed parts")
-        rows = [s.section_rows() for s in self.sources]
+        facts = [live_section_facts(s) for s in self.sources]
         self._meta: list[tuple[str, str, str, int, np.ndarray]] = []
-        masks: dict[tuple[int, str], np.ndarray] = {}
+        masks: dict[tuple[int, int], np.ndarray] = {}  # one per distinct panel: shared
         for ref in self.parts:
-            row = rows[ref.corpus][ref.section_id]
-            key = (ref.corpus, ref.section_id)
+            fact = facts[ref.corpus][ref.section_id]
+            key = (ref.corpus, fact.panel_key)
             if key not in masks:
-                masks[key] = self.gene_set.panel_mask(ref.corpus, row.get("panel"))
-            self._meta.append((ref.section_id, str(row.get("platform") or ""),
-                               str(row.get("tissue") or ""), ref.corpus, masks[key]))
+                masks[key] = self.gene_set.panel_mask(ref.corpus, fact.panel)
+            self._meta.append((ref.section_id, fact.platform, fact.tissue, ref.corpus,
+                               masks[key]))
         if mix is None:
             groups, weights = (0,) * len(self.parts), (1.0,)
         else:

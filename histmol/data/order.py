@@ -60,12 +60,12 @@ class OrderSpec:
 
     def group_ids(self) -> list[np.ndarray]:
         """Global sample ids of each group, ascending."""
-        starts = self.part_starts
-        groups: list[list[np.ndarray]] = [[] for _ in self.weights]
-        for part, group in enumerate(self.part_group):
-            if group >= 0:
-                groups[group].append(np.arange(starts[part], starts[part + 1], dtype=np.int64))
-        return [np.concatenate(g) if g else np.empty(0, dtype=np.int64) for g in groups]
+        sizes = np.asarray(self.part_sizes, dtype=np.int64)
+        part_group = np.asarray(self.part_group, dtype=np.int64)
+        if len(self.weights) == 1 and (part_group == 0).all():
+            return [np.arange(int(sizes.sum()), dtype=np.int64)]
+        return [np.flatnonzero(np.repeat(part_group == g, sizes)).astype(np.int64)
+                for g in range(len(self.weights))]
 
     def epoch_length(self) -> int:
         """Samples per epoch."""

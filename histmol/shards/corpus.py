@@ -277,6 +277,8 @@ class Corpus:
         if row is None:
             return None
         row = dict(row)
+        if isinstance(row.get("panel"), np.ndarray):
+            row["panel"] = row["panel"].tolist()
         if row["status"] == COMMITTED:
             n_parts = sum(1 for m in manifest if m["section_id"] == section_id)
             expected = row.get("n_parts") or 0
@@ -285,7 +287,18 @@ class Corpus:
         return row
 
     def _rows(self) -> list[dict[str, Any]]:
-        return self.read_table("sections").to_pylist()
+        """Section rows; ``panel`` as int32 NumPy views (no Python int per panel entry)."""
+        table = self.read_table("sections")
+        if "panel" not in table.column_names:
+            return table.to_pylist()
+        rows = table.drop_columns(["panel"]).to_pylist()
+        panels = table.column("panel").combine_chunks()
+        offsets = panels.offsets.to_numpy()
+        values = panels.values.to_numpy(zero_copy_only=False)
+        valid = panels.is_valid().to_numpy(zero_copy_only=False)
+        for i, row in enumerate(rows):
+            row["panel"] = values[offsets[i]:offsets[i + 1]] if valid[i] else None
+        return rows
 
     def _manifest_rows(self) -> list[dict[str, Any]]:
         return self.read_table("manifest").to_pylist()

@@ -113,13 +113,39 @@ def _extra_type(name: str, values: Iterable[Any]) -> pa.DataType:
 
 
 def sections_table(rows: Iterable[Mapping[str, Any]]) -> pa.Table:
-    """sections.parquet content: rows sorted by section_id, core columns then sorted extras."""
+    """sections.parquet content: rows sorted by section_id, core columns then sorted extras.
+
+    A row's ``panel`` may be a list or a NumPy array; the column is built from one concatenated
+    array, not from Python ints (a histMol-sized table holds ~50 M panel entries).
+    """
     ordered = sorted((dict(r) for r in rows), key=lambda r: r["section_id"])
+    panels = [r.pop("panel", None) for r in ordered]
     extras = sorted({k for r in ordered for k in r} - CORE_NAMES)
     fields = list(SECTION_CORE_SCHEMA) + [
         pa.field(name, _extra_type(name, (r.get(name) for r in ordered))) for name in extras
     ]
-    return pa.Table.from_pylist(ordered, schema=pa.schema(fields))
+    schema = pa.schema(fields)
+    at = schema.get_field_index("panel")
+    table = pa.Table.from_pylist(ordered, schema=schema.remove(at))
+    return table.add_column(at, schema.field(at), _panel_column(panels))
+
+
+def _panel_column(panels: list[Any]) -> pa.Array:
+    """list<int32> column from per-row panels (None: null)."""
+    arrays = [(p if isinstance(p, np.ndarray) and p.dtype == np.int32
+               else np.asarray(p, dtype=np.int64)).ravel() for p in panels if p is not None]
+    values = np.concatenate(arrays) if arrays else np.empty(0, dtype=np.int32)
+    if values.dtype != np.int32:  # rows from builders (Python ints): check the range once
+        if len(values) and (values.min() < np.iinfo(np.int32).min
+                            or values.max() > np.iinfo(np.int32).max):
+            raise ValueError("sections column 'panel': vocabulary indices exceed int32")
+        values = values.astype(np.int32)
+    lengths = [0 if p is None else int(np.size(p)) for p in panels]
+    offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(np.int32)
+    mask = pa.array([p is None for p in panels], pa.bool_())
+    column = pa.ListArray.from_arrays(pa.array(offsets, pa.int32()),
+                                      pa.array(values), mask=mask)
+    return column.cast(SECTION_CORE_SCHEMA.field("panel").type)
 
 
 def manifest_table(rows: Iterable[Mapping[str, Any]]) -> pa.Table:
