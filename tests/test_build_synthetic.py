@@ -10,6 +10,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import tifffile
+from gene_space_helpers import truth_columns
 from PIL import Image
 
 from histmol.build import SectionRequest, build_section
@@ -72,15 +73,14 @@ def test_every_unit_is_kept_or_counted_as_dropped_and_counts_are_exact(
     section = pd.read_parquet(built / "sections.parquet").iloc[0]
     assert len(units) + section["qc_n_units_dropped_tissue"] == truth.counts.shape[0]
     assert section["n_units"] == len(units) and section["n_pairs"] == len(units)  # spot mode
-    genes = pd.read_parquet(built / "genes.parquet")
-    truth_genes = pd.Series(np.arange(len(truth.genes)), index=truth.genes["gene_id"].to_numpy())
-    vocabulary_to_truth = truth_genes.loc[genes["gene_id"]].to_numpy()
+    # stable gene index -> truth column, resolved as the adapter resolves the features
+    truth_column = truth_columns(truth.genes["gene_id"], truth.genes["symbol"])
     index = pd.Series(np.arange(len(truth.unit_ids)), index=truth.unit_ids.astype(str))
     dense = truth.counts.toarray()
     for record in units.head(50).itertuples():
         expected = dense[index[record.unit_id]]
         got = np.zeros_like(expected)
-        got[vocabulary_to_truth[np.asarray(record.gene_idx)]] = record.counts
+        got[truth_column.loc[np.asarray(record.gene_idx)].to_numpy()] = record.counts
         np.testing.assert_array_equal(got, expected)
     assert units["total_counts"].sum() == dense[index.loc[units["unit_id"]].to_numpy()].sum()
 
