@@ -174,14 +174,19 @@ def read_section(section_id: str, request: SectionRequest, config: BuildConfig) 
 
 @task(name="register", task_run_name="register-{section_id}", **_STAGE)
 def register_section(
-    section_id: str, request: SectionRequest, section: Section, config: BuildConfig
+    section_id: str, request: SectionRequest, section: Section, config: BuildConfig,
+    out: str | None = None,
 ) -> Placement:
-    """Place units on the slide, mask tissue and plan patches (QC failures raise here)."""
+    """Place units on the slide, mask tissue and plan patches (QC failures raise here).
+
+    With `register: auto` and `out`, the overlay goes to `<out>/qc/<section_id>/registration.png`.
+    """
     with section_errors(request):
         request = with_local_inputs(request, "wsi", "transform", "landmarks")
+    figure_dir = Path(out) / "qc" / section_id if out and config.register == "auto" else None
     with section_errors(request), open_wsi(request.wsi) as slide:
         registration = register_stage(section, slide, config, request.transform,
-                                      request.landmarks)
+                                      request.landmarks, figure_dir=figure_dir)
         mask = tissue_stage(slide, registration.mpp, config)
         plan, plan_qc, pair_tissue = plan_stage(section, registration, mask, config)
     return Placement(registration, plan, plan_qc, pair_tissue)
@@ -329,7 +334,7 @@ def build_one(request: SectionRequest, out: str, config: BuildConfig, force: boo
         if skipped is not None:
             return skipped
     section = read_section(section_id, request, config)
-    placement = register_section(section_id, request, section, config)
+    placement = register_section(section_id, request, section, config, out)
     keys = gene_keys(section_id, request, section, placement)
     gene_index = map_genes(out, config, keys)
     return write_section(section_id, out, request, section, placement, gene_index, keys.species,
