@@ -33,6 +33,7 @@ from histmol.build import (
     GeneKeys,
     Placement,
     SectionRequest,
+    auto_figure_dir,
     commit_remote_stage,
     commit_stage,
     gene_keys,
@@ -101,11 +102,16 @@ def read_section(section_id: str, request: SectionRequest, config: BuildConfig) 
 
 @task(name="place", task_run_name="place-{section_id}", **_STAGE)
 def place_section(
-    section_id: str, request: SectionRequest, section: Section, config: BuildConfig
+    section_id: str, request: SectionRequest, section: Section, config: BuildConfig,
+    out: str | None = None,
 ) -> Placement:
-    """Register, mask tissue and plan patches (`histmol.build.place_stage`)."""
+    """Register, mask tissue and plan patches (`histmol.build.place_stage`).
+
+    With `register: auto` and `out`, the overlay goes to `<out>/qc/<section_id>/registration.png`.
+    """
+    figure_dir = auto_figure_dir(out, section_id, config) if out else None
     with section_errors(request):
-        return place_stage(request, section, config)
+        return place_stage(request, section, config, figure_dir=figure_dir)
 
 
 @task(name="gene-keys", task_run_name="genes-{section_id}", cache_policy=NO_CACHE)

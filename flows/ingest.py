@@ -260,8 +260,11 @@ class _Scheduler:
     def _start(self, run: _Run) -> _Run:
         common = {"section_id": run.section_id, "request": run.request}
         read = self.runner.submit(read_section, {**common, "config": run.config})
+        # the automatic registration overlay goes to the corpus' qc/ (not from a Dask upload:
+        # the worker builds in scratch of its own and uploads the figures with the section)
+        figures = {} if self.upload else {"out": self.out}
         place = self.runner.submit(place_section,
-                                   {**common, "section": read, "config": run.config})
+                                   {**common, "section": read, "config": run.config, **figures})
         keys = self.runner.submit(section_gene_keys,
                                   {**common, "section": read, "placement": place})
         run.stages = [read, place, keys]

@@ -57,12 +57,21 @@ class AutoRegistration:
 
 
 def he_signal(rgb: np.ndarray) -> np.ndarray:
-    """Tissue-ness of an RGB H&E image: summed optical density (glass ~0), float32."""
+    """Tissue-ness of an RGB H&E image: summed optical density above the glass's, float32.
+
+    The glass is the median of the image's outer frame (2 % of each side): a tinted or dim
+    scan (some Space Ranger PNGs) then reads ~0 off tissue, like the white glass of a WSI.
+    """
     rgb = np.asarray(rgb)
     if rgb.ndim == 2:
-        return (1.0 - _unit(rgb)).astype(np.float32)
-    od = -np.log10(np.clip(_unit(rgb[..., :3]), 1 / 255.0, 1.0))
-    return od.sum(axis=-1).astype(np.float32)
+        density = 1.0 - _unit(rgb)
+    else:
+        density = -np.log10(np.clip(_unit(rgb[..., :3]), 1 / 255.0, 1.0)).sum(axis=-1)
+    h, w = density.shape
+    by, bx = max(1, h // 50), max(1, w // 50)
+    frame = np.concatenate([density[:by].ravel(), density[-by:].ravel(),
+                            density[:, :bx].ravel(), density[:, -bx:].ravel()])
+    return np.clip(density - float(np.median(frame)), 0.0, None).astype(np.float32)
 
 
 def hematoxylin_signal(rgb: np.ndarray) -> np.ndarray:

@@ -82,13 +82,24 @@ def test_quarter_turns_and_mirror_are_exact_on_the_pixel_grid(tissue: tuple) -> 
     assert found.metrics["flipped"] is True
 
 
-def test_real_visium_lowres_registers_to_a_rotated_rescaled_copy_within_a_lowres_pixel() -> None:
-    folder = fixture_path("visium_seurat/spatial")
+@pytest.mark.parametrize("spatial", [
+    "visium_seurat/spatial",
+    "visium_spatialexperiment/section1/outs/spatial",
+    "visium_spatialexperiment/section2/outs/spatial",
+])
+def test_real_visium_lowres_registers_to_a_rotated_rescaled_copy_within_a_lowres_pixel(
+    spatial: str,
+) -> None:
+    folder = fixture_path(spatial)
     lowres = np.asarray(Image.open(folder / "tissue_lowres_image.png").convert("RGB"))
     scalef = json.loads((folder / "scalefactors_json.json").read_text())["tissue_lowres_scalef"]
-    # the "WSI": the lowres image rotated by 37 degrees and enlarged 1.6x
+    # the "WSI": the lowres image rotated by 37 degrees and enlarged 1.6x, on its own glass
     copy_to_lowres = np.linalg.inv(similarity(np.radians(37.0), 1.6, False, 420.0, -60.0))
-    copy = warp_image(lowres, copy_to_lowres, (1100, 1100), 255.0).astype(np.uint8)
+    glass = np.median(np.concatenate([lowres[:10].reshape(-1, 3), lowres[-10:].reshape(-1, 3)]), 0)
+    copy = warp_image(lowres, copy_to_lowres, (1100, 1100), 0.0)
+    outside = warp_image(np.ones(lowres.shape[:2]), copy_to_lowres, (1100, 1100), 0.0) < 0.5
+    copy[outside] = glass  # the glass goes on beyond the crop
+    copy = copy.astype(np.uint8)
     moving_to_native = np.diag([1 / scalef, 1 / scalef, 1.0])
     found = autoregister(lowres, moving_to_native, copy, np.eye(3))
     spots = np.loadtxt(folder / "tissue_positions_list.csv", delimiter=",", usecols=(1, 4, 5))
