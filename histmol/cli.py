@@ -59,6 +59,9 @@ def quiet_prefect() -> None:
         home.mkdir(parents=True, exist_ok=True)  # Prefect's server does not create it
         os.environ["PREFECT_HOME"] = str(home)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # A first run migrates a fresh database before the temporary server answers: on a busy
+    # laptop that takes minutes, well past Prefect's 20 s default.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "300")
     # histmol reports failures itself, once and without a traceback; PREFECT_LOGGING_LEVEL=INFO
     # brings Prefect's own task-run log lines back.
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "CRITICAL")
@@ -106,7 +109,8 @@ def progress_display() -> Iterator[None]:
 
 def fail(err: Exception) -> None:
     """Print a histmol error without a traceback and exit 1."""
-    console.print(f"[red]error:[/red] {escape(str(err))}", highlight=False)
+    console.print(f"[red]error:[/red] {escape(str(err))}", highlight=False,
+                  soft_wrap=True)  # one line
     raise typer.Exit(1)
 
 

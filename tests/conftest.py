@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
 import pytest
 
-# Tests never touch the user's Prefect database or profiles: one throw-away PREFECT_HOME per
-# session, set before anything imports prefect (which reads its settings once).
-PREFECT_HOME = tempfile.mkdtemp(prefix="histmol-tests-prefect-")
+# Tests never touch the user's Prefect database or profiles: PREFECT_HOME is the tests' own,
+# set before anything imports prefect (which reads its settings once). It is kept between
+# sessions so its database is migrated once per machine, not on every session's first server.
+PREFECT_HOME = os.path.join(tempfile.gettempdir(), f"histmol-tests-prefect-{os.getuid()}")
+os.makedirs(PREFECT_HOME, exist_ok=True)
 os.environ["PREFECT_HOME"] = PREFECT_HOME
 os.environ.pop("PREFECT_PROFILES_PATH", None)
 # A fresh home migrates its database on the first server start: slow on a busy 2-core machine.
@@ -27,8 +28,3 @@ def fixture_path(relative: str) -> Path:
     if not path.exists():
         pytest.skip(f"real fixture {path} is absent (../shared/fixtures is not beside the repo)")
     return path
-
-
-def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    """Remove the session's Prefect home."""
-    shutil.rmtree(PREFECT_HOME, ignore_errors=True)
