@@ -1,37 +1,40 @@
 """The `ingest-corpus` flow: every section of a manifest into one corpus, resumably, in parallel.
 
 `ingest_corpus(manifest, out, ...)` loads the manifest (histmol/manifest.py), skips sections whose
-cache key (input file fingerprints, histmol version, config, request: `flows.build.cache_key`)
-matches their committed row, and runs the stage tasks of the others: read -> register -> gene
-keys -> tile/write -> commit. The corpus is the cache: it holds each section's key, so deleting or
-moving a corpus can never leave a stale Prefect result behind (Prefect's own result cache is off).
+skip key (`histmol.build.section_key`: inputs, adapter options, metadata, config, histmol version)
+matches their committed row, and runs the stage tasks of the others (flows/build.py around
+`histmol.build`'s stages): read -> place -> gene keys -> tile/write + commit. `run_ingest` runs it
+from a library call or `histmol ingest`, against a private Prefect server unless PREFECT_API_URL is
+set (flows/server.py). The corpus is the cache: it holds each section's key, so deleting or moving
+a corpus can never leave a stale Prefect result behind (Prefect's own result cache is off).
 
-Scheduling. Sections run `max_parallel` at a time (a window over the manifest; memory holds at
-most that many sections' data). Each section's stages run one after another, so at most
-`max_parallel` stages compete for cores. Genes enter the vocabulary in manifest order (the flow
-maps them as each section, in order, passes registration), which keeps the corpus byte-identical
-whatever the runner, the worker count or the interruption history. Runners: Prefect's thread
-pool in this process, or an existing dask.distributed cluster (`dask_address`) through
-prefect-dask's DaskTaskRunner. Dask workers are separate processes and cannot reach this
-process's ephemeral Prefect API, so a Dask run needs a real API (`PREFECT_API_URL`, e.g.
-`prefect server start`); Prefect hands its URL to the workers with each task.
+Scheduling. Sections run `max_parallel` at a time (a window over the manifest; memory holds at most
+that many sections' data). Each section's stages run one after another, so at most `max_parallel`
+stages compete for cores. Genes enter the vocabulary in manifest order (the flow maps them as each
+section, in order, passes registration), which keeps the corpus byte-identical whatever the runner,
+the worker count or the interruption history. Runners: Prefect's thread pool in this process, or an
+existing dask.distributed cluster (`dask_address`) through prefect-dask's DaskTaskRunner. Dask
+workers are separate processes and cannot reach this process's private Prefect API, so a Dask run
+needs a real API (`PREFECT_API_URL`, e.g. `prefect server start`); Prefect hands its URL to the
+workers with each task.
 
 Remote corpora (`out` an fsspec URL, histmol/shards/remote.py). This process pulls the remote
 tables into a local scratch corpus, where it plans, maps genes and records failures, and is the
-single writer of the remote tables. In-process, sections are built in the scratch and published
-as each ends. On Dask (workers share no disk), this process drops a rebuilt section's old parts
-from the remote manifest before submitting its write; the worker builds the section (parts and
-QC figures) in a corpus under its own temp dir, uploads the objects and returns the rows; this
-process then puts genes, sections and, last, the manifest. Both give the same objects, byte for
-byte. Local input paths must be readable at the same paths on every worker; URL inputs are only
-listed here (their listing decides skips) and fetched by the stages that read them, into the
-cache of the process running each (a worker's own; histmol/remote_inputs.py), so with a Dask
-runner this process downloads no input at all.
+single writer of the remote tables. In-process, sections are built in the scratch and published as
+each ends. On Dask (workers share no disk), this process drops a rebuilt section's old parts from
+the remote manifest before submitting its write; the worker builds the section (parts and QC
+figures) in a corpus under its own temp dir, uploads the objects and returns the rows; this process
+then puts genes, sections and, last, the manifest. Both give the same objects, byte for byte. Local
+input paths must be readable at the same paths on every worker; URL inputs are only listed here
+(their listing decides skips) and fetched by the stages that read them, into the cache of the
+process running each (a worker's own; histmol/remote_inputs.py), so with a Dask runner this process
+downloads no input at all.
 
-Failures are isolated: a section that fails (bad input, adapter error, QC) gets a `failed` row
-with its reason and the others commit; the flow run then fails with `IngestFailed`, which holds
-the per-section outcomes, so `prefect deployment run --watch` and `histmol ingest` both exit
-non-zero. A killed run leaves only debris that the next run removes before it starts.
+Failures are isolated: a section that fails (bad input, adapter error, QC, or an input that cannot
+be listed or stat'ed while planning) gets a `failed` row with its reason and the others commit; the
+flow run then fails with `IngestFailed`, which holds the per-section outcomes, so `prefect
+deployment run --watch` and `histmol ingest` both exit non-zero. A killed run leaves only debris
+that the next run removes before it starts.
 """
 
 from __future__ import annotations
