@@ -97,7 +97,7 @@ def build_corpus(root: Path, n_pairs: int, n_sections: int, patch_px: int = PATC
                         "x_in_patch_px": pa.array([patch_px / 2], pa.float32()),
                         "y_in_patch_px": pa.array([patch_px / 2], pa.float32()),
                         "total_counts": pa.array([int(counts.sum())], pa.int64()),
-                        "gene_idx": pa.array([vocab[gene_idx].astype(np.int32)],
+                        "gene_idx": pa.array([np.sort(vocab[gene_idx]).astype(np.int32)],
                                              pa.list_(pa.int32())),
                         "counts": pa.array([counts], pa.list_(pa.int32())),
                     })
@@ -261,7 +261,9 @@ def export_for_mds(root: Path, out: Path) -> Path:
         table = pq.read_table(root / ref.units_path, columns=["gene_idx", "counts"])
         genes, counts = table.column("gene_idx").combine_chunks(), table.column("counts")
         np.save(out / f"offsets-{k}.npy", genes.offsets.to_numpy())
-        np.save(out / f"genes-{k}.npy", genes.values.to_numpy())
+        # units hold stable gene indices; the lookup is by genes.parquet row
+        rows = np.searchsorted(source.gene_index, genes.values.to_numpy())
+        np.save(out / f"genes-{k}.npy", rows.astype(np.int32))
         np.save(out / f"counts-{k}.npy", counts.combine_chunks().values.to_numpy())
         parts.append(shard)
     (out / "parts.json").write_text(json.dumps(parts))

@@ -7,7 +7,9 @@ download at run time) holds every human and mouse Ensembl gene of its sources in
 order: a gene's row is its stable global index. Features that resolve to no single reference
 gene are kept under the key ``unresolved:<species>:<name>`` with the index
 ``TAIL_BASE + (first 30 bits of sha256(key))``: stable, order-free and above every reference
-index. Two different keys hashing to one index are a CorpusError when they meet in a corpus
+index. The name in the key is the feature's unversioned Ensembl id when it has one (so a retired id
+is one key whichever bundle spells it), else its name. Two different keys hashing to one index
+are a CorpusError when they meet in a corpus
 (about one chance in 2**30 per pair of keys).
 
 Resolution, per feature, first match wins: the Ensembl id (version stripped) of the id column
@@ -190,10 +192,10 @@ def resolve_features(
             if keyed[i]:
                 gene_species[i] = key.split(":", 2)[1]
             else:
-                if own is not None:  # an Ensembl id outside the reference: its own species
-                    gene_species[i] = ENSEMBL_PREFIX_SPECIES.get(own[:own.index("0")]
-                                                                 if "0" in own else own, panel)
-                key = unresolved_key(str(gene_species[i]), names_np[i])
+                if own is not None:  # an Ensembl id outside the reference: its own species,
+                    gene_species[i] = ENSEMBL_PREFIX_SPECIES.get(  # and the id names it
+                        own[:own.index("0")] if "0" in own else own, panel)
+                key = unresolved_key(str(gene_species[i]), own or names_np[i])
             gene_id[i] = key
             index[i] = tail_index(key)
     return pd.DataFrame({

@@ -16,6 +16,7 @@ import yaml
 from typer.testing import CliRunner
 
 from histmol.cli import app
+from histmol.genes import gene_table
 from histmol.synth import make_slide, write_st_bundle, write_visium_bundle
 
 runner = CliRunner()
@@ -95,14 +96,14 @@ def test_one_broken_section_of_four_is_recorded_and_the_others_commit(
     assert sorted(p.name for p in (reference / "shards").iterdir()) == sorted(GOOD)
     assert sections.loc["syn-st", "patient_id"] == "p2"
     assert sections.loc["syn-b", "licence"] == "CC0"
-    # genes enter the vocabulary in manifest order: syn-a's 60 in panel order, then syn-st's
-    # (reversed panel of 70) adds its 10 unseen genes, then syn-b's 10 more.
+    # a gene's index comes from the gene reference, not the manifest order: syn-a's 60, syn-st's
+    # 70 (10 unseen) and syn-b's 10 more are 80 genes, each under its resolved index
     genes = pd.read_parquet(reference / "genes.parquet")
-    assert len(genes) == 80
+    measured = set().union(*(set(p) for p in sections["panel"] if p is not None))
+    assert len(measured) == 80 and measured <= set(genes["index"])
     panel = pd.read_csv(cohort.parent / "st" / "s1_stdata.tsv", sep="\t", index_col=0,
                         nrows=1).columns
-    assert genes["gene_id"].iloc[60:70].tolist() == [g for g in panel if g not in
-                                                     set(genes["gene_id"].iloc[:60])]
+    assert set(sections.loc["syn-st", "panel"]) == set(gene_table(panel, panel)["index"])
 
 
 def test_rerun_skips_unchanged_sections_and_rebuilds_a_changed_one(
