@@ -39,6 +39,7 @@ MAX_SAMPLES = 12_000
 FINAL_SAMPLES = 40_000
 DEFAULT_FINE_SIDE = 1024
 DEFAULT_MIN_CONFIDENCE = 0.3
+GLASS_PERCENTILE = 1.0
 
 
 @dataclass(frozen=True)
@@ -59,19 +60,17 @@ class AutoRegistration:
 def he_signal(rgb: np.ndarray) -> np.ndarray:
     """Tissue-ness of an RGB H&E image: summed optical density above the glass's, float32.
 
-    The glass is the median of the image's outer frame (2 % of each side): a tinted or dim
-    scan (some Space Ranger PNGs) then reads ~0 off tissue, like the white glass of a WSI.
+    The glass is the image's lightest percent (`GLASS_PERCENTILE`): a tinted or dim scan (some
+    Space Ranger PNGs) then reads ~0 off tissue, like the white glass of a WSI, and a crop that
+    is all tissue loses only its lightest shade.
     """
     rgb = np.asarray(rgb)
     if rgb.ndim == 2:
         density = 1.0 - _unit(rgb)
     else:
         density = -np.log10(np.clip(_unit(rgb[..., :3]), 1 / 255.0, 1.0)).sum(axis=-1)
-    h, w = density.shape
-    by, bx = max(1, h // 50), max(1, w // 50)
-    frame = np.concatenate([density[:by].ravel(), density[-by:].ravel(),
-                            density[:, :bx].ravel(), density[:, -bx:].ravel()])
-    return np.clip(density - float(np.median(frame)), 0.0, None).astype(np.float32)
+    glass = float(np.percentile(density[:: max(1, density.shape[0] // 256)], GLASS_PERCENTILE))
+    return np.clip(density - glass, 0.0, None).astype(np.float32)
 
 
 def hematoxylin_signal(rgb: np.ndarray) -> np.ndarray:
