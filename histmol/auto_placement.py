@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from histmol.autoregister import AutoRegistration, autoregister
+from histmol.autoregister import AutoPlacement, autoregister
 from histmol.errors import RegistrationError
 from histmol.section import Section
 from histmol.wsi import SlideReader
@@ -23,17 +22,6 @@ from histmol.wsi import SlideReader
 log = logging.getLogger(__name__)
 COARSE_THUMBNAIL_SIDE = 1024  # pass 1: the whole slide
 MAX_FOOTPRINT_SIDE = 2048  # pass 2: the platform image's footprint, at about its pixel size
-
-
-@dataclass(frozen=True)
-class AutoPlacement:
-    """The found transform, its QC numbers, and the images it was found on (for the figure)."""
-
-    native_to_wsi: np.ndarray
-    qc: dict[str, float | int | str | bool]
-    found: AutoRegistration
-    fixed: np.ndarray
-    moving: np.ndarray
 
 
 def place_automatically(

@@ -396,3 +396,14 @@ def _scores(pyramid: _Pyramid, transform: np.ndarray, side: int) -> dict[str, fl
         "overlap_fraction": float(inside.mean()),
         "level_um_factor": float(f_factor),
     }
+
+
+@dataclass(frozen=True)
+class AutoPlacement:
+    """The found transform, its QC numbers, and the images it was found on (for the figure)."""
+
+    native_to_wsi: np.ndarray
+    qc: dict[str, float | int | str | bool]
+    found: AutoRegistration
+    fixed: np.ndarray
+    moving: np.ndarray

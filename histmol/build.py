@@ -58,7 +58,7 @@ from histmol.wsi import SlideReader, open_wsi
 from platform_adapters import get_platform, load_reader
 
 if TYPE_CHECKING:
-    from histmol.auto_placement import AutoPlacement
+    from histmol.autoregister import AutoPlacement
 
 log = logging.getLogger(__name__)
 ProgressCallback = Callable[[int, int], None]

@@ -20,16 +20,20 @@ LAYER_NAMES = ("core", "geometry/adapters", "storage", "data/model", "pipeline",
 LAYERS = {
     "histmol": CORE, "histmol.section": CORE, "histmol.config": CORE, "histmol.errors": CORE,
     "histmol.genes": CORE, "histmol.fingerprint": CORE, "histmol.progress": CORE,
-    "histmol.counts_store": CORE,
+    "histmol.counts_store": CORE, "histmol.gene_reference": CORE, "histmol.split": CORE,
+    "histmol.manifest_limits": CORE, "histmol.parallel_map": CORE,
+    "histmol.autoregister": GEOMETRY, "histmol.synth.scale": STORAGE,
     "histmol.registration": GEOMETRY, "histmol.landmarks": GEOMETRY, "histmol.binning": GEOMETRY,
     "histmol.tissue": GEOMETRY, "histmol.tiling": GEOMETRY, "histmol.pairs": GEOMETRY,
     "histmol.wsi": GEOMETRY, "histmol.synth": GEOMETRY, "platform_adapters": GEOMETRY,
     "histmol.shards": STORAGE, "histmol.remote_inputs": STORAGE,
     "histmol.data": DATA, "histmol.model": DATA, "histmol.qc": DATA, "histmol.export": DATA,
     "histmol.summary": DATA, "histmol.validate": DATA,
-    "histmol.build": PIPELINE, "histmol.manifest": PIPELINE,
+    "histmol.build": PIPELINE, "histmol.manifest": PIPELINE, "histmol.auto_placement": PIPELINE,
+    "histmol.preflight": PIPELINE,
     "flows": FLOWS,
     "histmol.cli": APP, "histmol.__main__": APP, "histmol.demo": APP, "histmol.ingest_view": APP,
+    "histmol.cli_errors": APP, "histmol.progress_view": APP,
 }
 PACKAGES = ("histmol", "platform_adapters", "flows")
 

@@ -21,7 +21,7 @@ from histmol.shards.atomic import temp_name
 FIGURE_SIDE = 600  # px per panel: enough to judge the overlay, cheap to draw
 
 if TYPE_CHECKING:
-    from histmol.auto_placement import AutoPlacement
+    from histmol.autoregister import AutoPlacement
 
 
 def registration_figure(placement: AutoPlacement, title: str = "") -> Figure:
