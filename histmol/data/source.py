@@ -113,6 +113,8 @@ class CorpusSource:
         if tables[CORPUS_JSON] is None:
             raise CorpusError(f"{self.url}: not a histmol corpus "
                               f"({self.describe(CORPUS_JSON)}: missing)")
+        if record is None:  # an older corpus has no record: name its migration first
+            self._read_meta(tables[CORPUS_JSON])
         problems = check_snapshot(record, tables)
         if problems:
             raise RecordMismatch("; ".join(f"{self.describe(name)}: {message}"
