@@ -156,7 +156,9 @@ def build(
         typer.Option(help="auto: align the bundle's own image (Visium PNG, DAPI) to the H&E."),
     ] = None,
     min_register_confidence: Annotated[
-        Optional[float], typer.Option(help="Fail an automatic registration scoring less [0.3].")
+        Optional[float],
+        typer.Option(help="Fail an automatic registration scoring less than this.",
+                     show_default="0.3"),
     ] = None,
     mpp: Annotated[
         Optional[float], typer.Option(help="Override the WSI's um/px (skips the pitch check).")
@@ -799,7 +801,8 @@ def split_command(
         str, typer.Option(help="Group by patient, section, tissue, platform, or list.")
     ] = "patient",
     folds: Annotated[
-        Optional[int], typer.Option(help="Number of folds [one per group: leave-one-out].")
+        Optional[int],
+        typer.Option(help="Number of folds.", show_default="one per group: leave one out"),
     ] = None,
     seed: Annotated[int, typer.Option(help="Orders groups of equal size.")] = 0,
     held_out: Annotated[
@@ -870,7 +873,8 @@ def evaluate(
     batch_size: Annotated[int, typer.Option(help="Pairs per batch.")] = 256,
     num_workers: Annotated[int, typer.Option(help="DataLoader workers.")] = 0,
     out: Annotated[
-        Optional[Path], typer.Option(help="Folder for the result tables [RUN/eval].")
+        Optional[Path],
+        typer.Option(help="Folder for the result tables.", show_default="RUN/eval"),
     ] = None,
 ) -> None:
     """HEST-Benchmark per fold: frozen embeddings, PCA 256, ridge, per-gene Pearson; baselines.

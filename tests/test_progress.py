@@ -46,15 +46,15 @@ def qc(tmp_path_factory: pytest.TempPathFactory) -> QcCorpus:
     return shared_qc_corpus(tmp_path_factory)
 
 
-def test_validate_reports_every_part(qc: QcCorpus) -> None:
+def test_validate_reports_every_section(qc: QcCorpus) -> None:
     import pandas as pd
 
-    n_parts = len(pd.read_parquet(qc.root / "manifest.parquet"))
+    n_sections = pd.read_parquet(qc.root / "manifest.parquet")["section_id"].nunique()
     events, reporter = recorded()
     with tracking(reporter):
         assert validate_corpus(qc.root) == []
-    assert events[0] == ("validate", 0, n_parts, "parts")
-    assert events[-1] == ("validate", n_parts, n_parts, "parts")
+    assert events[0] == ("validate", 0, n_sections, "sections")
+    assert events[-1] == ("validate", n_sections, n_sections, "sections")
 
 
 def test_cli_shows_bars_and_ends_with_where_the_output_went(qc: QcCorpus, tmp_path: Path) -> None:
@@ -62,7 +62,7 @@ def test_cli_shows_bars_and_ends_with_where_the_output_went(qc: QcCorpus, tmp_pa
     env = {"COLUMNS": "200"}
     result = runner.invoke(app, ["validate", str(qc.root)], env=env)
     assert result.exit_code == 0, result.output
-    assert "validate" in result.output and " parts" in result.output
+    assert "validate" in result.output and " sections" in result.output
     assert result.stdout.strip().splitlines()[-1].startswith(f"{qc.root}: no problems found (")
     out = tmp_path / "r.html"
     result = runner.invoke(app, ["report", str(qc.root), "--out", str(out)], env=env)
