@@ -57,7 +57,7 @@ def test_page_is_self_contained_and_links_to_existing_figures(report: Path, figu
     assert sorted(set(links)) == sorted(
         f"{figures.name}/{sid}/{name}.png"
         for sid in ("crc-01", "st-01")
-        for name in ("overview", "zoom", "metrics")
+        for name in ("overview", "zoom", "metrics", "genes")
     )
     assert all((report.parent / link).is_file() for link in links)
 

@@ -26,6 +26,7 @@ which is also what lets the parts be shared.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -42,12 +43,13 @@ import pyarrow.parquet as pq
 
 from histmol.config import BuildConfig
 from histmol.errors import ConfigError
+from histmol.gene_reference import reference
 from histmol.shards.atomic import (
     PARQUET_COMPRESSION,
-    atomic_write_parquet,
     file_digest,
     remove_path,
 )
+from histmol.shards.commit_record import write_table
 from histmol.shards.corpus import MANIFEST, SECTIONS, SHARDS, Corpus
 from histmol.shards.corpus_tables import manifest_table, section_row, sections_table
 from histmol.shards.shard_writer import (
@@ -161,27 +163,30 @@ def plan_cohort(n_sections: int = HISTMOL_SECTIONS, *, seed: int = 0,
 def panel_genes(platform: str, species: str) -> pd.DataFrame:
     """The gene table (gene_id, symbol, ensembl_id) a (platform, species) assay measures.
 
-    Genes are drawn from the species' fabricated vocabulary (``{species}-gene-NNNNN``), seeded by
-    the pair, so panels of different platforms overlap as real ones do.
+    Genes are drawn from the species' fabricated vocabulary (`_vocabulary_genes`), seeded by the
+    pair, so panels of different platforms overlap as real ones do.
     """
-    n_vocab = VOCABULARY[species]
+    vocabulary = _vocabulary_genes(species)
     seed = int.from_bytes(hashlib.sha256(f"{platform}/{species}".encode()).digest()[:8], "little")
-    size = min(profile(platform).panel, n_vocab)
-    chosen = np.sort(np.random.default_rng(seed).choice(n_vocab, size=size, replace=False))
-    return pd.DataFrame({
-        "gene_id": [f"{species}-gene-{g:05d}" for g in chosen],
-        "symbol": [f"G{g}" for g in chosen],
-        "ensembl_id": [f"ENS{'MUS' if species == 'mouse' else ''}G{g:011d}" for g in chosen],
-    })
+    size = min(profile(platform).panel, len(vocabulary))
+    chosen = np.sort(np.random.default_rng(seed).choice(len(vocabulary), size=size,
+                                                        replace=False))
+    return vocabulary.iloc[chosen].reset_index(drop=True)
 
 
+@functools.cache
 def _vocabulary_genes(species: str) -> pd.DataFrame:
-    ids = np.arange(VOCABULARY[species])
-    return pd.DataFrame({
-        "gene_id": [f"{species}-gene-{g:05d}" for g in ids],
-        "symbol": [f"G{g}" for g in ids],
-        "ensembl_id": [f"ENS{'MUS' if species == 'mouse' else ''}G{g:011d}" for g in ids],
-    })
+    """The first ``VOCABULARY[species]`` genes of the species in the shipped gene reference.
+
+    Real reference genes, so every fabricated feature resolves as real panels nearly all do
+    (random names would fill the unresolved tail, whose 30-bit hash space a cohort of 60,000
+    invented names would crowd into collisions).
+    """
+    genes = reference().genes
+    rows = genes[genes["species"] == species].head(VOCABULARY[species])
+    return pd.DataFrame({"gene_id": rows["ensembl_id"].to_numpy(object),
+                         "symbol": rows["symbol"].to_numpy(object),
+                         "ensembl_id": rows["ensembl_id"].to_numpy(object)})
 
 
 def _part_sizes(n_pairs: int, pairs_per_shard: int) -> list[int]:
@@ -408,8 +413,9 @@ def fabricate(
             status="committed", reason=None, n_pairs=plan.n_pairs, n_units=n_units,
             n_parts=len(records)))
         manifest.extend(Corpus._manifest_row(plan.section_id, r) for r in records)
-    atomic_write_parquet(root / SECTIONS, sections_table(rows))
-    atomic_write_parquet(root / MANIFEST, manifest_table(manifest))  # last: now it is live
+    with corpus.lock():  # through the commit record, as every corpus table write
+        write_table(root / SECTIONS, sections_table(rows))
+        write_table(root / MANIFEST, manifest_table(manifest))  # last: now it is live
     if shards == "none":
         (root / SHARDS).mkdir(exist_ok=True)
     return Fabricated(root, len(plans), len(manifest), sum(p.n_pairs for p in plans),
