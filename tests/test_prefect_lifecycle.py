@@ -58,12 +58,13 @@ def test_a_server_over_the_limit_is_stopped_and_the_error_says_what_to_set(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv(TIMEOUT_ENV, "0.2")
+    before = set(children(os.getpid()))  # earlier tests may hold Prefect's own in-process server
     with pytest.raises(ConfigError) as error:
         start_server(tmp_path)
     message = str(error.value)
     assert "did not answer within 0.2 s" in message
     assert f"set {TIMEOUT_ENV} to more seconds" in message and "PREFECT_API_URL" in message
-    assert children(os.getpid()) == []
+    assert set(children(os.getpid())) <= before  # the server it started is gone
 
 
 @pytest.mark.slow
