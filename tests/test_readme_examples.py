@@ -122,7 +122,7 @@ def test_readme_blocks_are_found_and_skips_are_few() -> None:
     assert len(fences) == len(BLOCKS)
 
 
-@pytest.mark.slow
+# Not marked slow: about 4 minutes on a quiet 2-core machine, and CI must catch a drifting README.
 @pytest.mark.parametrize("block", BLOCKS[1:], ids=[b.id for b in BLOCKS[1:]])
 def test_readme_block_runs(block: Block, workdir: tuple[Path, dict[str, str]]) -> None:
     if block.skip:
