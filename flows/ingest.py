@@ -390,6 +390,9 @@ def ingest_corpus(
         scheduler = _Scheduler(runner, local_out, window, threads, remote,
                                upload=remote is not None and dask_address is not None)
         built = scheduler.run(todo) if todo else []
+    Corpus.open(local_out).compact()  # the sections' fragments join the tables once, at the end
+    if remote is not None:
+        remote.compact()
     order = {request.resolved_section_id(): i for i, request in enumerate(plan.requests)}
     outcomes = sorted((o.summary() for o in skipped + built), key=lambda o: order[o["section_id"]])
     get_run_logger().info("ingest of %s into %s:\n%s", manifest, out, summary_text(outcomes))

@@ -600,7 +600,9 @@ def build_section(
         if record_failure:
             record_failed(out, config, section_id, request.platform,
                           request.name_urls(str(err)))
+            Corpus.open(out).compact()
         raise
+    Corpus.open(out).compact()  # one section built: its fragment joins the tables
     result.seconds = time.perf_counter() - started
     return result
 

@@ -24,7 +24,7 @@ from test_remote_ingest import endpoint, s3  # noqa: F401  (fixtures: a moto S3 
 
 from histmol.data import PairDataset
 from histmol.errors import CorpusError
-from histmol.shards import commit_record
+from histmol.shards import commit_record, fragments
 from histmol.shards.atomic import write_parquet
 from histmol.shards.commit_record import (
     RECORD,
@@ -130,15 +130,17 @@ def test_missing_or_garbled_record_is_refused_and_reseal_accepts(qc: QcCorpus,
     assert validate_corpus(root) == []
 
 
-@pytest.mark.parametrize("crash_at", [1, 2, 3])
+@pytest.mark.parametrize("crash_at", [1, 2, 3, 4])
 def test_a_crash_inside_a_table_write_leaves_an_accepted_corpus(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, crash_at: int,
 ) -> None:
-    """Kill the three steps of a write after 0, 1 or 2 of them: readers accept, writers settle."""
+    """Kill a compaction's four writes after 0-3 of them: readers accept, writers settle."""
     corpus = Corpus.open(tmp_path, create=True)
     build(corpus, "s1", ["g1", "g2"])
+    build(corpus, "s2", ["g2", "g3"])
     before = (tmp_path / "manifest.parquet").read_bytes()
-    real = commit_record.atomic_write_bytes
+    view = {name: corpus.read_table(name) for name in ("sections", "manifest")}
+    real = fragments.atomic_write_bytes
     calls = []
 
     def crashing(path: Path, data: bytes) -> None:
@@ -147,26 +149,28 @@ def test_a_crash_inside_a_table_write_leaves_an_accepted_corpus(
             raise KeyboardInterrupt("killed")
         real(path, data)
 
-    monkeypatch.setattr(commit_record, "atomic_write_bytes", crashing)
+    monkeypatch.setattr(fragments, "atomic_write_bytes", crashing)
     with pytest.raises(KeyboardInterrupt):
-        corpus.remove_section("s1")  # first write: the manifest without s1
+        corpus.compact()  # the fragments of s1 and s2 join the tables
     monkeypatch.undo()
-    assert calls == [RECORD, "manifest.parquet", RECORD][:crash_at]
+    assert calls == [RECORD, "sections.parquet", "manifest.parquet", RECORD][:crash_at]
     after = (tmp_path / "manifest.parquet").read_bytes()
-    assert (after == before) == (crash_at <= 2)
+    assert (after == before) == (crash_at <= 3)
     assert check_local(tmp_path) == {}
+    assert {name: corpus.read_table(name) for name in view} == view  # readers see one state
     record = json.loads((tmp_path / RECORD).read_bytes())
     assert bool(record["pending"]) == (crash_at >= 2)
-    if crash_at == 3:  # a flipped byte matches neither the committed nor the pending state
+    if crash_at == 4:  # a flipped byte matches neither the committed nor the pending state
         data = bytearray(after)
         data[len(data) // 2] ^= 0x01
         (tmp_path / "manifest.parquet").write_bytes(bytes(data))
         assert list(check_local(tmp_path)) == ["manifest.parquet"]
         (tmp_path / "manifest.parquet").write_bytes(after)
-    assert Corpus.open(tmp_path).remove_section("s1")  # the next write settles the record
-    assert json.loads((tmp_path / RECORD).read_bytes())["pending"] == {}
-    assert check_local(tmp_path) == {}
-    assert Corpus.open(tmp_path).manifest().empty
+    assert Corpus.open(tmp_path).compact()  # the next write settles the record
+    record = json.loads((tmp_path / RECORD).read_bytes())
+    assert record["pending"] == {} and record["fragments"] == {}
+    assert check_local(tmp_path) == {} and not list((tmp_path / "fragments").iterdir())
+    assert {name: corpus.read_table(name) for name in view} == view
 
 
 def test_record_states_accept_only_committed_or_pending_bytes() -> None:
@@ -203,11 +207,18 @@ def test_remote_corpus_record_is_put_last_and_checked(
     remote.publish_section("s1")
     remote.publish_section("s2")
     tables = [n for n in puts if not n.startswith("shards/")]
-    assert tables[-2:] == ["manifest.parquet", RECORD]
-    assert tables.count(RECORD) == 2 * (len(tables) - tables.count(RECORD))
+    # a publish: the section's two fragment objects, then the record naming them (live)
+    assert [n.split(".")[0] for n in tables[-3:]] == ["fragments/s2", "fragments/s2", "commit"]
+    for at, name in enumerate(tables):  # a table put sits between two record puts
+        if name in commit_record.RECORDED:
+            assert tables[at - 1] == tables[at + 1] == RECORD
+    puts.clear()
+    assert remote.compact()
+    assert puts == [RECORD, "sections.parquet", "manifest.parquet", RECORD]
     fs, root = fsspec.core.url_to_fs(url, **s3)
     record = CommitRecord.from_bytes(fs.cat_file(f"{root}/{RECORD}"), url)
     assert record.pending == {} and sorted(record.tables) == sorted(commit_record.RECORDED)
+    assert record.fragments == {} and not fs.exists(f"{root}/fragments")
     dataset = PairDataset(url, storage_options=s3, cache_dir=tmp_path / "cache")
     assert sorted({p.section_id for p in dataset.parts}) == ["s1", "s2"]
     sections = pq.read_table(pa.BufferReader(fs.cat_file(f"{root}/sections.parquet")))

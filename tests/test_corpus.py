@@ -17,6 +17,7 @@ import pytest
 from histmol.errors import CorpusError
 from histmol.gene_reference import reference, tail_index, unresolved_key
 from histmol.shards.commit_record import write_table
+from histmol.shards.fragments import commit_fragment, local_store, section_view
 from histmol.shards.corpus import Corpus
 from histmol.shards.corpus_tables import GENES_SCHEMA, MANIFEST_SCHEMA
 from histmol.shards.shard_reader import ShardReader
@@ -231,10 +232,10 @@ def test_interrupted_commit_reads_incomplete_and_recovers(tmp_path: Path) -> Non
     corpus = Corpus.open(tmp_path, create=True)
     build(corpus, "s1", ["nag_g1"])
     build(corpus, "s2", ["nag_g1"])
-    # Simulate a crash of a forced re-commit of s1 right after step 1 (manifest rewritten).
-    manifest = corpus.read_table("manifest")
-    keep = pa.compute.not_equal(manifest.column("section_id"), "s1")
-    write_table(tmp_path / "manifest.parquet", manifest.filter(keep))  # as step 1 does
+    # Simulate a crash of a forced re-commit of s1 right after step 1 (its parts left the
+    # manifest: the fragment of its old row without parts).
+    rows, _ = section_view(local_store(tmp_path), "s1")
+    commit_fragment(local_store(tmp_path), "s1", rows, [])  # as step 1 does
     assert corpus.section_status("s1")["status"] == "incomplete"  # type: ignore[index]
     assert corpus.section_status("s2")["status"] == "committed"  # type: ignore[index]
     build(corpus, "s1", ["nag_g1"], n_pairs=2)  # no force needed: it is not committed

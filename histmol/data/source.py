@@ -29,8 +29,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from histmol.errors import CorpusError
-from histmol.shards.commit_record import RecordMismatch, check_snapshot, read_snapshot
+from histmol.shards.commit_record import RecordMismatch, parquet_bytes, read_snapshot
 from histmol.shards.corpus import CORPUS_JSON, GENES, MANIFEST, SECTIONS, check_format
+from histmol.shards.fragments import merged_tables
 
 LOCAL_PROTOCOLS = frozenset({"file", "local"})
 
@@ -66,18 +67,19 @@ class CorpusSource:
         self.root = root.rstrip("/") or "/"
         protocols = self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
         self.local_root: Path | None = Path(self.root) if LOCAL_PROTOCOLS & set(protocols) else None
-        tables = self._checked_tables()
+        tables, views = self._checked_tables()
         self.meta = self._read_meta(tables[CORPUS_JSON])
-        manifest_bytes = tables[MANIFEST]
+        self.manifest = views["manifest"]
+        # the compacted bytes when nothing waits to be compacted, else those compaction writes
+        manifest_bytes = tables[MANIFEST] if views["compacted"] else parquet_bytes(self.manifest)
         self.manifest_sha256 = hashlib.sha256(manifest_bytes).hexdigest()
-        self.manifest = self._parquet(MANIFEST, manifest_bytes)
         genes_bytes = tables[GENES]
         self.genes_sha256 = hashlib.sha256(genes_bytes).hexdigest()
         self.genes = self._parquet(GENES, genes_bytes)
         self.gene_index = self.genes.column("index").to_numpy().astype(np.int64)
         if len(self.gene_index) and np.any(np.diff(self.gene_index) <= 0):
             raise CorpusError(f"{self.describe(GENES)}: index is not strictly increasing")
-        self.sections = self._parquet(SECTIONS, tables[SECTIONS])
+        self.sections = views["sections"]
 
     def path(self, relative: str) -> str:
         """The file system path of a file given relative to the corpus root."""
@@ -104,25 +106,30 @@ class CorpusSource:
                 raise
             return None
 
-    def _checked_tables(self) -> dict[str, bytes]:
+    def _checked_tables(self) -> tuple[dict[str, bytes], dict[str, Any]]:
         """The small tables, one consistent snapshot checked against the commit record.
 
-        RecordMismatch (a CorpusError naming each file) when the record does not accept them.
+        Returns the tables' bytes and the merged views (``sections``, ``manifest``: compacted
+        plus fragments, ``compacted``: True when no fragment waits). RecordMismatch (a
+        CorpusError naming each file) when the record does not accept them.
         """
-        record, tables = read_snapshot(self._read_optional, self.describe)
+        snapshot = read_snapshot(self._read_optional, self.describe)
+        tables = snapshot.tables
         if tables[CORPUS_JSON] is None:
             raise CorpusError(f"{self.url}: not a histmol corpus "
                               f"({self.describe(CORPUS_JSON)}: missing)")
-        if record is None:  # an older corpus has no record: name its migration first
+        if snapshot.record is None:  # an older corpus has no record: name its migration first
             self._read_meta(tables[CORPUS_JSON])
-        problems = check_snapshot(record, tables)
+        problems = snapshot.problems()
         if problems:
             raise RecordMismatch("; ".join(f"{self.describe(name)}: {message}"
                                            for name, message in problems.items()))
         missing = [name for name, data in tables.items() if data is None]
         if missing:
             raise CorpusError(f"{self.describe(missing[0])}: missing")
-        return {name: data for name, data in tables.items() if data is not None}
+        views: dict[str, Any] = merged_tables(snapshot, self.describe)
+        views["compacted"] = not (snapshot.record and snapshot.record.fragments)
+        return {name: data for name, data in tables.items() if data is not None}, views
 
     def _parquet(self, name: str, data: bytes) -> pa.Table:
         try:

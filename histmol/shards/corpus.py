@@ -10,8 +10,11 @@ Layout (DESIGN.md "Corpus layout")::
     sections.parquet   one row per section (committed or failed), sorted by section_id
     manifest.parquet   one row per committed part, sorted by (section_id, part)
     shards/<section_id>/part-NNNNN.{zarr,parquet}
-    commit.json        sha256 and size of the four tables above, rewritten around every table
-                       write so any later change is detected (``histmol.shards.commit_record``)
+    fragments/<section_id>.<sha256[:16]>.{sections,manifest}.parquet
+                       rows of sections committed since the last compaction (see below)
+    commit.json        sha256 and size of the four tables above and of every fragment,
+                       rewritten around every write so any later change is detected
+                       (``histmol.shards.commit_record``)
 
 The loader reads only ``manifest.parquet`` rows (and the files they name), ``genes.parquet`` and
 ``sections.parquet``; it never lists folders. Every table is rewritten atomically (temporary
@@ -29,32 +32,42 @@ written. Adding is a set union (rows sorted by index), so any order of calls, fr
 processes, gives the same bytes; removal of a section keeps its keys. A corpus made with another
 format or gene reference is refused with the `histmol migrate` command to run.
 
-Commit protocol (``commit_section``, under the lock; ``M`` = manifest.parquet, ``S`` = sections):
+Tables and fragments (``histmol.shards.fragments``). A commit writes only the section's own rows,
+as two small fragment files under ``fragments/`` named in ``commit.json``; readers see the
+compacted ``sections.parquet`` / ``manifest.parquet`` with each fragment's section replaced by
+its rows, so a commit costs the same in a corpus of 10 or 10,000 sections. ``compact`` merges
+the fragments into the two tables (the bytes a whole-table rewrite gives); a commit compacts
+itself once ``COMPACT_AFTER`` fragments are waiting, and every command that ends a build
+(`histmol build`, an ingest, `histmol.build.build_section`) compacts at its end, so a finished
+corpus has no fragments and the same bytes whatever wrote it.
 
-1. If ``M`` lists parts of the section (a forced re-commit), rewrite ``M`` without them. From here
-   the loader no longer reads the old data.
+Commit protocol (``commit_section``, under the lock):
+
+1. If the section has parts live (a forced re-commit), commit its fragment without them. From
+   here the loader no longer reads the old data.
 2. If ``shards/<id>`` exists (old data, or debris of a crashed commit), rename it to
    ``shards/.trash-<id>.tmp-<token>``.
 3. Rename the staging folder ``shards/.staging-<id>.tmp-<token>`` to ``shards/<id>``.
-4. Rewrite ``S`` with the section's new row (``status == "committed"``, ``n_parts``).
-5. Rewrite ``M`` with the section's new rows: the LAST write; now the section is live.
-6. Delete the trash folder.
+4. Commit the section's fragment: its new row (``status == "committed"``, ``n_parts``) and its
+   manifest rows, in one record write: now the section is live.
+5. Delete the trash folder.
 
-A crash at any point leaves a readable corpus: ``M`` only ever names complete files (parts are
-complete before step 3, old parts leave ``M`` in step 1 before they move in step 2, new parts
-enter ``M`` in step 5 after they moved in step 3). The loader sees the old section (crash before
-1), no section (between 1 and 5) or the new section (after 5). ``section_status`` reports a
-section as ``committed`` only when its ``S`` row says so AND ``M`` holds exactly ``n_parts`` rows
-for it AND its folder exists; otherwise ``incomplete``, which the builder treats like "not built"
-(a crash between 1 and 5 leaves ``S`` and ``M`` disagreeing). A re-run then rebuilds the section
-and commits it without ``force``; debris (staging and trash folders, temporary files) is removed
-by ``cleanup_staging``. ``remove_section`` follows the same order: ``M`` first, then ``S``, then
-the folder.
+A crash at any point leaves a readable corpus: the manifest only ever names complete files
+(parts are complete before step 3, old parts leave it in step 1 before they move in step 2, new
+parts enter it in step 4 after they moved in step 3). The loader sees the old section (crash
+before 1), no section (between 1 and 4) or the new section (after 4). ``section_status`` reports
+a section as ``committed`` only when its row says so AND the manifest holds exactly ``n_parts``
+rows for it AND its folder exists; otherwise ``incomplete``, which the builder treats like "not
+built" (a crash between 1 and 4 leaves the old row without parts). A re-run then rebuilds the
+section and commits it without ``force``; debris (staging and trash folders, temporary files,
+fragment files no record names) is removed by ``cleanup_staging``. ``remove_section`` commits
+an empty fragment first, then deletes the folder and compacts (the section's rows leave the
+tables too).
 
 Failures (``record_failure``): a section that is committed keeps its committed data and row; the
 failure is the builder's to report (the corpus keeps the last good state). Otherwise a
-``failed`` row is written and any unreferenced folder of that section is deleted; shards of other
-sections are never touched.
+``failed`` row is committed and any unreferenced folder of that section is deleted; shards of
+other sections are never touched.
 """
 
 from __future__ import annotations
@@ -76,16 +89,30 @@ from histmol.errors import CorpusError
 from histmol.gene_reference import reference, resolve_features
 from histmol.section import validate_section_id
 from histmol.shards.atomic import dumps_json, fsync_dir, remove_path
-from histmol.shards.commit_record import write_table
+from histmol.shards.commit_record import local_reader, read_snapshot, write_table
 from histmol.shards.corpus_tables import (
+    CORPUS_JSON,
+    GENES,
     GENES_SCHEMA,
+    MANIFEST,
     MANIFEST_SCHEMA,
     SECTION_CORE_SCHEMA,
+    SECTIONS,
     add_unresolved,
-    manifest_table,
+    check_row_types,
     reference_vocabulary,
     section_row,
-    sections_table,
+)
+from histmol.shards.fragments import (
+    COMPACT_AFTER,
+    check_writable,
+    commit_fragment,
+    compact,
+    local_store,
+    merged_tables,
+    remove_orphans,
+    section_view,
+    sections_schemas,
 )
 from histmol.shards.shard_writer import ShardRecord, part_stem
 from histmol.shards.staging import (
@@ -99,10 +126,6 @@ from histmol.shards.staging import (
 
 FORMAT = "histmol-corpus"
 FORMAT_VERSION = 2  # 2: stable gene indices from the gene reference (1: build-order indices)
-CORPUS_JSON = "corpus.json"
-GENES = "genes.parquet"
-SECTIONS = "sections.parquet"
-MANIFEST = "manifest.parquet"
 SHARDS = "shards"
 QC_FIGURES = "qc"  # qc/<section_id>/*.png, written after each flow build
 LOCK = ".lock"
@@ -174,6 +197,7 @@ class Corpus:
         self.meta = meta
         self.shards_dir = root / SHARDS
         self._lock = CorpusLock(root / LOCK)
+        self._store = local_store(root)
         self._staging_locks: dict[Path, int] = {}
 
     # ------------------------------------------------------------------ opening and locking
@@ -237,11 +261,22 @@ class Corpus:
 
     # ------------------------------------------------------------------ readers
     def read_table(self, name: TableName) -> pa.Table:
-        """``genes``, ``sections`` or ``manifest`` as a pyarrow Table (empty, typed, if absent)."""
+        """``genes``, ``sections`` or ``manifest`` as a pyarrow Table (empty, typed, if absent).
+
+        Sections and manifest come from one snapshot of the compacted table and the fragments
+        committed since (``histmol.shards.fragments``): what the loader reads.
+        """
         if name not in _TABLES:
             raise ValueError(f"unknown corpus table {name!r}; one of {sorted(_TABLES)}")
         file_name, schema = _TABLES[name]
-        return _read(self.root / file_name, schema)
+        if name == "genes":
+            return _read(self.root / file_name, schema)
+        snapshot = read_snapshot(local_reader(self.root), self._where,
+                                 names=(SECTIONS, MANIFEST))
+        return merged_tables(snapshot, self._where)[name]
+
+    def _where(self, name: str) -> str:
+        return str(self.root / name)
 
     def genes(self) -> pd.DataFrame:
         """The gene vocabulary as a DataFrame (empty, with its columns, when absent)."""
@@ -268,40 +303,23 @@ class Corpus:
         """
         validate_section_id(section_id)
         with self.lock():
-            return self._status(section_id, self._rows(), self._manifest_rows())
+            return self._status(section_id, *section_view(self._store, section_id))
 
     def _status(
         self, section_id: str, rows: list[dict[str, Any]], manifest: list[dict[str, Any]]
     ) -> dict[str, Any] | None:
-        row = next((r for r in rows if r["section_id"] == section_id), None)
-        if row is None:
+        """Status of one section from its own rows (`section_view`)."""
+        if not rows:
             return None
-        row = dict(row)
+        row = dict(rows[0])
         if isinstance(row.get("panel"), np.ndarray):
             row["panel"] = row["panel"].tolist()
         if row["status"] == COMMITTED:
-            n_parts = sum(1 for m in manifest if m["section_id"] == section_id)
             expected = row.get("n_parts") or 0
-            if n_parts != expected or (expected and not self.section_dir(section_id).is_dir()):
+            folder = self.section_dir(section_id)
+            if len(manifest) != expected or (expected and not folder.is_dir()):
                 row["status"] = INCOMPLETE
         return row
-
-    def _rows(self) -> list[dict[str, Any]]:
-        """Section rows; ``panel`` as int32 NumPy views (no Python int per panel entry)."""
-        table = self.read_table("sections")
-        if "panel" not in table.column_names:
-            return table.to_pylist()
-        rows = table.drop_columns(["panel"]).to_pylist()
-        panels = table.column("panel").combine_chunks()
-        offsets = panels.offsets.to_numpy()
-        values = panels.values.to_numpy(zero_copy_only=False)
-        valid = panels.is_valid().to_numpy(zero_copy_only=False)
-        for i, row in enumerate(rows):
-            row["panel"] = values[offsets[i]:offsets[i + 1]] if valid[i] else None
-        return rows
-
-    def _manifest_rows(self) -> list[dict[str, Any]]:
-        return self.read_table("manifest").to_pylist()
 
     # ------------------------------------------------------------------ vocabulary
     def map_genes(self, genes: pd.DataFrame, species: str | None = None) -> np.ndarray:
@@ -370,7 +388,8 @@ class Corpus:
         files of interrupted atomic writes at the root and in ``shards/``.
         """
         with self.lock():
-            return clean_debris(self.root, self.shards_dir, set(self._staging_locks))
+            removed = clean_debris(self.root, self.shards_dir, set(self._staging_locks))
+            return sorted(removed + remove_orphans(self._store))
 
     # ------------------------------------------------------------------ commits
     def commit_section(
@@ -398,34 +417,37 @@ class Corpus:
             n_parts=len(records),
         )
         self._check_staged_parts(staging, records)
+        new_manifest = [self._manifest_row(section_id, r) for r in records]
         with self.lock():
-            rows, manifest = self._rows(), self._manifest_rows()
+            check_row_types(new_row, sections_schemas(self._store))  # before anything moves
+            rows, manifest = section_view(self._store, section_id)
             current = self._status(section_id, rows, manifest)
             if current is not None and current["status"] == COMMITTED and not force:
                 raise CorpusError(
                     f"{self.section_dir(section_id)}: section is already committed "
                     "(pass force=True to replace it)"
                 )
-            # Build every table first: a bad value fails here, before anything on disk changes.
-            others = [m for m in manifest if m["section_id"] != section_id]
-            without = manifest_table(others) if len(others) != len(manifest) else None
-            new_sections = sections_table(
-                [r for r in rows if r["section_id"] != section_id] + [new_row]
-            )
-            new_manifest = manifest_table(
-                others + [self._manifest_row(section_id, r) for r in records]
-            )
-            if without is not None:  # 1. the loader stops reading the old parts
-                write_table(self.root / MANIFEST, without)
+            if manifest:  # 1. the loader stops reading the old parts
+                commit_fragment(self._store, section_id, rows, [])
             trash = move_to_trash(self.section_dir(section_id))  # 2.
             os.rename(staging, self.section_dir(section_id))  # 3.
             fsync_dir(self.shards_dir)
             release_staging(staging, self._staging_locks.pop(staging, None))
-            write_table(self.root / SECTIONS, new_sections)  # 4.
-            write_table(self.root / MANIFEST, new_manifest)  # 5. last
+            record = commit_fragment(self._store, section_id, [new_row], new_manifest)  # 4. live
             if trash is not None:
-                remove_path(trash)  # 6.
+                remove_path(trash)  # 5.
+            if len(record.fragments) >= COMPACT_AFTER:
+                compact(self._store)
         return new_row
+
+    def compact(self) -> bool:
+        """Merge the committed fragments into sections.parquet and manifest.parquet.
+
+        Returns False when there was nothing to merge. Call it when a batch of commits ends;
+        readers see the same rows before and after.
+        """
+        with self.lock():
+            return compact(self._store)
 
     @staticmethod
     def _manifest_row(section_id: str, record: ShardRecord) -> dict[str, Any]:
@@ -466,18 +488,13 @@ class Corpus:
         failed = section_row(section_id, row, status=FAILED, reason=str(reason),
                              n_pairs=0, n_units=0, n_parts=0)
         with self.lock():
-            rows, manifest = self._rows(), self._manifest_rows()
+            rows, manifest = section_view(self._store, section_id)
             current = self._status(section_id, rows, manifest)
             if current is not None and current["status"] == COMMITTED:
                 return False
-            others = [m for m in manifest if m["section_id"] != section_id]
-            new_sections = sections_table(
-                [r for r in rows if r["section_id"] != section_id] + [failed]
-            )
-            if len(others) != len(manifest):
-                write_table(self.root / MANIFEST, manifest_table(others))
+            check_row_types(failed, sections_schemas(self._store))
+            commit_fragment(self._store, section_id, [failed], [])
             trash = move_to_trash(self.section_dir(section_id))
-            write_table(self.root / SECTIONS, new_sections)
             if trash is not None:
                 remove_path(trash)
         return True
@@ -490,13 +507,10 @@ class Corpus:
         """
         validate_section_id(section_id)
         with self.lock():
-            rows, manifest = self._rows(), self._manifest_rows()
-            others = [m for m in manifest if m["section_id"] != section_id]
-            kept = [r for r in rows if r["section_id"] != section_id]
-            if len(others) != len(manifest):
-                write_table(self.root / MANIFEST, manifest_table(others))
-            if len(kept) != len(rows):
-                write_table(self.root / SECTIONS, sections_table(kept))
+            check_writable(self._store)  # refused before anything changes, as compact would
+            rows, manifest = section_view(self._store, section_id)
+            if rows or manifest:  # readers stop seeing it before its files go
+                commit_fragment(self._store, section_id, [], [])
             trash = move_to_trash(self.section_dir(section_id))
             if trash is not None:
                 remove_path(trash)
@@ -505,8 +519,8 @@ class Corpus:
             had_figures = figures.exists()
             if had_figures:
                 remove_path(figures)
-        return (len(others) != len(manifest) or len(kept) != len(rows) or trash is not None
-                or had_figures)
+            compact(self._store)  # its rows (metadata, patient ids) leave the tables now
+        return bool(rows or manifest) or trash is not None or had_figures
 
     def close(self) -> None:
         """Release the staging locks this object holds (their folders become stale debris)."""

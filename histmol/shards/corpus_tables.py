@@ -16,6 +16,11 @@ import pyarrow.compute as pc
 
 from histmol.gene_reference import TAIL_BASE, reference
 
+CORPUS_JSON = "corpus.json"
+GENES = "genes.parquet"
+SECTIONS = "sections.parquet"
+MANIFEST = "manifest.parquet"
+
 GENES_SCHEMA = pa.schema([
     pa.field("index", pa.int32(), nullable=False),
     pa.field("gene_id", pa.string(), nullable=False),
@@ -112,6 +117,26 @@ def _extra_type(name: str, values: Iterable[Any]) -> pa.DataType:
     raise ValueError(f"sections column {name!r} mixes value types {names} across sections")
 
 
+_TYPE_SAMPLES: dict[pa.DataType, Any] = {
+    pa.bool_(): True, pa.int64(): 0, pa.float64(): 0.0, pa.string(): "",
+    pa.list_(pa.string()): [""], pa.list_(pa.int64()): [0], pa.list_(pa.float64()): [0.0],
+}
+
+
+def check_row_types(row: Mapping[str, Any], schemas: Iterable[pa.Schema]) -> None:
+    """ValueError, as `sections_table` would raise, when a row's free column clashes in type.
+
+    `schemas` are those of the corpus' sections tables (compacted and fragments): a commit
+    checks its row against them, since its fragment is merged with the others only later.
+    """
+    schemas = list(schemas)
+    for name, value in row.items():
+        if name in CORE_NAMES or value is None:
+            continue
+        held = [schema.field(name).type for schema in schemas if name in schema.names]
+        _extra_type(name, [value, *(_TYPE_SAMPLES[t] for t in held if t in _TYPE_SAMPLES)])
+
+
 def sections_table(rows: Iterable[Mapping[str, Any]]) -> pa.Table:
     """sections.parquet content: rows sorted by section_id, core columns then sorted extras.
 
@@ -146,6 +171,20 @@ def _panel_column(panels: list[Any]) -> pa.Array:
     column = pa.ListArray.from_arrays(pa.array(offsets, pa.int32()),
                                       pa.array(values), mask=mask)
     return column.cast(SECTION_CORE_SCHEMA.field("panel").type)
+
+
+def section_rows(table: pa.Table) -> list[dict[str, Any]]:
+    """Rows of a sections table; ``panel`` as int32 NumPy views (no Python int per entry)."""
+    if "panel" not in table.column_names:
+        return table.to_pylist()
+    rows = table.drop_columns(["panel"]).to_pylist()
+    panels = table.column("panel").combine_chunks()
+    offsets = panels.offsets.to_numpy()
+    values = panels.values.to_numpy(zero_copy_only=False)
+    valid = panels.is_valid().to_numpy(zero_copy_only=False)
+    for i, row in enumerate(rows):
+        row["panel"] = values[offsets[i]:offsets[i + 1]] if valid[i] else None
+    return rows
 
 
 def manifest_table(rows: Iterable[Mapping[str, Any]]) -> pa.Table:

@@ -41,7 +41,7 @@ from histmol.shards.atomic import (
     remove_path,
     temp_name,
 )
-from histmol.shards.commit_record import reseal
+from histmol.shards.commit_record import RECORD, CommitRecord, local_reader, reseal
 from histmol.shards.corpus import (
     CORPUS_JSON,
     FORMAT,
@@ -59,6 +59,7 @@ from histmol.shards.corpus_tables import (
     reference_vocabulary,
     sections_table,
 )
+from histmol.shards.fragments import compact, local_store
 from histmol.shards.staging import CorpusLock
 
 JOURNAL = ".migrate.json"
@@ -164,6 +165,7 @@ def migrate_corpus(root: str | os.PathLike[str]) -> dict[str, int]:
         journal: dict[str, Any] = (
             json.loads(journal_path.read_bytes()) if journal_path.exists() else {})
         if not journal.get(TABLES_READY):
+            _compact_fragments(root)
             _rewrite(root, journal, stats)
         for name in (MANIFEST, SECTIONS, GENES):  # the renames a crash may have interrupted
             staged = root / f"{name}{MIGRATED}"
@@ -174,6 +176,13 @@ def migrate_corpus(root: str | os.PathLike[str]) -> dict[str, int]:
         reseal(root)  # the commit record blesses the rewritten tables: last
         remove_path(journal_path)
     return stats
+
+
+def _compact_fragments(root: Path) -> None:
+    """Merge fragments into the tables first: the rewrite reads the compacted tables only."""
+    raw = local_reader(root)(RECORD)
+    if raw is not None and CommitRecord.from_bytes(raw, str(root / RECORD)).fragments:
+        compact(local_store(root))
 
 
 def _rewrite(root: Path, journal: dict[str, Any], stats: dict[str, int]) -> None:

@@ -6,21 +6,23 @@ committed section is then published with whole-object puts, in the order that ke
 corpus readable at every instant (an object put is atomic: readers see the old or the new object,
 https://docs.aws.amazon.com/AmazonS3/latest/userguide/Welcome.html#ConsistencyModel):
 
-1. If the remote ``manifest.parquet`` lists parts of the section (a rebuild), put it without
-   them: from here readers no longer read the section's old objects.
+1. If the remote corpus lists parts of the section (a rebuild), commit the section's fragment
+   without them: from here readers no longer read the section's old objects.
 2. Put every file of ``shards/<id>/`` and ``qc/<id>/`` (nothing names them yet).
-3. Put ``genes.parquet`` (append-only, so a superset is always safe), then ``sections.parquet``.
-4. Put ``manifest.parquet``: the LAST table put; now the section is live.
-Every table put sits between two puts of ``commit.json`` (pending digest, then promoted; see
-`histmol.shards.commit_record`), so the record covers the remote tables at every instant.
-Steps 1, 3 and 4 put the REMOTE rows of the other sections plus this section's scratch rows,
-never the scratch tables whole: the scratch may hold sections committed there and not yet
-published (sections build in parallel; each is published as its build ends).
+3. Put ``genes.parquet`` when the scratch's differs (append-only, so a superset is always safe).
+4. Commit the section's fragment (its row and manifest rows, `histmol.shards.fragments`): two
+   small objects, then ``commit.json`` naming them; now the section is live.
 5. Delete objects under ``shards/<id>/`` that the new section does not have (an older build's).
+A publish costs the same whatever the size of the remote corpus; `compact` (at the end of an
+ingest) merges the fragments into the remote ``sections.parquet`` and ``manifest.parquet``. The
+genes put sits between two puts of ``commit.json`` (pending digest, then promoted; see
+`histmol.shards.commit_record`), so the record covers the remote tables at every instant. Steps
+1 and 4 write this section's rows only: the scratch may hold sections committed there and not
+yet published (sections build in parallel; each is published as its build ends).
 
 A crash before 4 leaves the remote corpus readable without the section (its uploaded objects are
-unreferenced, and the next run overwrites or deletes them); the remote ``sections.parquet`` may
-then say ``committed`` while the manifest lacks the parts, which `published_sections` (and
+unreferenced, and the next run overwrites or deletes them); after step 1 alone the remote row
+says ``committed`` while the manifest lacks the parts, which `published_sections` (and
 `Corpus.section_status`) read as not live, so the next run rebuilds the section. A new remote
 corpus gets its empty tables first and ``corpus.json`` last (its presence means "a corpus").
 
@@ -51,14 +53,12 @@ from pathlib import Path
 from typing import Any
 
 import fsspec
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from histmol.errors import CorpusError
 from histmol.remote_inputs import CACHE_ENV
 from histmol.section import validate_section_id
 from histmol.shards.atomic import atomic_write_bytes, remove_path
-from histmol.shards.commit_record import RECORD, parquet_bytes, record_write
+from histmol.shards.commit_record import FRAGMENTS_DIR, RECORD, CommitRecord, Digest, record_write
 from histmol.shards.corpus import (
     COMMITTED,
     CORPUS_JSON,
@@ -68,12 +68,7 @@ from histmol.shards.corpus import (
     SHARDS,
     Corpus,
 )
-from histmol.shards.corpus_tables import (
-    MANIFEST_SCHEMA,
-    SECTION_CORE_SCHEMA,
-    manifest_table,
-    sections_table,
-)
+from histmol.shards.fragments import TableStore, commit_fragment, compact, section_view
 from histmol.shards.staging import (
     LOCK_SUFFIX,
     STAGING_PREFIX,
@@ -119,6 +114,12 @@ class RemoteCorpus:
         self.local = local if local is not None else scratch_root(self.url)
         self.fs, root = fsspec.core.url_to_fs(self.url, **dict(storage_options or {}))
         self.root = root.rstrip("/")
+        # late-bound, so a wrapped _put/_get (tests, instrumentation) sees every store access
+        self._store = TableStore(lambda name: self._get(name),
+                                 lambda name, data: self._put(name, data),
+                                 lambda name: self._delete(name),
+                                 lambda: self._fragment_names(),
+                                 lambda name: f"{self.url}/{name}")
 
     def _key(self, relative: str) -> str:
         return f"{self.root}/{relative}"
@@ -144,6 +145,18 @@ class RemoteCorpus:
         except FileNotFoundError:
             return None
 
+    def _delete(self, relative: str) -> None:
+        try:
+            self.fs.rm_file(self._key(relative))
+        except FileNotFoundError:
+            pass
+
+    def _fragment_names(self) -> list[str]:
+        prefix = self._key(FRAGMENTS_DIR)
+        if not self.fs.exists(prefix):
+            return []
+        return sorted(f"{FRAGMENTS_DIR}/{key.rsplit('/', 1)[-1]}" for key in self.fs.find(prefix))
+
     def pull(self) -> None:
         """Make the scratch corpus' tables those of the remote corpus (the truth).
 
@@ -158,10 +171,14 @@ class RemoteCorpus:
         (self.local / SHARDS).mkdir(parents=True, exist_ok=True)
         record = self._get(RECORD)
         remove_path(self.local / RECORD)  # until the copy is whole: a crash leaves no stale record
-        for name in (GENES, SECTIONS, MANIFEST):
+        remove_path(self.local / FRAGMENTS_DIR)
+        fragments = ({} if record is None else
+                     CommitRecord.from_bytes(record, f"{self.url}/{RECORD}").fragment_files())
+        for name in (GENES, SECTIONS, MANIFEST, *sorted(fragments)):
             data = self._get(name)
             if data is None:
                 raise CorpusError(f"{self.url}/{name}: missing from a corpus that has corpus.json")
+            (self.local / name).parent.mkdir(exist_ok=True)
             atomic_write_bytes(self.local / name, data)
         atomic_write_bytes(self.local / CORPUS_JSON, meta)  # last, as in Corpus._initialise
         if record is not None:  # absent: the scratch adopts the tables on its first write
@@ -173,11 +190,6 @@ class RemoteCorpus:
             return
         for name in (GENES, SECTIONS, MANIFEST, CORPUS_JSON):
             self._put_table(name, (self.local / name).read_bytes())
-
-    def _remote_rows(self, name: str, schema: pa.Schema) -> list[dict[str, Any]]:
-        data = self._get(name)
-        table = schema.empty_table() if data is None else pq.read_table(pa.BufferReader(data))
-        return table.to_pylist()
 
     def published_sections(self) -> set[str]:
         """Sections live in the pulled tables: a committed row and exactly its ``n_parts`` parts.
@@ -193,27 +205,24 @@ class RemoteCorpus:
                 if r["status"] == COMMITTED and parts.get(r["section_id"], 0) == r["n_parts"]}
 
     def drop_section_parts(self, section_id: str) -> None:
-        """Step 1: if the remote manifest lists the section, put it without (before overwrites)."""
-        remote = self._remote_rows(MANIFEST, MANIFEST_SCHEMA)
-        others = [r for r in remote if r["section_id"] != validate_section_id(section_id)]
-        if len(others) != len(remote):
-            self._put_table(MANIFEST, parquet_bytes(manifest_table(others)))
+        """Step 1: if the remote corpus lists the section's parts, commit its row without them."""
+        rows, manifest = section_view(self._store, validate_section_id(section_id))
+        if manifest:
+            commit_fragment(self._store, section_id, rows, [])
 
-    def _merged(self, section_id: str, sections_rows: list[dict[str, Any]],
-                manifest_rows: list[dict[str, Any]]) -> tuple[bytes, bytes]:
-        """Return (sections, manifest) bytes: remote rows of others plus the given own rows.
+    def _put_genes(self) -> None:
+        """Step 3: put the scratch's genes.parquet unless the remote record already holds it."""
+        data = (self.local / GENES).read_bytes()
+        raw = self._get(RECORD)
+        if raw is not None:
+            record = CommitRecord.from_bytes(raw, f"{self.url}/{RECORD}")
+            if record.tables.get(GENES) == Digest.of(data) and not record.pending:
+                return
+        self._put_table(GENES, data)
 
-        Never the scratch tables whole: they may hold sections committed in the scratch but not
-        yet published (their objects are not uploaded).
-        """
-        tables = []
-        for name, schema, build, mine in (
-            (SECTIONS, SECTION_CORE_SCHEMA, sections_table, sections_rows),
-            (MANIFEST, MANIFEST_SCHEMA, manifest_table, manifest_rows),
-        ):
-            others = [r for r in self._remote_rows(name, schema) if r["section_id"] != section_id]
-            tables.append(parquet_bytes(build(others + mine)))
-        return tables[0], tables[1]
+    def compact(self) -> bool:
+        """Merge the remote fragments into the remote tables (`histmol.shards.fragments`)."""
+        return compact(self._store)
 
     def _local_rows(self, section_id: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         """Return the section's rows in the local corpus (sections, manifest)."""
@@ -265,14 +274,12 @@ class RemoteCorpus:
         """Do steps 3-5 for a section whose objects are uploaded: tables, manifest last, cleanup.
 
         ``genes.parquet`` comes from the scratch corpus, where the flow maps every section's
-        genes in manifest order.
+        genes (an order-free union of unresolved keys).
         """
         section_id = validate_section_id(built.section_id)
-        sections, manifest = self._merged(section_id, [built.sections_row],
-                                          list(built.manifest_rows))
-        self._put_table(GENES, (self.local / GENES).read_bytes())  # append-only: superset is safe
-        self._put_table(SECTIONS, sections)
-        self._put_table(MANIFEST, manifest)  # last: the section is live
+        self._put_genes()  # append-only: a superset is always safe
+        commit_fragment(self._store, section_id, [built.sections_row],
+                        list(built.manifest_rows))  # the section is live
         self._delete_other_objects(f"{SHARDS}/{section_id}",
                                    {self._key(name) for name in built.uploaded})
 
@@ -291,9 +298,8 @@ class RemoteCorpus:
             return  # record_failure kept the committed section: nothing changed
         self.drop_section_parts(section_id)
         sections_rows, _ = self._local_rows(section_id)
-        sections, _ = self._merged(section_id, sections_rows, [])
-        self._put_table(GENES, (self.local / GENES).read_bytes())
-        self._put_table(SECTIONS, sections)
+        self._put_genes()
+        commit_fragment(self._store, section_id, sections_rows, [])
         self._delete_other_objects(f"{SHARDS}/{section_id}", set())
 
 
