@@ -10,8 +10,10 @@ N of the section curve (tables-only corpora: these costs read only tables):
 
 - ``commit``: `Corpus.commit_section` of one more (small, real) section into a corpus of N
   sections, median of 3 (wall and CPU seconds: on a shared machine the CPU time is the steadier
-  number); and the table sizes it rewrites. A linear fit ``a + b*N`` projects the
-  whole build's commit time ``sum over n = 1..3446``;
+  number): it writes the section's table fragment (`histmol.shards.fragments`); then
+  ``compact``: `Corpus.compact` merging those fragments into the N-section tables, which a build
+  pays once every ``COMPACT_AFTER`` commits and at its end. Linear fits ``a + b*N`` of both
+  project the whole build's serial commit time;
 - ``inspect``: `histmol.summary.summarise` (what ``histmol inspect`` prints);
 - ``report``: `histmol.qc.report.write_report` (the HTML ``histmol report`` writes);
 - ``loader``: `PairDataset` open, epoch-0 planning (order + one worker's positions of 8 ranks x
@@ -72,6 +74,7 @@ def bench_size(n: int, work: Path, templates: Path) -> dict[str, Any]:
     """Fabricate a tables-only corpus of `n` sections; time commit, inspect and report on it."""
     from histmol.qc.report import write_report
     from histmol.shards.corpus import Corpus
+    from histmol.shards.fragments import COMPACT_AFTER
     from histmol.summary import summarise
     from histmol.synth.scale import fabricate
 
@@ -84,6 +87,9 @@ def bench_size(n: int, work: Path, templates: Path) -> dict[str, Any]:
     corpus = Corpus.open(root)
     commits, commit_cpu = zip(*(_extra_section(corpus, i, templates) for i in range(3)),
                               strict=True)
+    started, cpu = time.perf_counter(), time.process_time()
+    corpus.compact()  # the 3 fragments join the tables: what a build pays every COMPACT_AFTER
+    compact_s, compact_cpu = time.perf_counter() - started, time.process_time() - cpu
     started = time.perf_counter()
     summary = summarise(root)
     inspect_s = time.perf_counter() - started
@@ -96,6 +102,8 @@ def bench_size(n: int, work: Path, templates: Path) -> dict[str, Any]:
            "commit_s": [round(c, 4) for c in commits],
            "commit_median_s": round(statistics.median(commits), 4),
            "commit_cpu_median_s": round(statistics.median(commit_cpu), 4),
+           "compact_s": round(compact_s, 4), "compact_cpu_s": round(compact_cpu, 4),
+           "compact_after": COMPACT_AFTER,
            "inspect_s": round(inspect_s, 3), "report_s": round(report_s, 3),
            "inspect_sections": int(summary.totals["sections"])}
     shutil.rmtree(root, ignore_errors=True)

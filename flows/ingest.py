@@ -173,7 +173,7 @@ def _plan_work(plan: IngestPlan, out: str, force: bool, published: set[str] | No
     """
     corpus = Corpus.open(out, create=True, build_config=plan.corpus_fields)
     corpus.cleanup_staging()  # debris of a killed run: stale staging folders, temporary files
-    rows = {r["section_id"]: r for r in corpus.read_table("sections").to_pylist()}
+    rows = corpus.statuses()  # one read of the tables for the whole manifest
     todo, skipped = [], []
     for index, (request, config) in enumerate(zip(plan.requests, plan.configs, strict=True)):
         section_id = request.resolved_section_id()
@@ -188,7 +188,7 @@ def _plan_work(plan: IngestPlan, out: str, force: bool, published: set[str] | No
             continue
         row = rows.get(section_id)
         live = (section_id in published if published is not None else
-                (corpus.section_status(section_id) or {}).get("status") == COMMITTED)
+                (row or {}).get("status") == COMMITTED)
         if skip_decision(row, key, live=live, force=force) == SKIP:
             assert row is not None
             skipped.append(skipped_result(section_id, request.platform, row))

@@ -582,6 +582,7 @@ def build_section(
             decision = skip_decision(row, key, live=live, force=force)
             if decision == SKIP:
                 assert row is not None
+                corpus.compact()  # a killed earlier build may have left its fragment
                 return skipped_result(section_id, request.platform, row)
             if decision == CHANGED:
                 raise CorpusError(

@@ -37,11 +37,12 @@ EXACT = [  # (where, what the kill interrupts)
     ("histmol.build:read_stage:3", "reading the third section"),
     ("histmol.shards.shard_writer:encode_patch:7", "writing parts"),
     ("histmol.qc.figures:_save:2", "drawing QC figures"),
-    # a new corpus: 4 table writes (3 record/table steps each), the vocabulary, then the commit
-    ("histmol.shards.commit_record:atomic_write_bytes:18", "the commit: sections.parquet renamed"),
-    ("histmol.shards.commit_record:atomic_write_bytes:21", "the commit: manifest renamed"),
+    # the first section's commit: 2 fragment files, the record naming them (the commit point);
+    # then build_section's compaction: record (pending), sections, manifest, record
     ("histmol.shards.corpus:move_to_trash:1", "the commit: staging not yet in place"),
-    ("histmol.shards.corpus:write_table:7", "the commit: sections written, manifest not"),
+    ("histmol.shards.corpus:commit_fragment:1", "the commit: parts in place, no fragment"),
+    ("histmol.shards.fragments:atomic_write_bytes:3", "the commit: fragment files, no record"),
+    ("histmol.shards.fragments:atomic_write_bytes:6", "compaction: sections renamed, manifest not"),
 ]
 READER = """
 import json, sys, time, warnings

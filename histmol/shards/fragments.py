@@ -249,6 +249,10 @@ def compact(store: TableStore) -> bool:
     the file, never blessed); fragment files no record names (a crash between writing them and
     the record) are deleted too.
     """
+    raw = store.read(RECORD)
+    if raw is not None and not CommitRecord.from_bytes(raw, store.where(RECORD)).fragments:
+        remove_orphans(store)  # nothing to merge: no table is read
+        return False
     snapshot = check_writable(store)
     record = snapshot.record
     assert record is not None  # check_writable refuses a corpus without one
