@@ -16,10 +16,9 @@ import pytest
 
 from histmol.errors import CorpusError
 from histmol.gene_reference import reference, tail_index, unresolved_key
-from histmol.shards.commit_record import write_table
-from histmol.shards.fragments import commit_fragment, local_store, section_view
 from histmol.shards.corpus import Corpus
 from histmol.shards.corpus_tables import GENES_SCHEMA, MANIFEST_SCHEMA
+from histmol.shards.fragments import commit_fragment, local_store, section_view
 from histmol.shards.shard_reader import ShardReader
 from histmol.shards.shard_writer import SectionShardWriter, ShardRecord
 
