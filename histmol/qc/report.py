@@ -15,6 +15,7 @@ import io
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 import numpy as np
@@ -308,11 +309,17 @@ def _coverage(committed: pd.DataFrame, genes: pd.DataFrame) -> str:
     n_sections = len(committed)
     measured = np.zeros(len(genes), dtype=np.int64)
     vocab = genes["index"].to_numpy()
-    platform_genes: dict[str, set[int]] = {}
+    # A histMol-sized corpus has thousands of sections but a few dozen distinct panels: count
+    # each distinct (platform, panel) once, weighted by its sections.
+    distinct: dict[tuple[str, bytes], list[Any]] = {}
     for platform, panel in zip(committed["platform"], committed["panel"], strict=True):
         indices = np.asarray(panel, dtype=np.int64)
-        measured[np.searchsorted(vocab, indices)] += 1  # stable index -> genes.parquet row
-        platform_genes.setdefault(str(platform), set()).update(indices.tolist())
+        entry = distinct.setdefault((str(platform), indices.tobytes()), [indices, 0])
+        entry[1] += 1
+    platform_genes: dict[str, set[int]] = {}
+    for (platform, _), (indices, count) in distinct.items():
+        measured[np.searchsorted(vocab, indices)] += count  # stable index -> genes.parquet row
+        platform_genes.setdefault(platform, set()).update(indices.tolist())
     levels = [
         ("every section", measured == n_sections),
         ("at least half of the sections", measured * 2 >= n_sections),
