@@ -127,8 +127,10 @@ def test_all_unresolvable_panel_still_builds_and_qc_says_so(tmp_path: Path) -> N
 def _downgrade_to_format_1(root: Path, old_vocabulary: list[tuple[str, str, str | None]]) -> None:
     """Turn a corpus into the format-1 layout: build-order indices 0..n-1 in genes.parquet.
 
-    Format-1 corpora predate commit records: the record goes too.
+    Format-1 corpora predate commit records and fragments: the fragments are merged into the
+    tables first, then the record goes too.
     """
+    Corpus.open(root).compact()
     (root / "commit.json").unlink()
     meta = json.loads((root / "corpus.json").read_text())
     meta["format_version"] = 1

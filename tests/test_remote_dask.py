@@ -22,9 +22,10 @@ from test_ingest import cohort, reference  # noqa: F401 - shared session fixture
 from test_prefect_server import prefect_env  # noqa: F401 - a real Prefect API
 from test_remote_ingest import (  # noqa: F401 - fixtures and helpers
     BUCKET,
-    crash_before_manifest_put,
+    crash_before_commit_put,
     endpoint,
     local_tree,
+    remote_fragments,
     remote_tree,
 )
 
@@ -110,22 +111,21 @@ def test_two_workers_publish_the_same_objects_as_an_in_process_remote_ingest(
     assert remote_tree(options, url) == objects
 
 
-def test_crash_before_the_manifest_put_leaves_a_readable_corpus_then_resumes(
+def test_crash_before_the_commit_put_leaves_a_readable_corpus_then_resumes(
     cluster: tuple[str, Path, Path], cohort: Path, reference: Path,  # noqa: F811
     options: dict[str, Any], monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     address, _, _ = cluster
     url = f"s3://{BUCKET}/dask-test-crash"
     # the flow process writes the tables: patch it there (workers only put section objects)
-    real_put = crash_before_manifest_put(monkeypatch, "syn-st")
+    real_put = crash_before_commit_put(monkeypatch, "syn-st")
     from flows.ingest import run_ingest
 
     with pytest.raises(Exception, match="simulated crash"):
         run_ingest(cohort, url, storage_options=options, dask_address=address, max_parallel=1)
     objects = remote_tree(options, url)
     assert any(k.startswith("shards/syn-st/") for k in objects)  # uploaded, unreferenced
-    manifest = pq.read_table(pa.BufferReader(objects["manifest.parquet"]))
-    assert sorted(set(manifest.column("section_id").to_pylist())) == ["syn-a"]
+    assert remote_fragments(objects) == ["syn-a"]
     monkeypatch.setattr(RemoteCorpus, "_put", real_put)
     resumed = ingest(cohort, url, options, dask_address=address)
     assert resumed == {**STATUS, "syn-a": "skipped"}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import socket
 from collections import Counter
@@ -12,8 +13,6 @@ from typing import Any
 import boto3
 import fsspec
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import yaml
 from moto.server import ThreadedMotoServer
@@ -22,6 +21,7 @@ from test_ingest import make_cohort, runner, tree
 from histmol.cli import app
 from histmol.data import PairDataset
 from histmol.remote_inputs import CACHE_ENV
+from histmol.shards.commit_record import RECORD
 from histmol.shards.remote import RemoteCorpus
 
 BUCKET = "bucket"
@@ -115,37 +115,41 @@ def test_remote_ingest_equals_local_ingest_byte_for_byte(
     assert remote_tree(s3, url) == local_tree(local)
 
 
-def crash_before_manifest_put(monkeypatch: pytest.MonkeyPatch, section_id: str) -> Any:
-    """Make the put of a manifest.parquet listing `section_id` fail as a crash would.
+def crash_before_commit_put(monkeypatch: pytest.MonkeyPatch, section_id: str) -> Any:
+    """Make the put of the commit record that first names `section_id` fail as a crash would.
 
+    That put is the section's commit point (its fragment objects are already uploaded).
     Returns the real `RemoteCorpus._put`, to put back for the resuming run.
     """
     real_put = RemoteCorpus._put
 
     def crashing_put(self: RemoteCorpus, relative: str, data: bytes) -> None:
-        if relative == "manifest.parquet" and section_id in pq.read_table(
-                pa.BufferReader(data)).column("section_id").to_pylist():
-            raise ConnectionError("simulated crash before the manifest put")
+        if relative == RECORD and section_id in json.loads(data).get("fragments", {}):
+            raise ConnectionError("simulated crash before the commit record put")
         real_put(self, relative, data)
 
     monkeypatch.setattr(RemoteCorpus, "_put", crashing_put)
     return real_put
 
 
-def test_crash_before_manifest_publish_leaves_a_readable_corpus_then_resumes(
+def remote_fragments(objects: dict[str, bytes]) -> list[str]:
+    """The sections whose fragments the remote commit record names."""
+    return sorted(json.loads(objects[RECORD])["fragments"])
+
+
+def test_crash_before_commit_publish_leaves_a_readable_corpus_then_resumes(
     cohort: Path, local: Path, s3: dict[str, Any], tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     url = f"s3://{BUCKET}/crash"
-    real_put = crash_before_manifest_put(monkeypatch, "syn-st")
+    real_put = crash_before_commit_put(monkeypatch, "syn-st")
     # one section at a time: syn-a (first in the manifest) is published before syn-st
     crashed = runner.invoke(app, ["ingest", str(cohort), "--out", url, "--max-parallel", "1"])
     assert crashed.exit_code != 0
     objects = remote_tree(s3, url)
     assert any(k.startswith("shards/syn-st/") for k in objects)  # parts uploaded, unreferenced
-    remote_rows = pd.read_parquet(f"{url}/sections.parquet", storage_options=s3)
-    assert remote_rows.set_index("section_id")["status"].to_dict() == {
-        "syn-a": "committed", "syn-st": "committed"}  # put before the manifest: incomplete
+    assert any(k.startswith("fragments/syn-st.") for k in objects)  # rows uploaded, unnamed
+    assert remote_fragments(objects) == ["syn-a"]
     sections = pd.read_parquet(local / "sections.parquet").set_index("section_id")
     assert pair_counts(url, s3, tmp_path / "read") == Counter(
         {"syn-a": int(sections.loc["syn-a", "n_pairs"])})
