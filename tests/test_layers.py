@@ -21,7 +21,7 @@ LAYERS = {
     "histmol": CORE, "histmol.section": CORE, "histmol.config": CORE, "histmol.errors": CORE,
     "histmol.genes": CORE, "histmol.fingerprint": CORE, "histmol.progress": CORE,
     "histmol.counts_store": CORE, "histmol.gene_reference": CORE, "histmol.split": CORE,
-    "histmol.manifest_limits": CORE, "histmol.parallel_map": CORE,
+    "histmol.manifest_limits": CORE, "histmol.parallel_map": CORE, "histmol.options": CORE,
     "histmol.autoregister": GEOMETRY, "histmol.synth.scale": STORAGE,
     "histmol.registration": GEOMETRY, "histmol.landmarks": GEOMETRY, "histmol.binning": GEOMETRY,
     "histmol.tissue": GEOMETRY, "histmol.tiling": GEOMETRY, "histmol.pairs": GEOMETRY,
