@@ -167,19 +167,17 @@ def scoped(specs: tuple[OptionSpec, ...], *scopes: str) -> tuple[OptionSpec, ...
     return tuple(s for s in specs if s.scope in scopes)
 
 
-_REL = "; in a manifest relative to its folder, or a URL"
-
 # The section fields that are not build options: inputs, adapter options, metadata.
 SECTION_FIELDS: tuple[OptionSpec, ...] = (
-    OptionSpec("section_id", str | None, None, "Section id: letters, digits, '.', '_', '-' "
+    OptionSpec("section_id", str | None, None, "Section id, unique in the corpus: letters, digits, '.', '_', '-' "
                "(lower-cased; the name as given is kept as section_name).", INPUT,
                default_text="the bundle folder's name", manifest_required=True),
     OptionSpec("platform", str, REQUIRED, "Platform name (see `histmol platforms`), or auto: "
                "recognised from the bundle.", INPUT),
     OptionSpec("bundle", Path, REQUIRED,
-               f"The platform's output folder (e.g. Space Ranger outs/){_REL}.", INPUT, path=True),
+               "The platform's output folder (e.g. Space Ranger outs/).", INPUT, path=True),
     OptionSpec("wsi", Path, REQUIRED, "The paired H&E image (svs, ndpi, tiff, ome.tif, jpg, "
-               f"png...){_REL}.", INPUT, path=True),
+               "png...).", INPUT, path=True),
     OptionSpec("transform", Path | None, None, "3x3 native->WSI affine CSV.", INPUT, path=True),
     OptionSpec("landmarks", Path | None, None, "CSV of point pairs native_x,native_y,wsi_x,"
                "wsi_y; an affine is fitted (instead of transform).", INPUT, path=True),
