@@ -169,8 +169,9 @@ def scoped(specs: tuple[OptionSpec, ...], *scopes: str) -> tuple[OptionSpec, ...
 
 # The section fields that are not build options: inputs, adapter options, metadata.
 SECTION_FIELDS: tuple[OptionSpec, ...] = (
-    OptionSpec("section_id", str | None, None, "Section id, unique in the corpus: letters, digits, '.', '_', '-' "
-               "(lower-cased; the name as given is kept as section_name).", INPUT,
+    OptionSpec("section_id", str | None, None, "Section id, unique in the corpus: letters, "
+               "digits, '.', '_', '-' (lower-cased; the name as given is kept as section_name).",
+               INPUT,
                default_text="the bundle folder's name", manifest_required=True),
     OptionSpec("platform", str, REQUIRED, "Platform name (see `histmol platforms`), or auto: "
                "recognised from the bundle.", INPUT),
