@@ -24,7 +24,10 @@ from rich.table import Table
 
 from histmol import __version__
 from histmol.cli_errors import GuardedTyper
+from histmol.cli_options import pick, with_options
+from histmol.config import BUILD_OPTIONS
 from histmol.errors import HistmolError
+from histmol.options import ADAPTER, METADATA, SECTION_FIELDS, scoped
 from histmol.progress import track
 from histmol.progress_view import summary_line, task_display
 
@@ -115,112 +118,12 @@ def fail(err: Exception) -> None:
 
 
 @app.command()
+@with_options(SECTION_FIELDS, BUILD_OPTIONS)
 def build(
-    platform: Annotated[
-        str,
-        typer.Option(
-            help="Platform name (see `histmol platforms`), or auto: recognised from the bundle."
-        ),
-    ],
-    bundle: Annotated[
-        Path, typer.Option(help="The platform's output folder (e.g. Space Ranger outs/).")
-    ],
-    wsi: Annotated[
-        Path, typer.Option(help="The paired H&E image (svs, ndpi, tiff, ome.tif, jpg, png...).")
-    ],
     out: Annotated[Path, typer.Option(help="Corpus folder; created, or added to.")],
-    section_id: Annotated[
-        Optional[str],
-        typer.Option(help="Section id (lower-cased; the name as given is kept).",
-                     show_default="the bundle folder's name"),
-    ] = None,
-    tissue: Annotated[str, typer.Option(help="Tissue type, e.g. colon.")] = "",
-    species: Annotated[
-        str, typer.Option(help="Species.", show_default="inferred from Ensembl gene ids")
-    ] = "",
-    patient_id: Annotated[
-        str, typer.Option(help="Patient or donor id (evaluation splits by it).")
-    ] = "",
-    licence: Annotated[str, typer.Option(help="Licence of the source data.")] = "",
-    transform: Annotated[Optional[Path], typer.Option(help="3x3 native->WSI affine CSV.")] = None,
-    landmarks: Annotated[
-        Optional[Path],
-        typer.Option(help="CSV of point pairs native_x,native_y,wsi_x,wsi_y; an affine is fitted."),
-    ] = None,
-    max_landmark_residual_um: Annotated[
-        Optional[float],
-        typer.Option(help="Fail when a landmark misses by more than this (um).", show_default="50"),
-    ] = None,
-    register: Annotated[
-        Optional[str],
-        typer.Option(help="auto: align the bundle's own image (Visium PNG, DAPI) to the H&E."),
-    ] = None,
-    min_register_confidence: Annotated[
-        Optional[float],
-        typer.Option(help="Fail an automatic registration scoring less than this.",
-                     show_default="0.3"),
-    ] = None,
-    mpp: Annotated[
-        Optional[float], typer.Option(help="Override the WSI's um/px (skips the pitch check).")
-    ] = None,
-    target_mpp: Annotated[
-        Optional[float], typer.Option(help="Patch resolution in um/px.", show_default="0.5")
-    ] = None,
-    patch_px: Annotated[
-        Optional[int], typer.Option(help="Patch side in pixels.", show_default="224")
-    ] = None,
-    mode: Annotated[
-        Optional[str],
-        typer.Option(help="Tiling mode: spot or grid.", show_default="platform default"),
-    ] = None,
-    min_tissue_fraction: Annotated[
-        Optional[float],
-        typer.Option(help="Drop patches under this tissue fraction (spots the bundle marks "
-                     "under tissue are kept, only flagged).", show_default="0.1"),
-    ] = None,
-    min_units_on_tissue: Annotated[
-        Optional[float],
-        typer.Option(help="Fail when fewer unit centres lie on tissue.", show_default="0.5"),
-    ] = None,
-    mpp_tolerance: Annotated[
-        Optional[float],
-        typer.Option(help="Allowed mpp disagreement with the unit pitch.", show_default="0.05"),
-    ] = None,
-    tissue_mpp: Annotated[
-        Optional[float],
-        typer.Option(help="Resolution of the tissue mask in um/px.", show_default="8"),
-    ] = None,
-    resample: Annotated[
-        Optional[str],
-        typer.Option(help="Resampling filter: lanczos, bilinear or box.", show_default="lanczos"),
-    ] = None,
-    jpeg_quality: Annotated[
-        Optional[int], typer.Option(help="JPEG quality of stored patches.", show_default="90")
-    ] = None,
-    pairs_per_shard: Annotated[
-        Optional[int], typer.Option(help="Pairs per shard part.", show_default="2048")
-    ] = None,
-    min_match_rate: Annotated[
-        Optional[float], typer.Option(help="Minimum barcode match rate.", show_default="0.9")
-    ] = None,
-    bin_um: Annotated[
-        Optional[float], typer.Option(help="Bin size in um for binned platforms.")
-    ] = None,
-    units: Annotated[
-        Optional[str], typer.Option(help="Unit kind for platforms offering several: bins or cells.")
-    ] = None,
-    alignment: Annotated[
-        Optional[Path],
-        typer.Option(help="Platform alignment file (e.g. Xenium *_he_imagealignment.csv)."),
-    ] = None,
-    option: Annotated[
-        Optional[list[str]],
-        typer.Option(
-            metavar="KEY=VALUE", help="Adapter option (repeatable), e.g. positions=spots.tsv."
-        ),
-    ] = None,
     force: Annotated[bool, typer.Option(help="Rebuild a section already in the corpus.")] = False,
     threads: Annotated[int, typer.Option(help="Tile-reading threads.")] = 2,
+    **given: Any,
 ) -> None:
     """Build one section from a platform bundle and its H&E into a corpus.
 
@@ -229,64 +132,37 @@ def build(
     """
     from histmol.preflight import check_adapter_options, check_build_inputs
 
+    bundle, wsi, transform, landmarks = (given[k] for k in ("bundle", "wsi", "transform",
+                                                             "landmarks"))
     try:
-        given = platform
         platform = check_build_inputs(
-            platform,
+            given["platform"],
             bundle,
             wsi,
             out,
             files=[
                 (transform, "--transform"),
                 (landmarks, "--landmarks"),
-                (alignment, "--alignment"),
+                (given["alignment"], "--alignment"),
             ],
         )
     except HistmolError as err:
         fail(err)
-    if given.strip().lower() == "auto":
+    if given["platform"].strip().lower() == "auto":
         console.print(f"platform: {platform} (recognised from the bundle's files)", highlight=False)
     from histmol.build import SectionRequest, build_section
     from histmol.config import BuildConfig
     from platform_adapters import get_platform
 
-    metadata = {
-        k: v
-        for k, v in {
-            "tissue": tissue,
-            "species": species,
-            "patient_id": patient_id,
-            "licence": licence,
-        }.items()
-        if v
-    }
+    metadata = {k: v for k, v in pick(given, scoped(SECTION_FIELDS, METADATA)).items() if v}
     try:
-        config = BuildConfig().with_overrides(
-            mpp=mpp,
-            target_mpp=target_mpp,
-            patch_px=patch_px,
-            mode=mode,
-            min_tissue_fraction=min_tissue_fraction,
-            min_units_on_tissue=min_units_on_tissue,
-            mpp_tolerance=mpp_tolerance,
-            tissue_mpp=tissue_mpp,
-            resample=resample,
-            max_landmark_residual_um=max_landmark_residual_um,
-            register=register,
-            min_register_confidence=min_register_confidence,
-            jpeg_quality=jpeg_quality,
-            pairs_per_shard=pairs_per_shard,
-            min_match_rate=min_match_rate,
-        )
-        options = {
-            k: v
-            for k, v in {"bin_um": bin_um, "units": units, "alignment": alignment}.items()
-            if v is not None
-        }
-        options.update(parse_options(option or []))
+        config = BuildConfig(**pick(given, BUILD_OPTIONS))
+        options = {k: v for k, v in pick(given, scoped(SECTION_FIELDS, ADAPTER)).items()
+                   if v is not None}
+        options.update(parse_options(given["options"] or []))
         check_adapter_options(platform, options)
         request = SectionRequest(
-            platform, bundle, wsi, section_id, transform, metadata, options, landmarks
+            platform, bundle, wsi, given["section_id"], transform, metadata, options, landmarks
         )
         get_platform(platform)
         request.resolved_section_id()  # refuse an unsafe id before any work starts

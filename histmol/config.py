@@ -8,8 +8,8 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
 from histmol.options import CORPUS, SECTION, check_fields, option, scoped, specs_of
-from histmol.section import TilingMode
 
+TilingMode = Literal["spot", "grid"]
 Resample = Literal["lanczos", "bilinear", "box"]
 Register = Literal["given", "auto"]
 

@@ -90,15 +90,15 @@ class OptionSpec:
         return "" if self.required or self.default is None else str(self.default)
 
     def bounds_text(self) -> str:
-        """The allowed range in words, e.g. ``in 16..4096`` or ``> 0``; "" when unbounded."""
-        low = (f"{_number(self.ge)}", "[") if self.ge is not None else (
-            (f"{_number(self.gt)}", "(") if self.gt is not None else None)
-        high = (f"{_number(self.le)}", "]") if self.le is not None else (
-            (f"{_number(self.lt)}", ")") if self.lt is not None else None)
+        """The allowed range, e.g. ``16..4096``, ``(0, 1]`` or ``> 0``; "" when unbounded."""
+        low = (_number(self.ge), "[") if self.ge is not None else (
+            (_number(self.gt), "(") if self.gt is not None else None)
+        high = (_number(self.le), "]") if self.le is not None else (
+            (_number(self.lt), ")") if self.lt is not None else None)
         if low and high:
             if low[1] == "[" and high[1] == "]":
-                return f"in {low[0]}..{high[0]}"
-            return f"in {low[1]}{low[0]}, {high[0]}{high[1]}"
+                return f"{low[0]}..{high[0]}"
+            return f"{low[1]}{low[0]}, {high[0]}{high[1]}"
         if low:
             return f"{'>=' if low[1] == '[' else '>'} {low[0]}"
         if high:
@@ -121,12 +121,15 @@ class OptionSpec:
                       and (self.le is None or value <= self.le)
                       and (self.lt is None or value < self.lt))
             if not inside:
-                return f"{self.name} must be {self.bounds_text()}, got {_number(value)}"
+                bounds = self.bounds_text()
+                where = "in " if bounds[0] not in "<>" else ""
+                return f"{self.name} must be {where}{bounds}, got {_number(value)}"
         return None
 
 
 def _number(value: float) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
+
 
 
 def option(default: Any, scope: str, help: str, *, ge: float | None = None,  # noqa: A002
