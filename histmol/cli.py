@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -27,7 +28,8 @@ from histmol.cli_errors import GuardedTyper
 from histmol.cli_options import pick, with_options
 from histmol.config import BUILD_OPTIONS
 from histmol.errors import HistmolError
-from histmol.options import ADAPTER, METADATA, SECTION_FIELDS, scoped
+from histmol.model.config import TRAIN_OPTIONS
+from histmol.options import ADAPTER, METADATA, SECTION_FIELDS, named, scoped
 from histmol.progress import track
 from histmol.progress_view import summary_line, task_display
 
@@ -587,51 +589,29 @@ def serve(
 
 
 @app.command()
+@with_options(TRAIN_OPTIONS, own_first=True)
 def train(
     corpus: Annotated[list[Path], typer.Argument(metavar="CORPUS...", help="Corpus folder(s).")],
     out: Annotated[Path, typer.Option(help="Run folder (checkpoint, metrics, config).")],
     resume: Annotated[bool, typer.Option(help="Continue exactly from --out's checkpoint.")] = False,
-    epochs: Annotated[int, typer.Option(help="Epochs.")] = 10,
-    batch_size: Annotated[int, typer.Option(help="Pairs per batch per rank.")] = 256,
-    image_encoder: Annotated[
-        str, typer.Option(help="vit-tiny, resnet18 or timm:<name> (no weights downloaded).")
-    ] = "vit-tiny",
-    genes: Annotated[
-        str, typer.Option(help="all, hvg:K or a comma-separated gene list.")
-    ] = "hvg:50",
-    lr: Annotated[float, typer.Option(help="Peak learning rate (cosine schedule).")] = 1e-3,
-    grad_accum: Annotated[int, typer.Option(help="Micro-batches per optimizer step.")] = 1,
-    num_workers: Annotated[int, typer.Option(help="DataLoader workers.")] = 0,
-    seed: Annotated[int, typer.Option(help="Seed of the model init and the data order.")] = 0,
-    max_steps: Annotated[
-        Optional[int], typer.Option(help="Pause (checkpointed) at this step.")
-    ] = None,
     split: Annotated[
         Optional[Path], typer.Option(help="Split file (`histmol split`): train on a fold only.")
     ] = None,
     fold: Annotated[
         Optional[str], typer.Option(help="With --split: a fold number, or all (OUT/fold-<i>).")
     ] = None,
+    **given: Any,
 ) -> None:
     """Train the CLIP-style patch/expression model (multi-GPU: torchrun -m histmol.model.train).
 
     Example: histmol train corpus/ --out runs/r1 --epochs 10 --batch-size 256
     """
-    from histmol.model.train import TrainConfig, fold_dir, train_folds
+    from histmol.model.config import TrainConfig
+    from histmol.model.train import fold_dir, train_folds
     from histmol.model.train import train as train_run
 
     try:
-        config = TrainConfig(
-            epochs=epochs,
-            batch_size=batch_size,
-            image_encoder=image_encoder,
-            genes=genes,
-            lr=lr,
-            grad_accum=grad_accum,
-            num_workers=num_workers,
-            seed=seed,
-            max_steps=max_steps,
-        )
+        config = TrainConfig(**pick(given, TRAIN_OPTIONS))
         started = time.perf_counter()
         with task_display(console):
             corpora = [str(c) for c in corpus]
@@ -713,13 +693,14 @@ def split_command(
 
 
 @app.command()
+@with_options([replace(named(TRAIN_OPTIONS, "batch_size"), default=128)])
 def embed(
     run: Annotated[Path, typer.Argument(help="Run folder (from histmol train).")],
     corpus: Annotated[list[Path], typer.Argument(metavar="CORPUS...", help="Corpus folder(s).")],
     out: Annotated[
         Path, typer.Option(help="Output: .parquet, or .h5ad (AnnData, embeddings in obsm).")
     ],
-    batch_size: Annotated[int, typer.Option(help="Pairs per batch.")] = 128,
+    **given: Any,
 ) -> None:
     """Write per-pair image and expression embeddings of a trained run.
 
@@ -730,13 +711,16 @@ def embed(
     try:
         started = time.perf_counter()
         with task_display(console):
-            path = embed_corpus(run, [str(c) for c in corpus], out, batch_size=batch_size)
+            path = embed_corpus(run, [str(c) for c in corpus], out,
+                                batch_size=given["batch_size"])
     except HistmolError as err:
         fail(err)
     out_console.print(summary_line("wrote embeddings to", path, started), highlight=False)
 
 
 @app.command(name="eval")
+@with_options([named(TRAIN_OPTIONS, "batch_size"), named(TRAIN_OPTIONS, "num_workers")],
+              own_first=True)
 def evaluate(
     run: Annotated[Path, typer.Argument(help="Run folder (from histmol train --fold all).")],
     corpus: Annotated[list[Path], typer.Argument(metavar="CORPUS...", help="Corpus folder(s).")],
@@ -746,12 +730,11 @@ def evaluate(
     genes: Annotated[
         str, typer.Option(help="Target genes: hvg:K (on each fold's training part), all or a list.")
     ] = "hvg:50",
-    batch_size: Annotated[int, typer.Option(help="Pairs per batch.")] = 256,
-    num_workers: Annotated[int, typer.Option(help="DataLoader workers.")] = 0,
     out: Annotated[
         Optional[Path],
         typer.Option(help="Folder for the result tables.", show_default="RUN/eval"),
     ] = None,
+    **given: Any,
 ) -> None:
     """HEST-Benchmark per fold: frozen embeddings, PCA 256, ridge, per-gene Pearson; baselines.
 
@@ -772,8 +755,8 @@ def evaluate(
                  TimeRemainingColumn(), console=console) as bar:
             task = bar.add_task("embed", total=None)
             tables = evaluate_split(
-                run, [str(c) for c in corpus], spec, genes=gene_spec, batch_size=batch_size,
-                num_workers=num_workers, out=out,
+                run, [str(c) for c in corpus], spec, genes=gene_spec,
+                batch_size=given["batch_size"], num_workers=given["num_workers"], out=out,
                 progress=lambda done, total: bar.update(task, completed=done, total=total),
             )
     except HistmolError as err:

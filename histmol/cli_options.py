@@ -53,10 +53,11 @@ def parameter(spec: OptionSpec) -> inspect.Parameter:
                              annotation=Annotated[kind, info], default=default)
 
 
-def with_options(*groups: Iterable[OptionSpec]) -> Callable[[F], F]:
+def with_options(*groups: Iterable[OptionSpec], own_first: bool = False) -> Callable[[F], F]:
     """Give a command taking ``**given`` one keyword option per spec of `groups`.
 
-    The command's own parameters follow the specs'; required options come first in help.
+    The command's own parameters follow the specs' (precede them with `own_first`); required
+    options come first in help.
     """
     def decorate(command: F) -> F:
         own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
@@ -66,7 +67,8 @@ def with_options(*groups: Iterable[OptionSpec]) -> Callable[[F], F]:
         names = [p.name for p in own] + [p.name for p in derived]
         if len(set(names)) != len(names):
             raise TypeError(f"{command.__name__}: an option is declared twice in {names}")
-        ordered = sorted(derived + own, key=lambda p: p.default is not inspect.Parameter.empty)
+        ordered = sorted(own + derived if own_first else derived + own,
+                         key=lambda p: p.default is not inspect.Parameter.empty)
         command.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
             ordered, return_annotation=None)
         return command

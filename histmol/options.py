@@ -202,9 +202,9 @@ SECTION_FIELDS: tuple[OptionSpec, ...] = (
 )
 
 
-def section_field(name: str) -> OptionSpec:
-    """The spec of one of `SECTION_FIELDS`."""
-    for spec in SECTION_FIELDS:
+def named(specs: tuple[OptionSpec, ...], name: str) -> OptionSpec:
+    """The spec called `name` among `specs` (KeyError if none is)."""
+    for spec in specs:
         if spec.name == name:
             return spec
     raise KeyError(name)
