@@ -29,7 +29,7 @@ from histmol.cli_options import pick, with_options
 from histmol.config import BUILD_OPTIONS
 from histmol.errors import HistmolError
 from histmol.model.config import TRAIN_OPTIONS
-from histmol.options import ADAPTER, METADATA, SECTION_FIELDS, named, scoped
+from histmol.options import ADAPTER, METADATA, SECTION_FIELDS, THREADS, named, scoped
 from histmol.progress import track
 from histmol.progress_view import summary_line, task_display
 
@@ -120,11 +120,10 @@ def fail(err: Exception) -> None:
 
 
 @app.command()
-@with_options(SECTION_FIELDS, BUILD_OPTIONS)
+@with_options(SECTION_FIELDS, BUILD_OPTIONS, [THREADS])
 def build(
     out: Annotated[Path, typer.Option(help="Corpus folder; created, or added to.")],
     force: Annotated[bool, typer.Option(help="Rebuild a section already in the corpus.")] = False,
-    threads: Annotated[int, typer.Option(help="Tile-reading threads.")] = 2,
     **given: Any,
 ) -> None:
     """Build one section from a platform bundle and its H&E into a corpus.
@@ -169,7 +168,8 @@ def build(
         get_platform(platform)
         request.resolved_section_id()  # refuse an unsafe id before any work starts
         with progress_display():
-            result = build_section(request, out, config, force=force, threads=threads)
+            result = build_section(request, out, config, force=force,
+                                   threads=given["threads"])
     except HistmolError as err:
         fail(err)
     verb = "already in the corpus, skipped" if result.status == "skipped" else "committed"
@@ -302,12 +302,13 @@ def platforms(
 
 
 @app.command()
+@with_options([THREADS], own_first=True)
 def demo(
     out: Annotated[
         Path, typer.Option(help="Folder for the generated bundles and the corpus.")
     ] = Path("demo"),
     seed: Annotated[int, typer.Option(help="Generator seed.")] = 0,
-    threads: Annotated[int, typer.Option(help="Tile-reading threads.")] = 2,
+    **given: Any,
 ) -> None:
     """Generate sample bundles and synthetic slides, build them into a corpus, summarise it.
 
@@ -323,7 +324,8 @@ def demo(
 
     try:
         with progress_display():
-            corpus = run_demo(out, seed=seed, threads=threads, log=lambda m: console.print(m))
+            corpus = run_demo(out, seed=seed, threads=given["threads"],
+                              log=lambda m: console.print(m))
     except HistmolError as err:
         fail(err)
     inspect(corpus, as_json=False)
@@ -513,6 +515,7 @@ def export(
 
 
 @app.command()
+@with_options([replace(THREADS, default=1)], own_first=True)  # sections side by side: 1 thread each
 def ingest(
     manifest: Annotated[
         Path, typer.Argument(help="Manifest (.yaml or .csv): one entry per section.")
@@ -534,8 +537,8 @@ def ingest(
             help="Sections built at once.", show_default="cores / threads; with Dask, its threads"
         ),
     ] = None,
-    threads: Annotated[int, typer.Option(help="Tile-reading threads per section.")] = 1,
     force: Annotated[bool, typer.Option(help="Rebuild sections even when unchanged.")] = False,
+    **given: Any,
 ) -> None:
     """Build every section of a manifest into one corpus: resumable, failures isolated.
 
@@ -555,7 +558,8 @@ def ingest(
     try:
         with ingest_display(console):
             outcomes = run_ingest(manifest, out, dask_address=dask_address,
-                                  max_parallel=max_parallel, threads=threads, force=force)
+                                  max_parallel=max_parallel, threads=given["threads"],
+                                  force=force)
     except IngestFailed as failed:
         out_console.print(outcome_table(failed.outcomes, f"{manifest} -> {out}"))
         raise typer.Exit(1) from None

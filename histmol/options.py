@@ -30,6 +30,7 @@ ADAPTER = "adapter"  # adapter options with a field of their own (bin_um, units,
 EXTRA = "extra"  # any other adapter option, passed through to the adapter verbatim
 METADATA = "metadata"  # recorded with the section: tissue, species, patient, licence
 TRAIN = "train"  # the trainer's options (TrainConfig)
+RUN = "run"  # how a command runs, never what it writes (so not in BuildConfig)
 REQUIRED = dataclasses.MISSING  # the default of an option that must be given
 
 
@@ -200,6 +201,8 @@ SECTION_FIELDS: tuple[OptionSpec, ...] = (
     OptionSpec("options", dict[str, Any], None, "Other adapter options, e.g. positions=spots.tsv "
                "(KEY=VALUE on the command line, repeatable).", EXTRA, flag="--option"),
 )
+
+THREADS = OptionSpec("threads", int, 2, "Tile-reading threads per section.", RUN, ge=1)
 
 
 def named(specs: tuple[OptionSpec, ...], name: str) -> OptionSpec:
