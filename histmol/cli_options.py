@@ -40,10 +40,11 @@ def parameter(spec: OptionSpec) -> inspect.Parameter:
     kind = Path if spec.path else str if spec.choices else spec.value_type
     if spec.default is None:
         kind = Optional[kind]  # noqa: UP045 - typer reads Optional
-    # typer shows a value as it is and a text in parentheses: "[default: 224]" but
-    # "[default: (the platform's)]"
-    show: bool | str = (spec.default_text or False) if spec.default in (None, "") or \
-        spec.default_text else True
+    show: bool | str = True  # typer shows a value as it is: "[default: 224]"
+    if spec.default_text is not None:
+        show = spec.default_text  # and a text in parentheses: "[default: (the platform's)]"
+    elif spec.default in (None, ""):
+        show = False
     bounds = spec.bounds_text()
     info = typer.Option(*([spec.cli_flag] if spec.flag else []),
                         help=spec.help + (f" [{bounds}]" if bounds else ""), show_default=show,

@@ -92,18 +92,17 @@ class OptionSpec:
 
     def bounds_text(self) -> str:
         """The allowed range, e.g. ``16..4096``, ``(0, 1]`` or ``> 0``; "" when unbounded."""
-        low = (_number(self.ge), "[") if self.ge is not None else (
-            (_number(self.gt), "(") if self.gt is not None else None)
-        high = (_number(self.le), "]") if self.le is not None else (
-            (_number(self.lt), ")") if self.lt is not None else None)
+        low = f"[{_number(self.ge)}" if self.ge is not None else (
+            f"({_number(self.gt)}" if self.gt is not None else "")
+        high = f"{_number(self.le)}]" if self.le is not None else (
+            f"{_number(self.lt)})" if self.lt is not None else "")
         if low and high:
-            if low[1] == "[" and high[1] == "]":
-                return f"{low[0]}..{high[0]}"
-            return f"{low[1]}{low[0]}, {high[0]}{high[1]}"
+            closed = low[0] == "[" and high[-1] == "]"
+            return f"{low[1:]}..{high[:-1]}" if closed else f"{low}, {high}"
         if low:
-            return f"{'>=' if low[1] == '[' else '>'} {low[0]}"
+            return f"{'>=' if low[0] == '[' else '>'} {low[1:]}"
         if high:
-            return f"{'<=' if high[1] == ']' else '<'} {high[0]}"
+            return f"{'<=' if high[-1] == ']' else '<'} {high[:-1]}"
         return ""
 
     def problem(self, value: Any) -> str | None:
@@ -130,7 +129,6 @@ class OptionSpec:
 
 def _number(value: float) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
-
 
 
 def option(default: Any, scope: str, help: str, *, ge: float | None = None,  # noqa: A002
