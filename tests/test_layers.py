@@ -33,7 +33,7 @@ LAYERS = {
     "histmol.preflight": PIPELINE,
     "flows": FLOWS,
     "histmol.cli": APP, "histmol.__main__": APP, "histmol.demo": APP, "histmol.ingest_view": APP,
-    "histmol.cli_errors": APP, "histmol.progress_view": APP,
+    "histmol.cli_errors": APP, "histmol.progress_view": APP, "histmol.cli_options": APP,
 }
 PACKAGES = ("histmol", "platform_adapters", "flows")
 
