@@ -22,7 +22,9 @@ from histmol.config import BUILD_OPTIONS, CORPUS_LEVEL_FIELDS, BuildConfig
 from histmol.errors import ConfigError
 from histmol.manifest import (
     METADATA_FIELDS,
+    PATH_FIELDS,
     PLATFORM_OPTION_FIELDS,
+    REQUEST_PATH_FIELDS,
     ManifestError,
     json_schema,
     load_manifest,
@@ -68,6 +70,9 @@ def test_derived_field_lists() -> None:
     assert CORPUS_LEVEL_FIELDS == ("patch_px", "target_mpp", "resample", "jpeg_quality")
     assert METADATA_FIELDS == ("tissue", "species", "patient_id", "licence")
     assert PLATFORM_OPTION_FIELDS == ("bin_um", "units", "alignment")
+    # in this order: a URL-input request's fingerprint hashes its inputs in it
+    assert REQUEST_PATH_FIELDS == ("bundle", "wsi", "transform", "landmarks")
+    assert PATH_FIELDS == (*REQUEST_PATH_FIELDS, "alignment")
     assert BuildConfig(patch_px=64).corpus_fields() == {
         "patch_px": 64, "target_mpp": 0.5, "resample": "lanczos", "jpeg_quality": 90}
 
