@@ -34,7 +34,7 @@ def parameter(spec: OptionSpec) -> inspect.Parameter:
     """The keyword parameter typer reads as `spec`'s command-line option."""
     if spec.scope == EXTRA:  # passed through to the adapter: repeatable KEY=VALUE
         kind: Any = Optional[list[str]]  # noqa: UP045 - typer reads Optional
-        info = typer.Option(spec.cli_flag, metavar="KEY=VALUE", help=spec.help)
+        info = typer.Option(spec.cli_flag, metavar="KEY=VALUE", help=f"{spec.help} Repeatable.")
         return inspect.Parameter(spec.name, inspect.Parameter.KEYWORD_ONLY,
                                  annotation=Annotated[kind, info], default=None)
     kind = Path if spec.path else str if spec.choices else spec.value_type

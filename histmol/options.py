@@ -196,8 +196,8 @@ SECTION_FIELDS: tuple[OptionSpec, ...] = (
                "cells.", ADAPTER, default_text="the platform's"),
     OptionSpec("alignment", Path | None, None, "Platform alignment file (e.g. Xenium "
                "*_he_imagealignment.csv).", ADAPTER, path=True),
-    OptionSpec("options", dict[str, Any], None, "Other adapter options, e.g. positions=spots.tsv "
-               "(KEY=VALUE on the command line, repeatable).", EXTRA, flag="--option"),
+    OptionSpec("options", dict[str, Any], None, "Other adapter options, e.g. positions=spots.tsv.",
+               EXTRA, flag="--option"),
 )
 
 THREADS = OptionSpec("threads", int, 2, "Tile-reading threads per section.", RUN, ge=1)
