@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -24,7 +25,11 @@ from rich.table import Table
 
 from histmol import __version__
 from histmol.cli_errors import GuardedTyper
+from histmol.cli_options import pick, with_options
+from histmol.config import BUILD_OPTIONS
 from histmol.errors import HistmolError
+from histmol.model.config import TRAIN_OPTIONS
+from histmol.options import ADAPTER, METADATA, SECTION_FIELDS, THREADS, named, scoped
 from histmol.progress import track
 from histmol.progress_view import summary_line, task_display
 
@@ -115,112 +120,11 @@ def fail(err: Exception) -> None:
 
 
 @app.command()
+@with_options(SECTION_FIELDS, BUILD_OPTIONS, [THREADS])
 def build(
-    platform: Annotated[
-        str,
-        typer.Option(
-            help="Platform name (see `histmol platforms`), or auto: recognised from the bundle."
-        ),
-    ],
-    bundle: Annotated[
-        Path, typer.Option(help="The platform's output folder (e.g. Space Ranger outs/).")
-    ],
-    wsi: Annotated[
-        Path, typer.Option(help="The paired H&E image (svs, ndpi, tiff, ome.tif, jpg, png...).")
-    ],
     out: Annotated[Path, typer.Option(help="Corpus folder; created, or added to.")],
-    section_id: Annotated[
-        Optional[str],
-        typer.Option(help="Section id (lower-cased; the name as given is kept).",
-                     show_default="the bundle folder's name"),
-    ] = None,
-    tissue: Annotated[str, typer.Option(help="Tissue type, e.g. colon.")] = "",
-    species: Annotated[
-        str, typer.Option(help="Species.", show_default="inferred from Ensembl gene ids")
-    ] = "",
-    patient_id: Annotated[
-        str, typer.Option(help="Patient or donor id (evaluation splits by it).")
-    ] = "",
-    licence: Annotated[str, typer.Option(help="Licence of the source data.")] = "",
-    transform: Annotated[Optional[Path], typer.Option(help="3x3 native->WSI affine CSV.")] = None,
-    landmarks: Annotated[
-        Optional[Path],
-        typer.Option(help="CSV of point pairs native_x,native_y,wsi_x,wsi_y; an affine is fitted."),
-    ] = None,
-    max_landmark_residual_um: Annotated[
-        Optional[float],
-        typer.Option(help="Fail when a landmark misses by more than this (um).", show_default="50"),
-    ] = None,
-    register: Annotated[
-        Optional[str],
-        typer.Option(help="auto: align the bundle's own image (Visium PNG, DAPI) to the H&E."),
-    ] = None,
-    min_register_confidence: Annotated[
-        Optional[float],
-        typer.Option(help="Fail an automatic registration scoring less than this.",
-                     show_default="0.3"),
-    ] = None,
-    mpp: Annotated[
-        Optional[float], typer.Option(help="Override the WSI's um/px (skips the pitch check).")
-    ] = None,
-    target_mpp: Annotated[
-        Optional[float], typer.Option(help="Patch resolution in um/px.", show_default="0.5")
-    ] = None,
-    patch_px: Annotated[
-        Optional[int], typer.Option(help="Patch side in pixels.", show_default="224")
-    ] = None,
-    mode: Annotated[
-        Optional[str],
-        typer.Option(help="Tiling mode: spot or grid.", show_default="platform default"),
-    ] = None,
-    min_tissue_fraction: Annotated[
-        Optional[float],
-        typer.Option(help="Drop patches under this tissue fraction (spots the bundle marks "
-                     "under tissue are kept, only flagged).", show_default="0.1"),
-    ] = None,
-    min_units_on_tissue: Annotated[
-        Optional[float],
-        typer.Option(help="Fail when fewer unit centres lie on tissue.", show_default="0.5"),
-    ] = None,
-    mpp_tolerance: Annotated[
-        Optional[float],
-        typer.Option(help="Allowed mpp disagreement with the unit pitch.", show_default="0.05"),
-    ] = None,
-    tissue_mpp: Annotated[
-        Optional[float],
-        typer.Option(help="Resolution of the tissue mask in um/px.", show_default="8"),
-    ] = None,
-    resample: Annotated[
-        Optional[str],
-        typer.Option(help="Resampling filter: lanczos, bilinear or box.", show_default="lanczos"),
-    ] = None,
-    jpeg_quality: Annotated[
-        Optional[int], typer.Option(help="JPEG quality of stored patches.", show_default="90")
-    ] = None,
-    pairs_per_shard: Annotated[
-        Optional[int], typer.Option(help="Pairs per shard part.", show_default="2048")
-    ] = None,
-    min_match_rate: Annotated[
-        Optional[float], typer.Option(help="Minimum barcode match rate.", show_default="0.9")
-    ] = None,
-    bin_um: Annotated[
-        Optional[float], typer.Option(help="Bin size in um for binned platforms.")
-    ] = None,
-    units: Annotated[
-        Optional[str], typer.Option(help="Unit kind for platforms offering several: bins or cells.")
-    ] = None,
-    alignment: Annotated[
-        Optional[Path],
-        typer.Option(help="Platform alignment file (e.g. Xenium *_he_imagealignment.csv)."),
-    ] = None,
-    option: Annotated[
-        Optional[list[str]],
-        typer.Option(
-            metavar="KEY=VALUE", help="Adapter option (repeatable), e.g. positions=spots.tsv."
-        ),
-    ] = None,
     force: Annotated[bool, typer.Option(help="Rebuild a section already in the corpus.")] = False,
-    threads: Annotated[int, typer.Option(help="Tile-reading threads.")] = 2,
+    **given: Any,
 ) -> None:
     """Build one section from a platform bundle and its H&E into a corpus.
 
@@ -229,69 +133,43 @@ def build(
     """
     from histmol.preflight import check_adapter_options, check_build_inputs
 
+    bundle, wsi, transform, landmarks = (given[k] for k in ("bundle", "wsi", "transform",
+                                                             "landmarks"))
     try:
-        given = platform
         platform = check_build_inputs(
-            platform,
+            given["platform"],
             bundle,
             wsi,
             out,
             files=[
                 (transform, "--transform"),
                 (landmarks, "--landmarks"),
-                (alignment, "--alignment"),
+                (given["alignment"], "--alignment"),
             ],
         )
     except HistmolError as err:
         fail(err)
-    if given.strip().lower() == "auto":
+    if given["platform"].strip().lower() == "auto":
         console.print(f"platform: {platform} (recognised from the bundle's files)", highlight=False)
     from histmol.build import SectionRequest, build_section
     from histmol.config import BuildConfig
     from platform_adapters import get_platform
 
-    metadata = {
-        k: v
-        for k, v in {
-            "tissue": tissue,
-            "species": species,
-            "patient_id": patient_id,
-            "licence": licence,
-        }.items()
-        if v
-    }
+    metadata = {k: v for k, v in pick(given, scoped(SECTION_FIELDS, METADATA)).items() if v}
     try:
-        config = BuildConfig().with_overrides(
-            mpp=mpp,
-            target_mpp=target_mpp,
-            patch_px=patch_px,
-            mode=mode,
-            min_tissue_fraction=min_tissue_fraction,
-            min_units_on_tissue=min_units_on_tissue,
-            mpp_tolerance=mpp_tolerance,
-            tissue_mpp=tissue_mpp,
-            resample=resample,
-            max_landmark_residual_um=max_landmark_residual_um,
-            register=register,
-            min_register_confidence=min_register_confidence,
-            jpeg_quality=jpeg_quality,
-            pairs_per_shard=pairs_per_shard,
-            min_match_rate=min_match_rate,
-        )
-        options = {
-            k: v
-            for k, v in {"bin_um": bin_um, "units": units, "alignment": alignment}.items()
-            if v is not None
-        }
-        options.update(parse_options(option or []))
+        config = BuildConfig(**pick(given, BUILD_OPTIONS))
+        options = {k: v for k, v in pick(given, scoped(SECTION_FIELDS, ADAPTER)).items()
+                   if v is not None}
+        options.update(parse_options(given["options"] or []))
         check_adapter_options(platform, options)
         request = SectionRequest(
-            platform, bundle, wsi, section_id, transform, metadata, options, landmarks
+            platform, bundle, wsi, given["section_id"], transform, metadata, options, landmarks
         )
         get_platform(platform)
         request.resolved_section_id()  # refuse an unsafe id before any work starts
         with progress_display():
-            result = build_section(request, out, config, force=force, threads=threads)
+            result = build_section(request, out, config, force=force,
+                                   threads=given["threads"])
     except HistmolError as err:
         fail(err)
     verb = "already in the corpus, skipped" if result.status == "skipped" else "committed"
@@ -424,12 +302,13 @@ def platforms(
 
 
 @app.command()
+@with_options([THREADS], own_first=True)
 def demo(
     out: Annotated[
         Path, typer.Option(help="Folder for the generated bundles and the corpus.")
     ] = Path("demo"),
     seed: Annotated[int, typer.Option(help="Generator seed.")] = 0,
-    threads: Annotated[int, typer.Option(help="Tile-reading threads.")] = 2,
+    **given: Any,
 ) -> None:
     """Generate sample bundles and synthetic slides, build them into a corpus, summarise it.
 
@@ -445,7 +324,8 @@ def demo(
 
     try:
         with progress_display():
-            corpus = run_demo(out, seed=seed, threads=threads, log=lambda m: console.print(m))
+            corpus = run_demo(out, seed=seed, threads=given["threads"],
+                              log=lambda m: console.print(m))
     except HistmolError as err:
         fail(err)
     inspect(corpus, as_json=False)
@@ -635,6 +515,7 @@ def export(
 
 
 @app.command()
+@with_options([replace(THREADS, default=1)], own_first=True)  # sections side by side: 1 thread each
 def ingest(
     manifest: Annotated[
         Path, typer.Argument(help="Manifest (.yaml or .csv): one entry per section.")
@@ -656,8 +537,8 @@ def ingest(
             help="Sections built at once.", show_default="cores / threads; with Dask, its threads"
         ),
     ] = None,
-    threads: Annotated[int, typer.Option(help="Tile-reading threads per section.")] = 1,
     force: Annotated[bool, typer.Option(help="Rebuild sections even when unchanged.")] = False,
+    **given: Any,
 ) -> None:
     """Build every section of a manifest into one corpus: resumable, failures isolated.
 
@@ -677,7 +558,8 @@ def ingest(
     try:
         with ingest_display(console):
             outcomes = run_ingest(manifest, out, dask_address=dask_address,
-                                  max_parallel=max_parallel, threads=threads, force=force)
+                                  max_parallel=max_parallel, threads=given["threads"],
+                                  force=force)
     except IngestFailed as failed:
         out_console.print(outcome_table(failed.outcomes, f"{manifest} -> {out}"))
         raise typer.Exit(1) from None
@@ -711,51 +593,29 @@ def serve(
 
 
 @app.command()
+@with_options(TRAIN_OPTIONS, own_first=True)
 def train(
     corpus: Annotated[list[Path], typer.Argument(metavar="CORPUS...", help="Corpus folder(s).")],
     out: Annotated[Path, typer.Option(help="Run folder (checkpoint, metrics, config).")],
     resume: Annotated[bool, typer.Option(help="Continue exactly from --out's checkpoint.")] = False,
-    epochs: Annotated[int, typer.Option(help="Epochs.")] = 10,
-    batch_size: Annotated[int, typer.Option(help="Pairs per batch per rank.")] = 256,
-    image_encoder: Annotated[
-        str, typer.Option(help="vit-tiny, resnet18 or timm:<name> (no weights downloaded).")
-    ] = "vit-tiny",
-    genes: Annotated[
-        str, typer.Option(help="all, hvg:K or a comma-separated gene list.")
-    ] = "hvg:50",
-    lr: Annotated[float, typer.Option(help="Peak learning rate (cosine schedule).")] = 1e-3,
-    grad_accum: Annotated[int, typer.Option(help="Micro-batches per optimizer step.")] = 1,
-    num_workers: Annotated[int, typer.Option(help="DataLoader workers.")] = 0,
-    seed: Annotated[int, typer.Option(help="Seed of the model init and the data order.")] = 0,
-    max_steps: Annotated[
-        Optional[int], typer.Option(help="Pause (checkpointed) at this step.")
-    ] = None,
     split: Annotated[
         Optional[Path], typer.Option(help="Split file (`histmol split`): train on a fold only.")
     ] = None,
     fold: Annotated[
         Optional[str], typer.Option(help="With --split: a fold number, or all (OUT/fold-<i>).")
     ] = None,
+    **given: Any,
 ) -> None:
     """Train the CLIP-style patch/expression model (multi-GPU: torchrun -m histmol.model.train).
 
     Example: histmol train corpus/ --out runs/r1 --epochs 10 --batch-size 256
     """
-    from histmol.model.train import TrainConfig, fold_dir, train_folds
+    from histmol.model.config import TrainConfig
+    from histmol.model.train import fold_dir, train_folds
     from histmol.model.train import train as train_run
 
     try:
-        config = TrainConfig(
-            epochs=epochs,
-            batch_size=batch_size,
-            image_encoder=image_encoder,
-            genes=genes,
-            lr=lr,
-            grad_accum=grad_accum,
-            num_workers=num_workers,
-            seed=seed,
-            max_steps=max_steps,
-        )
+        config = TrainConfig(**pick(given, TRAIN_OPTIONS))
         started = time.perf_counter()
         with task_display(console):
             corpora = [str(c) for c in corpus]
@@ -837,13 +697,14 @@ def split_command(
 
 
 @app.command()
+@with_options([replace(named(TRAIN_OPTIONS, "batch_size"), default=128)])
 def embed(
     run: Annotated[Path, typer.Argument(help="Run folder (from histmol train).")],
     corpus: Annotated[list[Path], typer.Argument(metavar="CORPUS...", help="Corpus folder(s).")],
     out: Annotated[
         Path, typer.Option(help="Output: .parquet, or .h5ad (AnnData, embeddings in obsm).")
     ],
-    batch_size: Annotated[int, typer.Option(help="Pairs per batch.")] = 128,
+    **given: Any,
 ) -> None:
     """Write per-pair image and expression embeddings of a trained run.
 
@@ -854,13 +715,16 @@ def embed(
     try:
         started = time.perf_counter()
         with task_display(console):
-            path = embed_corpus(run, [str(c) for c in corpus], out, batch_size=batch_size)
+            path = embed_corpus(run, [str(c) for c in corpus], out,
+                                batch_size=given["batch_size"])
     except HistmolError as err:
         fail(err)
     out_console.print(summary_line("wrote embeddings to", path, started), highlight=False)
 
 
 @app.command(name="eval")
+@with_options([named(TRAIN_OPTIONS, "batch_size"), named(TRAIN_OPTIONS, "num_workers")],
+              own_first=True)
 def evaluate(
     run: Annotated[Path, typer.Argument(help="Run folder (from histmol train --fold all).")],
     corpus: Annotated[list[Path], typer.Argument(metavar="CORPUS...", help="Corpus folder(s).")],
@@ -870,12 +734,11 @@ def evaluate(
     genes: Annotated[
         str, typer.Option(help="Target genes: hvg:K (on each fold's training part), all or a list.")
     ] = "hvg:50",
-    batch_size: Annotated[int, typer.Option(help="Pairs per batch.")] = 256,
-    num_workers: Annotated[int, typer.Option(help="DataLoader workers.")] = 0,
     out: Annotated[
         Optional[Path],
         typer.Option(help="Folder for the result tables.", show_default="RUN/eval"),
     ] = None,
+    **given: Any,
 ) -> None:
     """HEST-Benchmark per fold: frozen embeddings, PCA 256, ridge, per-gene Pearson; baselines.
 
@@ -896,8 +759,8 @@ def evaluate(
                  TimeRemainingColumn(), console=console) as bar:
             task = bar.add_task("embed", total=None)
             tables = evaluate_split(
-                run, [str(c) for c in corpus], spec, genes=gene_spec, batch_size=batch_size,
-                num_workers=num_workers, out=out,
+                run, [str(c) for c in corpus], spec, genes=gene_spec,
+                batch_size=given["batch_size"], num_workers=given["num_workers"], out=out,
                 progress=lambda done, total: bar.update(task, completed=done, total=total),
             )
     except HistmolError as err:

@@ -7,18 +7,19 @@ import json
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
-from histmol.errors import ConfigError
-from histmol.section import TilingMode
+from histmol.options import CORPUS, SECTION, check_fields, option, scoped, specs_of
 
+TilingMode = Literal["spot", "grid"]
 Resample = Literal["lanczos", "bilinear", "box"]
 Register = Literal["given", "auto"]
-CORPUS_LEVEL_FIELDS = ("patch_px", "target_mpp", "resample", "jpeg_quality")
 
 
 @dataclass(frozen=True)
 class BuildConfig:
     """Everything that changes what a build writes. Worker counts are not here on purpose.
 
+    Each field is declared once, with its bounds and help (histmol.options): the manifest's
+    models and the `histmol build` options are derived from these declarations.
     `mode=None` takes the platform's default tiling mode. `mpp=None` resolves the pixel size
     from the WSI file, the bundle's scalefactors or the unit pitch, in that order.
     `register="auto"` finds native -> WSI from the platform's own image (histmol.autoregister)
@@ -26,51 +27,35 @@ class BuildConfig:
     --transform or --landmarks.
     """
 
-    patch_px: int = 224
-    target_mpp: float = 0.5
-    mode: TilingMode | None = None
-    mpp: float | None = None
-    mpp_tolerance: float = 0.05
-    min_tissue_fraction: float | None = None  # None: assay marks, else 0.1 (histmol.tissue)
-    min_units_on_tissue: float = 0.5
-    tissue_mpp: float = 8.0
-    resample: Resample = "lanczos"
-    jpeg_quality: int = 90
-    pairs_per_shard: int = 2048
-    min_match_rate: float = 0.9
-    max_landmark_residual_um: float = 50.0
-    register: Register = "given"
-    min_register_confidence: float = 0.3
+    patch_px: int = option(224, CORPUS, "Patch side in pixels.", ge=16, le=4096)
+    target_mpp: float = option(0.5, CORPUS, "Patch resolution in um/px.", ge=0.05, le=50)
+    mode: TilingMode | None = option(None, SECTION, "Tiling mode.", default_text="the platform's")
+    mpp: float | None = option(
+        None, SECTION, "Override the WSI's um/px (skips the pitch check).", ge=0.05, le=50,
+        default_text="from the WSI file, the bundle's scalefactors or the unit pitch")
+    mpp_tolerance: float = option(
+        0.05, SECTION, "Allowed mpp disagreement with the unit pitch.", gt=0, lt=1)
+    min_tissue_fraction: float | None = option(  # None: assay marks, else 0.1 (histmol.tissue)
+        None, SECTION, "Drop patches under this tissue fraction (spots the bundle marks under "
+        "tissue are kept, only flagged, unless this is given).", ge=0, le=1, default_text="0.1")
+    min_units_on_tissue: float = option(
+        0.5, SECTION, "Fail when fewer unit centres lie on tissue.", ge=0, le=1)
+    tissue_mpp: float = option(8.0, SECTION, "Resolution of the tissue mask in um/px.", gt=0)
+    resample: Resample = option("lanczos", CORPUS, "Resampling filter.")
+    jpeg_quality: int = option(90, CORPUS, "JPEG quality of stored patches.", ge=1, le=100)
+    pairs_per_shard: int = option(2048, SECTION, "Pairs per shard part.", ge=1)
+    min_match_rate: float = option(0.9, SECTION, "Minimum barcode match rate.", gt=0, le=1)
+    max_landmark_residual_um: float = option(
+        50.0, SECTION, "Fail when a landmark misses by more than this (um).", gt=0)
+    register: Register = option(
+        "given", SECTION, "auto: align the bundle's own image (Visium PNG, DAPI) to the H&E; "
+        "given: the transform, landmarks or the platform's alignment.")
+    min_register_confidence: float = option(
+        0.3, SECTION, "Fail an automatic registration scoring less than this (a correlation).",
+        ge=-1, le=1)
 
     def __post_init__(self) -> None:
-        if not 16 <= self.patch_px <= 4096:
-            raise ConfigError(f"patch_px must be in 16..4096, got {self.patch_px}")
-        if not 0.05 <= self.target_mpp <= 50:
-            raise ConfigError(f"target_mpp must be in 0.05..50 um/px, got {self.target_mpp}")
-        if self.mpp is not None and not 0.05 <= self.mpp <= 50:
-            raise ConfigError(f"mpp override must be in 0.05..50 um/px, got {self.mpp}")
-        if self.mode not in (None, "spot", "grid"):
-            raise ConfigError(f"mode must be 'spot' or 'grid', got {self.mode!r}")
-        if self.min_tissue_fraction is not None and not 0 <= self.min_tissue_fraction <= 1:
-            raise ConfigError("min_tissue_fraction must be in 0..1")
-        if not 0 <= self.min_units_on_tissue <= 1:
-            raise ConfigError("min_units_on_tissue must be in 0..1")
-        if not 0 < self.mpp_tolerance < 1:
-            raise ConfigError("mpp_tolerance must be in (0, 1)")
-        if self.resample not in ("lanczos", "bilinear", "box"):
-            raise ConfigError(f"resample must be lanczos, bilinear or box, got {self.resample!r}")
-        if not 1 <= self.jpeg_quality <= 100:
-            raise ConfigError("jpeg_quality must be in 1..100")
-        if self.pairs_per_shard < 1:
-            raise ConfigError("pairs_per_shard must be >= 1")
-        if not self.max_landmark_residual_um > 0:
-            raise ConfigError("max_landmark_residual_um must be > 0")
-        if not 0 < self.min_match_rate <= 1:
-            raise ConfigError("min_match_rate must be in (0, 1]")
-        if self.register not in ("given", "auto"):
-            raise ConfigError(f"register must be 'given' or 'auto', got {self.register!r}")
-        if not -1 <= self.min_register_confidence <= 1:
-            raise ConfigError("min_register_confidence must be in -1..1 (a correlation)")
+        check_fields(self)
 
     def corpus_fields(self) -> dict[str, Any]:
         """The options every section of one corpus must share: the patch geometry and codec.
@@ -91,3 +76,7 @@ class BuildConfig:
         """Stable hash of the options: equal configs build equal bytes."""
         payload = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+BUILD_OPTIONS = specs_of(BuildConfig)
+CORPUS_LEVEL_FIELDS = tuple(spec.name for spec in scoped(BUILD_OPTIONS, CORPUS))

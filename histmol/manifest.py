@@ -55,10 +55,18 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
 from histmol.build import SectionRequest
-from histmol.config import CORPUS_LEVEL_FIELDS, BuildConfig
+from histmol.config import BUILD_OPTIONS, CORPUS_LEVEL_FIELDS, BuildConfig
 from histmol.errors import ConfigError, HistmolError
 from histmol.fingerprint import input_fingerprint
 from histmol.manifest_limits import (
@@ -68,15 +76,27 @@ from histmol.manifest_limits import (
     construct,
     read_bounded_text,
 )
+from histmol.options import (
+    ADAPTER,
+    CORPUS,
+    EXTRA,
+    INPUT,
+    METADATA,
+    SECTION,
+    SECTION_FIELDS,
+    OptionSpec,
+    scoped,
+)
 from histmol.preflight import resolve_platform
 from histmol.remote_inputs import RemoteInput, check_url, describe_input, is_url
 from histmol.section import normalise_section_id
 from platform_adapters import get_platform
 
-PATH_FIELDS = ("bundle", "wsi", "transform", "landmarks", "alignment")
-REQUEST_PATH_FIELDS = ("bundle", "wsi", "transform", "landmarks")  # the rest are adapter options
-PLATFORM_OPTION_FIELDS = ("bin_um", "units", "alignment")
-METADATA_FIELDS = ("tissue", "species", "patient_id", "licence")
+SECTION_OPTIONS = scoped(BUILD_OPTIONS, SECTION)
+PATH_FIELDS = tuple(spec.name for spec in SECTION_FIELDS if spec.path)
+REQUEST_PATH_FIELDS = tuple(s.name for s in scoped(SECTION_FIELDS, INPUT) if s.path)  # the rest
+PLATFORM_OPTION_FIELDS = tuple(spec.name for spec in scoped(SECTION_FIELDS, ADAPTER))  # options
+METADATA_FIELDS = tuple(spec.name for spec in scoped(SECTION_FIELDS, METADATA))
 CSV_OPTION_PREFIX = "option."
 
 
@@ -84,57 +104,54 @@ class ManifestError(ConfigError):
     """A manifest that cannot be read or validated; the message names file, line and entry."""
 
 
-class CorpusOptions(BaseModel):
-    """Options every section of one corpus shares (BuildConfig's corpus-level fields)."""
+def attribute(spec: OptionSpec) -> str:
+    """The model attribute of `spec`: its name, unless pydantic's BaseModel already uses it.
 
-    model_config = ConfigDict(extra="forbid")
-    patch_px: int = Field(224, ge=16, le=4096, description="Patch side in pixels.")
-    target_mpp: float = Field(0.5, ge=0.05, le=50, description="Patch resolution in um/px.")
-    resample: Literal["lanczos", "bilinear", "box"] = "lanczos"
-    jpeg_quality: int = Field(90, ge=1, le=100, description="JPEG quality of stored patches.")
+    `register` is one (written `register:` in a manifest, the attribute is `register_mode`).
+    """
+    return f"{spec.name}_mode" if hasattr(BaseModel, spec.name) else spec.name
 
 
-class SectionOptions(BaseModel):
-    """Per-section build options; None inherits the manifest's `defaults`, then BuildConfig's."""
+def model_field(spec: OptionSpec, *, inherit: bool = False) -> tuple[Any, Any]:
+    """`(annotation, FieldInfo)` of `spec` in a manifest model, its bounds and help included.
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
-    mode: Literal["spot", "grid"] | None = Field(None, description="Tiling mode [platform's].")
-    mpp: float | None = Field(None, ge=0.05, le=50, description="Override the WSI's um/px.")
-    mpp_tolerance: float | None = Field(None, gt=0, lt=1)
-    min_tissue_fraction: float | None = Field(None, ge=0, le=1)
-    min_units_on_tissue: float | None = Field(None, ge=0, le=1)
-    tissue_mpp: float | None = Field(None, gt=0)
-    pairs_per_shard: int | None = Field(None, ge=1)
-    min_match_rate: float | None = Field(None, gt=0, le=1)
-    max_landmark_residual_um: float | None = Field(None, gt=0)
-    # written `register:` (BaseModel.register is pydantic's: the attribute needs another name)
-    register_mode: Literal["given", "auto"] | None = Field(
-        None, alias="register",
-        description="auto: align the platform's own image to the H&E [given].",
-    )
-    min_register_confidence: float | None = Field(None, ge=-1, le=1)
+    `inherit`: unset means "take the manifest's defaults, then BuildConfig's" (None).
+    """
+    kind: Any = str if spec.path else spec.value_type
+    if spec.scope == EXTRA:
+        return kind, Field(default_factory=dict, description=spec.help)
+    description = spec.help + (" Relative to the manifest's folder, or a URL." if spec.path else "")
+    bounds = {k: getattr(spec, k) for k in ("ge", "gt", "le", "lt") if getattr(spec, k) is not None}
+    alias = spec.name if attribute(spec) != spec.name else None
+    if spec.required or spec.manifest_required:
+        return kind, Field(description=description, alias=alias, **bounds)
+    if spec.default_label and (inherit or spec.default_text):  # else the schema's default says it
+        description += f" [default: {spec.default_label}]"
+    if inherit or spec.default is None:
+        return kind | None, Field(None, description=description, alias=alias, **bounds)
+    return kind, Field(spec.default, description=description, alias=alias, **bounds)
 
 
-class ManifestEntry(SectionOptions):
-    """One section: which adapter reads which bundle, paired with which H&E, and its metadata."""
+def fields_of(specs: Sequence[OptionSpec], *, inherit: bool = False) -> dict[str, Any]:
+    """Keyword arguments of `pydantic.create_model`: one field per spec."""
+    return {attribute(spec): model_field(spec, inherit=inherit) for spec in specs}
 
-    section_id: str = Field(description="Unique in the corpus: letters, digits, '.', '_', '-' "
-                            "(lower-cased; the name as given is kept as section_name).")
-    platform: str = Field(
-        description="Platform name (see `histmol platforms`), or auto: recognised from the bundle."
-    )
-    bundle: str = Field(description="The platform's output folder, relative to the manifest.")
-    wsi: str = Field(description="The paired H&E image, relative to the manifest.")
-    transform: str | None = Field(None, description="3x3 native->WSI affine CSV.")
-    landmarks: str | None = Field(None, description="Landmark pairs CSV (instead of transform).")
-    tissue: str = ""
-    species: str = Field("", description="Species; default inferred from Ensembl ids.")
-    patient_id: str = Field("", description="Patient or donor id (`donor_id` is accepted).")
-    licence: str = ""
-    bin_um: float | None = Field(None, gt=0, description="Bin size in um (binned platforms).")
-    units: str | None = Field(None, description="Unit kind where a platform offers several.")
-    alignment: str | None = Field(None, description="Platform alignment file.")
-    options: dict[str, Any] = Field(default_factory=dict, description="Other adapter options.")
+
+CorpusOptions = create_model(
+    "CorpusOptions", __config__=ConfigDict(extra="forbid"),
+    __doc__="Options every section of one corpus shares (BuildConfig's corpus-level fields).",
+    **fields_of(scoped(BUILD_OPTIONS, CORPUS)),
+)
+SectionOptions = create_model(
+    "SectionOptions", __config__=ConfigDict(extra="forbid", populate_by_name=True),
+    __doc__="Per-section build options; None inherits the manifest's `defaults`, then "
+            "BuildConfig's.",
+    **fields_of(SECTION_OPTIONS, inherit=True),
+)
+
+
+class _EntryChecks(SectionOptions):  # type: ignore[misc, valid-type]
+    """The checks of a manifest entry's fields, which `ManifestEntry` adds from their specs."""
 
     @model_validator(mode="before")
     @classmethod
@@ -148,7 +165,7 @@ class ManifestEntry(SectionOptions):
             data["patient_id"] = donor
         return data
 
-    @field_validator("section_id")
+    @field_validator("section_id", check_fields=False)
     @classmethod
     def _slug(cls, value: str) -> str:
         try:
@@ -157,7 +174,7 @@ class ManifestEntry(SectionOptions):
         except ConfigError as err:
             raise ValueError(str(err)) from None
 
-    @field_validator("platform")
+    @field_validator("platform", check_fields=False)
     @classmethod
     def _known_platform(cls, value: str) -> str:
         if value.strip().lower() == "auto":
@@ -167,7 +184,7 @@ class ManifestEntry(SectionOptions):
         except ConfigError as err:
             raise ValueError(str(err)) from None
 
-    @field_validator(*PATH_FIELDS)
+    @field_validator(*PATH_FIELDS, check_fields=False)
     @classmethod
     def _local_path(cls, value: str | None) -> str | None:
         if value is not None and is_url(value):
@@ -177,14 +194,22 @@ class ManifestEntry(SectionOptions):
         return value
 
 
+ManifestEntry = create_model(
+    "ManifestEntry", __base__=_EntryChecks,
+    __doc__="One section: which adapter reads which bundle, paired with which H&E, and its "
+            "metadata.",
+    **fields_of(SECTION_FIELDS),
+)
+
+
 class Manifest(BaseModel):
     """A whole ingest: corpus-level options, per-section defaults and the sections."""
 
     model_config = ConfigDict(extra="forbid")
     version: Literal[1] = 1
-    corpus: CorpusOptions = Field(default_factory=CorpusOptions)
-    defaults: SectionOptions = Field(default_factory=SectionOptions)
-    sections: list[ManifestEntry] = Field(min_length=1)
+    corpus: CorpusOptions = Field(default_factory=CorpusOptions)  # type: ignore[valid-type]
+    defaults: SectionOptions = Field(default_factory=SectionOptions)  # type: ignore[valid-type]
+    sections: list[ManifestEntry] = Field(min_length=1)  # type: ignore[valid-type]
 
 
 @dataclass(frozen=True)

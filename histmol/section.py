@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import scipy.sparse as sp
 
+from histmol.config import TilingMode
 from histmol.counts_store import CountsStore
 from histmol.errors import ConfigError
 
@@ -24,7 +25,6 @@ if TYPE_CHECKING:
     import anndata
 
 UnitShape = Literal["circle", "square"]
-TilingMode = Literal["spot", "grid"]
 MppSource = Literal["embedded", "scalefactors", "estimated_from_pitch", "user"]
 
 SECTION_ID_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]{0,127}")

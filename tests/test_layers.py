@@ -21,7 +21,7 @@ LAYERS = {
     "histmol": CORE, "histmol.section": CORE, "histmol.config": CORE, "histmol.errors": CORE,
     "histmol.genes": CORE, "histmol.fingerprint": CORE, "histmol.progress": CORE,
     "histmol.counts_store": CORE, "histmol.gene_reference": CORE, "histmol.split": CORE,
-    "histmol.manifest_limits": CORE, "histmol.parallel_map": CORE,
+    "histmol.manifest_limits": CORE, "histmol.parallel_map": CORE, "histmol.options": CORE,
     "histmol.autoregister": GEOMETRY, "histmol.synth.scale": STORAGE,
     "histmol.registration": GEOMETRY, "histmol.landmarks": GEOMETRY, "histmol.binning": GEOMETRY,
     "histmol.tissue": GEOMETRY, "histmol.tiling": GEOMETRY, "histmol.pairs": GEOMETRY,
@@ -33,7 +33,7 @@ LAYERS = {
     "histmol.preflight": PIPELINE,
     "flows": FLOWS,
     "histmol.cli": APP, "histmol.__main__": APP, "histmol.demo": APP, "histmol.ingest_view": APP,
-    "histmol.cli_errors": APP, "histmol.progress_view": APP,
+    "histmol.cli_errors": APP, "histmol.progress_view": APP, "histmol.cli_options": APP,
 }
 PACKAGES = ("histmol", "platform_adapters", "flows")
 

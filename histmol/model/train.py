@@ -19,7 +19,7 @@ import os
 import random
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -32,39 +32,12 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from histmol.data import PairDataset, pair_collate, to_float_chw
 from histmol.errors import ConfigError
 from histmol.model.clip import HistMolCLIP, ModelConfig
+from histmol.model.config import TRAIN_OPTIONS, TrainConfig
 from histmol.progress import report_task
 from histmol.split import Split, read_split
 
 CHECKPOINT = "checkpoint.pt"
 METRIC_FIELDS = ("step", "epoch", "loss", "contrastive", "prediction", "lr", "pairs_per_s")
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Training options; saved in the run folder (``train_config.json``)."""
-
-    epochs: int = 10
-    batch_size: int = 256
-    lr: float = 1e-3
-    weight_decay: float = 0.05
-    warmup_steps: int = 10
-    grad_accum: int = 1
-    genes: str = "hvg:50"
-    image_encoder: str = "vit-tiny"
-    width: int = 64
-    embed_dim: int = 128
-    prediction_weight: float = 1.0
-    augment: bool = True  # random flips and transposes (the dihedral group) of each patch
-    seed: int = 0
-    num_workers: int = 0
-    checkpoint_every: int = 100
-    log_every: int = 10
-    max_steps: int | None = None  # stop (after checkpointing) at this step: a pause, not the end
-
-    def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "grad_accum", "checkpoint_every", "log_every"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
 def _distributed() -> tuple[int, int, torch.device]:
@@ -327,7 +300,7 @@ def train_folds(corpus: str | os.PathLike[str] | Sequence[str], out: str | os.Pa
 
 def config_from_args(values: dict[str, Any]) -> TrainConfig:
     """Make a TrainConfig from keyword options, ignoring unknown keys and None values."""
-    names = {f.name for f in fields(TrainConfig)}
+    names = {spec.name for spec in TRAIN_OPTIONS}
     return TrainConfig(**{k: v for k, v in values.items() if k in names and v is not None})
 
 
@@ -344,9 +317,10 @@ def _main() -> None:
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--split", default=None, help="split file (histmol split)")
     parser.add_argument("--fold", type=int, default=None, help="with --split: the fold (OUT)")
-    for f in fields(TrainConfig):
-        kind = {"int": int, "float": float, "str": str, "bool": _flag}[str(f.type).split(" ")[0]]
-        parser.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=None)
+    for spec in TRAIN_OPTIONS:  # the options of `histmol train`, from the same declarations
+        kind = _flag if spec.value_type is bool else spec.value_type
+        parser.add_argument(spec.cli_flag, type=kind, default=None,
+                            help=f"{spec.help} (default: {spec.default_label})")
     args = vars(parser.parse_args())
     split_file, fold = args.pop("split"), args.pop("fold")
     split = read_split(split_file) if split_file is not None else None
