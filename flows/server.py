@@ -44,6 +44,7 @@ from histmol.shards.staging import (
 TIMEOUT_ENV = "HISTMOL_PREFECT_START_TIMEOUT"
 DEFAULT_TIMEOUT_S = 300.0
 HOMES_DIR = "histmol-prefect"
+DEFAULT_HOME_ENV = "HISTMOL_DEFAULT_PREFECT_HOME"  # PREFECT_HOME as histmol.cli defaulted it
 PR_SET_PDEATHSIG = 1
 
 
@@ -179,9 +180,14 @@ def prefect_api(*, ephemeral: bool = True) -> Iterator[str | None]:
 
 @contextmanager
 def _home() -> Iterator[Path]:
-    """The user's ``PREFECT_HOME`` if they set one, else a private one."""
-    if os.environ.get("PREFECT_HOME"):
-        yield Path(os.environ["PREFECT_HOME"]).expanduser()
+    """The user's ``PREFECT_HOME`` if they set one, else a private one.
+
+    A home the CLI defaulted (``$DEFAULT_HOME_ENV``, histmol's state folder for Prefect's client
+    files) is not the user's: each server still gets its own database.
+    """
+    home = os.environ.get("PREFECT_HOME")
+    if home and home != os.environ.get(DEFAULT_HOME_ENV):
+        yield Path(home).expanduser()
         return
     with private_home() as home:
         yield home

@@ -52,9 +52,11 @@ def main_options(
 def quiet_prefect() -> None:
     """Offline-friendly Prefect defaults (no telemetry, warnings only) unless the user set them.
 
-    Prefect's database goes to histmol's own state folder, not the user's ~/.prefect, unless
+    Prefect's client files go to histmol's own state folder, not the user's ~/.prefect, unless
     PREFECT_HOME is set; the user's Prefect profiles (e.g. an API URL) still apply.
     """
+    from flows.server import DEFAULT_HOME_ENV
+
     if "PREFECT_HOME" not in os.environ:
         profiles = Path.home() / ".prefect" / "profiles.toml"
         if profiles.is_file():
@@ -62,7 +64,9 @@ def quiet_prefect() -> None:
         cache = os.environ.get("HISTMOL_CACHE_DIR") or str(Path.home() / ".cache" / "histmol")
         home = Path(cache) / "prefect"
         home.mkdir(parents=True, exist_ok=True)  # Prefect's server does not create it
-        os.environ["PREFECT_HOME"] = str(home)
+        # marked as histmol's default: a private server still gets a home of its own
+        # (flows.server), so two commands at once never share one SQLite database
+        os.environ["PREFECT_HOME"] = os.environ[DEFAULT_HOME_ENV] = str(home)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # A first run migrates a fresh database before the temporary server answers: on a busy
     # laptop that takes minutes, well past Prefect's 20 s default.

@@ -45,3 +45,23 @@ def test_an_explicit_prefect_home_wins(monkeypatch: pytest.MonkeyPatch, tmp_path
     monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "mine"))
     quiet_prefect()
     assert os.environ["PREFECT_HOME"] == str(tmp_path / "mine")
+
+
+def test_a_defaulted_prefect_home_still_gives_each_server_its_own_database(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from flows import server
+
+    monkeypatch.delenv("PREFECT_HOME")
+    monkeypatch.setenv("HISTMOL_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
+    monkeypatch.setattr("tempfile.tempdir", None)  # re-read TMPDIR
+    (tmp_path / "tmp").mkdir()
+    quiet_prefect()  # PREFECT_HOME = histmol's state folder, for Prefect's client files
+    with server._home() as first, server._home() as second:  # two commands at once
+        assert first != second
+        assert {first.parent, second.parent} == {tmp_path / "tmp" / server.HOMES_DIR}
+    assert not first.exists() and not second.exists()
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "mine"))  # the user's own: kept
+    with server._home() as home:
+        assert home == tmp_path / "mine"
