@@ -19,8 +19,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-N_FIGURES = 4  # histmol.qc.figures.FIGURE_NAMES
-
 
 def die_at(spec: str) -> None:
     """Make the N-th call of MODULE:NAME kill this process with SIGKILL."""
@@ -49,7 +47,7 @@ def main() -> int:
     from histmol.build import build_section
     from histmol.errors import HistmolError
     from histmol.manifest import load_manifest
-    from histmol.qc.figures import write_section_figures
+    from histmol.qc.figures import FIGURE_NAMES, write_section_figures
     from histmol.shards.corpus import Corpus
 
     for spec in args.die_at:
@@ -68,7 +66,7 @@ def main() -> int:
             continue
         figures = args.out / "qc" / section_id
         drawn = {p.name for p in figures.glob("*.png")} if figures.is_dir() else set()
-        if result.status == "committed" or len(drawn) < N_FIGURES:  # a kill while drawing
+        if result.status == "committed" or len(drawn) < len(FIGURE_NAMES):  # a kill while drawing
             write_section_figures(args.out, section_id, args.out / "qc", slide=request.wsi)
     return 1 if failed else 0
 

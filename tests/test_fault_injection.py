@@ -59,6 +59,7 @@ while not Path(stop).exists():
         seen.append(["ok", sorted(pairs.items())])
     except Exception as error:  # noqa: BLE001 - every error is the finding
         seen.append(["error", f"{type(error).__name__}: {error}"])
+    Path(log + ".ready").touch()  # one open done: the test starts the rebuild now
 Path(log).write_text(json.dumps(seen))
 """
 
@@ -195,7 +196,11 @@ def test_killed_force_rebuild_keeps_old_data_readable(world: dict[str, object]) 
         stop, log = tmp / f"stop-{i}", tmp / f"seen-{i}.json"
         reader = subprocess.Popen([sys.executable, "-c", READER, str(out), str(stop), str(log),
                                    str(tmp / f"cache-{i}")], env=env(tmp))
-        time.sleep(3)  # the reader has opened the corpus at least once
+        ready = Path(f"{log}.ready")
+        deadline = time.monotonic() + 300  # imports take long on a busy machine
+        while not ready.exists() and time.monotonic() < deadline and reader.poll() is None:
+            time.sleep(0.1)
+        assert ready.exists(), "the reader never opened the corpus"
         delay = rng.uniform(0.5 * duration, duration)
         how = kill_after(manifest, out, tmp, delay, "--force")
         stop.touch()

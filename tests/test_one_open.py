@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 import histmol.wsi as wsi
 from histmol.cli import app
+from histmol.qc.figures import FIGURE_NAMES
 
 
 @pytest.mark.slow
@@ -34,6 +35,6 @@ def test_cli_build_opens_the_slide_once_per_stage(tmp_path: Path,
     # QC figures): the figures reuse the write stage's open slide
     assert opened == ["MOB1.jpg", "MOB1.jpg"]
     assert {p.name for p in (tmp_path / "c" / "qc" / "mob1").glob("*.png")} == {
-        "metrics.png", "overview.png", "zoom.png", "thumbnail.png"}
+        f"{name}.png" for name in FIGURE_NAMES}
     row = pd.read_parquet(tmp_path / "c" / "sections.parquet").iloc[0]
     assert (row["section_id"], row["section_name"]) == ("mob1", "MOB1")  # as ingest does
