@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-TASKS_PER_SECTION = 4  # read, place, gene-keys, tile-write (with the commit)
+TASKS_PER_SECTION = 4  # read, place, gene-keys, tile-write (genes mapped, written, committed)
 
 
 def _ingest(manifest: Path, out: Path | str, **kwargs: Any) -> tuple[float, list[dict[str, Any]]]:

@@ -1,17 +1,18 @@
 """Prefect tasks around the stages of `histmol.build`, the one definition of a section build.
 
-Thin on purpose: each task calls one stage function (read -> place -> gene keys -> write +
-commit, the last with the QC figures) and adds what Prefect is for: retries on transient I/O
-errors and task runs a user can watch. The flows (flows/ingest.py) only schedule sections;
+Thin on purpose: each task calls one stage function (read -> place -> gene keys -> map genes +
+write + commit, the last with the QC figures) and adds what Prefect is for: retries on transient
+I/O errors and task runs a user can watch. The flows (flows/ingest.py) only schedule sections;
 `histmol build` and `histmol demo` run the same stages with no Prefect (`build_section`).
-For a remote corpus built on Dask, `write_section_remote` runs write + commit into a
-worker-local corpus and uploads the section's objects; the flow then commits the remote tables.
-Stages fetch the URL inputs they read into the cache of the process running them
-(`SectionRequest.local`: none for local paths; once per process and input).
+For a remote corpus built on Dask, `write_section_remote` maps genes, writes and commits into a
+worker-local corpus and uploads the section's objects; the flow then publishes the remote tables
+(histmol/shards/publish.py). Stages fetch the URL inputs they read into the cache of the process
+running them (`SectionRequest.local`: none for local paths; once per process and input).
 
-The vocabulary is mapped by the flow, section by section in request order, never from inside
-parallel tasks, while `Corpus.map_genes` appends new genes in call order: that keeps parallel
-and distributed builds byte-identical to serial ones.
+Each write task maps its own section's genes (`histmol.build.map_stage`), in whatever order and
+number the sections run: indices come from the gene reference, and unresolved keys join
+genes.parquet as a set union (`Corpus.map_genes`), so parallel and distributed builds are
+byte-identical to serial ones.
 
 Errors: a `HistmolError` leaving a task is re-raised as `SectionFailed`, which pickles (the
 `FileProblem` errors do not: their two-argument constructor breaks unpickling on Dask workers)
@@ -23,7 +24,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-import numpy as np
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.states import State
@@ -40,7 +40,6 @@ from histmol.build import (
     map_stage,
     place_stage,
     read_stage,
-    record_failed,
 )
 from histmol.config import BuildConfig
 from histmol.errors import HistmolError
@@ -121,41 +120,33 @@ def section_gene_keys(section_id: str, request: SectionRequest, section: Section
     return gene_keys(request, section)
 
 
-def map_genes(out: str, config: BuildConfig, keys: GeneKeys) -> np.ndarray:
-    """Vocabulary indices of a section's genes (`histmol.build.map_stage`; call in order)."""
-    with section_errors():
-        return map_stage(out, config, keys)
-
-
 @task(name="tile-write", task_run_name="write-{section_id}", **_STAGE)
 def write_section(
     section_id: str, out: str, request: SectionRequest, section: Section, placement: Placement,
-    gene_index: np.ndarray, species: str, config: BuildConfig, key: str, force: bool,
-    threads: int,
+    keys: GeneKeys, config: BuildConfig, key: str, force: bool, threads: int,
 ) -> BuildResult:
-    """Write, commit and draw the QC figures of a section (`histmol.build.commit_stage`)."""
+    """Map the section's genes, write, commit and draw its QC figures.
+
+    `histmol.build.map_stage` then `commit_stage`, in this task: never in the flow's thread.
+    """
     with section_errors(request):
-        return commit_stage(out, request, section, placement, gene_index, species, config, key,
-                            force=force, threads=threads)
+        gene_index = map_stage(out, config, keys)
+        return commit_stage(out, request, section, placement, gene_index, keys.species, config,
+                            key, force=force, threads=threads)
 
 
 @task(name="tile-write-upload", task_run_name="write-{section_id}", **_STAGE)
 def write_section_remote(
     section_id: str, url: str, request: SectionRequest,
-    section: Section, placement: Placement, gene_index: np.ndarray, species: str,
-    config: BuildConfig, key: str, threads: int,
+    section: Section, placement: Placement, keys: GeneKeys, config: BuildConfig, key: str,
+    threads: int,
 ) -> tuple[BuildResult, BuiltSection]:
     """On a Dask worker: build the section locally, upload its objects to the remote corpus `url`.
 
-    `histmol.build.commit_remote_stage`: the flow commits the tables from the returned rows; its
-    step 1 must already have dropped the section's old parts from the remote manifest.
+    `histmol.build.commit_remote_stage` (genes mapped there): the flow publishes the tables from
+    the returned rows; its step 1 (`Publisher.prepare_write`) must already have dropped the
+    section's old parts from the remote manifest.
     """
     with section_errors(request):
-        return commit_remote_stage(url, request, section, placement, gene_index, species,
-                                   config, key, threads=threads)
-
-
-def record_failure(out: str, config: BuildConfig, section_id: str, platform: str,
-                   reason: str) -> None:
-    """Write a `failed` row with the reason (`histmol.build.record_failed`)."""
-    record_failed(out, config, section_id, platform, reason)
+        return commit_remote_stage(url, request, section, placement, keys, config, key,
+                                   threads=threads)

@@ -3,43 +3,48 @@
 `ingest_corpus(manifest, out, ...)` loads the manifest (histmol/manifest.py), skips sections whose
 skip key (`histmol.build.section_key`: inputs, adapter options, metadata, config, histmol version)
 matches their committed row, and runs the stage tasks of the others (flows/build.py around
-`histmol.build`'s stages): read -> place -> gene keys -> tile/write + commit. `run_ingest` runs it
-from a library call or `histmol ingest`, against a private Prefect server unless PREFECT_API_URL is
-set (flows/server.py). The corpus is the cache: it holds each section's key, so deleting or moving
-a corpus can never leave a stale Prefect result behind (Prefect's own result cache is off).
+`histmol.build`'s stages): read -> place -> gene keys -> map genes + tile/write + commit.
+`run_ingest` runs it from a library call or `histmol ingest`, against a private Prefect server
+unless PREFECT_API_URL is set (flows/server.py). The corpus is the cache: it holds each section's
+key, so deleting or moving a corpus can never leave a stale Prefect result behind (Prefect's own
+result cache is off).
 
-Scheduling. Sections run `max_parallel` at a time (a window over the manifest; memory holds at most
-that many sections' data). Each section's stages run one after another, so at most `max_parallel`
-stages compete for cores. Genes enter the vocabulary in manifest order (the flow maps them as each
-section, in order, passes registration), which keeps the corpus byte-identical whatever the runner,
-the worker count or the interruption history. Runners: Prefect's thread pool in this process, or an
+Scheduling is Prefect's: each section is a chain of task runs submitted at once with the upstream
+futures as parameters, and at most `max_parallel` sections are in flight (memory holds at most
+that many sections' data); when one ends (a done callback of its last task run), the next is
+submitted. Sections run and finish in any order: a section's genes are mapped in its own write
+task (indices come from the gene reference, unresolved keys join genes.parquet as a set union), so
+the corpus is byte-identical whatever the runner, the worker count or the interruption history;
+outcomes are reported in manifest order. Runners: Prefect's thread pool in this process, or an
 existing dask.distributed cluster (`dask_address`) through prefect-dask's DaskTaskRunner. Dask
 workers are separate processes and cannot reach this process's private Prefect API, so a Dask run
 needs a real API (`PREFECT_API_URL`, e.g. `prefect server start`); Prefect hands its URL to the
 workers with each task.
 
-Remote corpora (`out` an fsspec URL, histmol/shards/remote.py). This process pulls the remote
-tables into a local scratch corpus, where it plans, maps genes and records failures, and is the
-single writer of the remote tables. In-process, sections are built in the scratch and published as
-each ends. On Dask (workers share no disk), this process drops a rebuilt section's old parts from
-the remote manifest before submitting its write; the worker builds the section (parts and QC
-figures) in a corpus under its own temp dir, uploads the objects and returns the rows; this process
-then puts genes, sections and, last, the manifest. Both give the same objects, byte for byte. Local
-input paths must be readable at the same paths on every worker; URL inputs are only listed here
-(their listing decides skips) and fetched by the stages that read them, into the cache of the
-process running each (a worker's own; histmol/remote_inputs.py), so with a Dask runner this process
+Outcomes go through `histmol.shards.publish.Publisher`, the storage layer's publish protocol.
+Remote corpora (`out` an fsspec URL): this process pulls the remote tables into a local scratch
+corpus, where it plans and records failures, and is the single writer of the remote tables.
+In-process, sections are built in the scratch and published as each ends. On Dask (workers share
+no disk), once a section's gene keys are read this process drops its old parts from the remote
+manifest and only then submits its write; the worker builds the section (parts and QC figures) in
+a corpus under its own temp dir, uploads the objects and returns the rows; this process then puts
+genes, sections and, last, the manifest. Both give the same objects, byte for byte. Local input
+paths must be readable at the same paths on every worker; URL inputs are only listed here (their
+listing decides skips) and fetched by the stages that read them, into the cache of the process
+running each (a worker's own; histmol/remote_inputs.py), so with a Dask runner this process
 downloads no input at all.
 
 Failures are isolated: a section that fails (bad input, adapter error, QC, or an input that cannot
-be listed or stat'ed while planning) gets a `failed` row with its reason and the others commit; the
-flow run then fails with `IngestFailed`, which holds the per-section outcomes, so `prefect
-deployment run --watch` and `histmol ingest` both exit non-zero. A killed run leaves only debris
-that the next run removes before it starts.
+be listed or stat'ed while planning) gets a `failed` row with the reason of its first failing
+stage and the others commit; the flow run then fails with `IngestFailed`, which holds the
+per-section outcomes, so `prefect deployment run --watch` and `histmol ingest` both exit non-zero.
+A killed run leaves only debris that the next run removes before it starts.
 """
 
 from __future__ import annotations
 
 import os
+import queue
 import threading
 import time
 from collections import deque
@@ -56,10 +61,8 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from flows.build import (
     SectionFailed,
-    map_genes,
     place_section,
     read_section,
-    record_failure,
     section_gene_keys,
     write_section,
     write_section_remote,
@@ -77,9 +80,7 @@ from histmol.errors import ConfigError, HistmolError
 from histmol.manifest import IngestPlan, load_manifest
 from histmol.remote_inputs import is_url
 from histmol.shards.corpus import COMMITTED, Corpus
-from histmol.shards.remote import RemoteCorpus
-
-POLL_S = 0.02
+from histmol.shards.publish import Publisher
 
 
 class IngestFailed(HistmolError):
@@ -124,28 +125,21 @@ def _emit(event: str, payload: dict[str, Any]) -> None:
 
 @dataclass
 class _Run:
-    """One section in flight: its request, config and stage futures."""
+    """One section to build: its request, config, skip key and the futures of its task runs."""
 
-    index: int
     section_id: str
     request: SectionRequest
     config: BuildConfig
     key: str
-    published: bool = False  # remote --out: live in the remote corpus when the run started
     problem: str = ""  # why planning this entry failed (it is recorded failed, never built)
-    dropped: bool = False  # remote --out: its parts left the remote manifest (step 1)
     started: float = field(default_factory=time.perf_counter)
     stages: list[PrefectFuture[Any]] = field(default_factory=list)
-    write: PrefectFuture[Any] | None = None
 
 
 def _state(future: PrefectFuture[Any]) -> State:
-    """Return the final state of a task run (both runners' wrapped futures return states)."""
-    return future.wrapped_future.result()  # type: ignore[attr-defined]
-
-
-def _done(future: PrefectFuture[Any]) -> bool:
-    return bool(future.wrapped_future.done())  # type: ignore[attr-defined]
+    """The final state of an ended task run (both runners' futures keep it once waited)."""
+    future.wait()
+    return future.state
 
 
 def _reason(futures: list[PrefectFuture[Any]]) -> str:
@@ -182,9 +176,8 @@ def _plan_work(plan: IngestPlan, out: str, force: bool, published: set[str] | No
             key = "" if problem else section_key(request, config)
         except HistmolError as err:
             problem = str(err)
-        if problem:  # a live remote section keeps its last good data (as a local one does)
-            todo.append(_Run(index, section_id, request, config, "", problem=problem,
-                             published=published is not None and section_id in published))
+        if problem:
+            todo.append(_Run(section_id, request, config, "", problem=problem))
             continue
         row = rows.get(section_id)
         live = (section_id in published if published is not None else
@@ -193,14 +186,14 @@ def _plan_work(plan: IngestPlan, out: str, force: bool, published: set[str] | No
             assert row is not None
             skipped.append(skipped_result(section_id, request.platform, row))
         else:  # a changed committed section is rebuilt: the manifest says what it should be
-            todo.append(_Run(index, section_id, request, config, key, published=live))
+            todo.append(_Run(section_id, request, config, key))
     return todo, skipped
 
 
 def _runner(dask_address: str | None, window: int) -> TaskRunner[Any]:
     if dask_address is None:
-        # Threads blocked on an upstream stage hold no core; 4 per section lets every stage
-        # of the window be queued without starving the running ones.
+        # A section's four task runs are submitted together and the later ones wait for their
+        # upstream in a thread that holds no core: 4 per section keeps every section moving.
         return ThreadPoolTaskRunner(max_workers=4 * window)
     _require_api()
     from prefect_dask import DaskTaskRunner
@@ -223,113 +216,103 @@ def default_parallel(threads: int) -> int:
     return max(1, (os.cpu_count() or 1) // max(1, threads))
 
 
-class _Scheduler:
-    """Feeds the window, maps genes in manifest order, collects outcomes.
+def _submit(runner: TaskRunner[Any], run: _Run, publisher: Publisher, threads: int) -> None:
+    """Submit the section's stage tasks, each given its upstream futures.
 
-    With `remote`, `out` is its scratch corpus and each outcome is published. `upload` (a remote
-    corpus on Dask): workers build and upload each section's objects (with the storage options
-    of their fsspec config, flows/worker_config.py), and this process only writes the remote
-    tables.
+    The write is submitted with the others, except for workers that upload (`publisher.upload`):
+    it waits for `_advance`, since the remote manifest must drop the section's parts first.
     """
+    common = {"section_id": run.section_id, "request": run.request}
+    read = runner.submit(read_section, {**common, "config": run.config})
+    # the automatic registration overlay goes to the corpus' qc/ (not from a Dask upload:
+    # the worker builds in scratch of its own and uploads the figures with the section)
+    figures = {} if publisher.upload else {"out": str(publisher.local)}
+    place = runner.submit(place_section,
+                          {**common, "section": read, "config": run.config, **figures})
+    keys = runner.submit(section_gene_keys, {**common, "section": read, "placement": place})
+    run.stages = [read, place, keys]
+    if not publisher.upload:
+        _submit_write(runner, run, publisher, threads)
 
-    def __init__(self, runner: TaskRunner[Any], out: str, window: int, threads: int,
-                 remote: RemoteCorpus | None = None, upload: bool = False) -> None:
-        self.runner, self.out, self.window, self.threads = runner, out, window, threads
-        self.remote, self.upload = remote, upload
-        self.outcomes: list[BuildResult] = []
 
-    def run(self, todo: list[_Run]) -> list[BuildResult]:
-        for run in todo:
-            if run.problem:
-                self._fail(run, run.problem)
-        queue = deque(run for run in todo if not run.problem)
-        mapping, writing = deque[_Run](), list[_Run]()
-        while queue or mapping or writing:
-            while queue and len(mapping) + len(writing) < self.window:
-                mapping.append(self._start(queue.popleft()))
-            if mapping and _done(mapping[0].stages[-1]):
-                run = mapping.popleft()
-                if self._submit_write(run):
-                    writing.append(run)
-                continue
-            finished = [run for run in writing if _done(run.write)]  # type: ignore[arg-type]
-            for run in finished:
-                writing.remove(run)
-                self._collect(run)
-            if not finished:
-                time.sleep(POLL_S)
-        return self.outcomes
+def _submit_write(runner: TaskRunner[Any], run: _Run, publisher: Publisher, threads: int) -> None:
+    read, place, keys = run.stages
+    common = {"section_id": run.section_id, "request": run.request, "section": read,
+              "placement": place, "keys": keys, "config": run.config, "key": run.key,
+              "threads": threads}
+    if publisher.upload:
+        write = runner.submit(write_section_remote, {**common, "url": publisher.url})
+    else:  # force: a committed section reaching here changed; the manifest says rebuild it
+        write = runner.submit(write_section,
+                              {**common, "out": str(publisher.local), "force": True})
+    run.stages.append(write)
 
-    def _start(self, run: _Run) -> _Run:
-        common = {"section_id": run.section_id, "request": run.request}
-        read = self.runner.submit(read_section, {**common, "config": run.config})
-        # the automatic registration overlay goes to the corpus' qc/ (not from a Dask upload:
-        # the worker builds in scratch of its own and uploads the figures with the section)
-        figures = {} if self.upload else {"out": self.out}
-        place = self.runner.submit(place_section,
-                                   {**common, "section": read, "config": run.config, **figures})
-        keys = self.runner.submit(section_gene_keys,
-                                  {**common, "section": read, "placement": place})
-        run.stages = [read, place, keys]
-        return run
 
-    def _submit_write(self, run: _Run) -> bool:
-        """Map the section's genes (in manifest order) and submit its write; False if it failed."""
-        state = _state(run.stages[-1])
-        if not state.is_completed():
-            self._fail(run, _reason(run.stages))
-            return False
-        keys = state.result()
-        try:
-            gene_index = map_genes(self.out, run.config, keys)
-        except SectionFailed as err:
-            self._fail(run, err.reason)
-            return False
-        read, place, _ = run.stages
-        common = {"section_id": run.section_id, "request": run.request, "section": read,
-                  "placement": place, "gene_index": gene_index, "species": keys.species,
-                  "config": run.config, "key": run.key, "threads": self.threads}
-        if self.upload:
-            assert self.remote is not None
-            self.remote.drop_section_parts(run.section_id)  # step 1, before a worker overwrites
-            run.dropped = True
-            # a scratch copy from an in-process run is stale now (and would hide a failure)
-            Corpus.open(self.out).remove_section(run.section_id)
-            run.write = self.runner.submit(write_section_remote, {**common, "url": self.remote.url})
-            return True
-        # force: a committed section reaching here changed; the manifest says rebuild it
-        run.write = self.runner.submit(write_section, {**common, "out": self.out, "force": True})
-        return True
+def _advance(runner: TaskRunner[Any], run: _Run, publisher: Publisher, threads: int
+             ) -> BuildResult | None:
+    """The last submitted task run of `run` ended: publish, record the failure, or go on.
 
-    def _collect(self, run: _Run) -> None:
-        assert run.write is not None
-        state = _state(run.write)
-        if not state.is_completed():
-            self._fail(run, _reason([run.write]))
-            return
-        value = state.result()
-        result: BuildResult = value[0] if self.upload else value  # write_section_remote: a pair
-        if self.upload:
-            assert self.remote is not None
-            self.remote.publish_built(value[1])
-        elif self.remote is not None:
-            self.remote.publish_section(run.section_id)
-        result.seconds = time.perf_counter() - run.started
-        self._add(result)
+    Returns the section's outcome, or None when its write was submitted now (uploads only).
+    """
+    state = _state(run.stages[-1])
+    if not state.is_completed():
+        return _failed(run, _reason(run.stages), publisher)
+    if len(run.stages) == 3:  # the gene keys of an upload: its old parts go, then its write
+        publisher.prepare_write(run.section_id)
+        _submit_write(runner, run, publisher, threads)
+        return None
+    value = state.result()
+    if publisher.upload:  # write_section_remote: the outcome and the uploaded section's rows
+        keys = run.stages[2].result()
+        publisher.committed(run.section_id, value[1], keys.genes, keys.species)
+        result: BuildResult = value[0]
+    else:
+        publisher.committed(run.section_id)
+        result = value
+    result.seconds = time.perf_counter() - run.started
+    return result
 
-    def _fail(self, run: _Run, reason: str) -> None:
-        # a live remote section whose parts are still listed keeps its last good data, as a
-        # committed local section does (Corpus.record_failure)
-        if self.remote is None or not run.published or run.dropped:
-            record_failure(self.out, run.config, run.section_id, run.request.platform, reason)
-            if self.remote is not None:
-                self.remote.publish_failure(run.section_id)
-        self._add(BuildResult(run.section_id, run.request.platform, "failed", reason,
-                              seconds=time.perf_counter() - run.started))
 
-    def _add(self, outcome: BuildResult) -> None:
-        self.outcomes.append(outcome)
+def _failed(run: _Run, reason: str, publisher: Publisher) -> BuildResult:
+    publisher.failed(run.section_id, run.request.platform, reason, run.config.corpus_fields())
+    return BuildResult(run.section_id, run.request.platform, "failed", reason,
+                       seconds=time.perf_counter() - run.started)
+
+
+def _build(runner: TaskRunner[Any], todo: list[_Run], publisher: Publisher, window: int,
+           threads: int) -> list[BuildResult]:
+    """Run the sections, at most `window` in flight; return their outcomes as they end."""
+    outcomes: list[BuildResult] = []
+
+    def add(outcome: BuildResult) -> None:
+        outcomes.append(outcome)
         _emit("section", outcome.summary())
+
+    for run in todo:
+        if run.problem:
+            add(_failed(run, run.problem, publisher))
+    waiting = deque(run for run in todo if not run.problem)
+    ended: queue.SimpleQueue[_Run] = queue.SimpleQueue()
+
+    def watch(run: _Run) -> None:
+        run.stages[-1].add_done_callback(lambda _future: ended.put(run))
+
+    in_flight = 0
+    while waiting or in_flight:
+        while waiting and in_flight < window:
+            run = waiting.popleft()
+            run.started = time.perf_counter()
+            _submit(runner, run, publisher, threads)
+            watch(run)
+            in_flight += 1
+        run = ended.get()
+        outcome = _advance(runner, run, publisher, threads)
+        if outcome is None:
+            watch(run)
+            continue
+        in_flight -= 1
+        add(outcome)
+    return outcomes
 
 
 def summary_text(outcomes: list[dict[str, Any]]) -> str:
@@ -366,15 +349,9 @@ def ingest_corpus(
     plan = load_manifest(manifest)
     window = max_parallel or default_parallel(threads)
     runner = _runner(dask_address, window)  # refuses a Dask run without an API, before any work
-    remote, local_out, published = None, out, None
-    if is_url(out):
-        remote = RemoteCorpus(out)
-        remote.pull()
-        local_out = str(remote.local)
-        published = remote.published_sections() if remote.local.is_dir() else set()
-    todo, skipped = _plan_work(plan, local_out, force, published)
-    if remote is not None:
-        remote.initialise()
+    publisher = Publisher.open(out, upload=is_url(out) and dask_address is not None)
+    todo, skipped = _plan_work(plan, str(publisher.local), force, publisher.published)
+    publisher.initialise()
     _emit("start", {"total": len(plan.requests), "to_build": len(todo)})
     for outcome in skipped:
         _emit("section", outcome.summary())
@@ -383,16 +360,12 @@ def ingest_corpus(
             client = runner.client  # type: ignore[attr-defined]
             if max_parallel is None:
                 window = max(1, sum(client.nthreads().values()))
-            if remote is not None:
+            if publisher.remote is not None:
                 from flows.worker_config import ship_fsspec_config
 
                 ship_fsspec_config(client, out)
-        scheduler = _Scheduler(runner, local_out, window, threads, remote,
-                               upload=remote is not None and dask_address is not None)
-        built = scheduler.run(todo) if todo else []
-    Corpus.open(local_out).compact()  # the sections' fragments join the tables once, at the end
-    if remote is not None:
-        remote.compact()
+        built = _build(runner, todo, publisher, window, threads) if todo else []
+    publisher.finish()  # the sections' table fragments join the tables once, at the end
     order = {request.resolved_section_id(): i for i, request in enumerate(plan.requests)}
     outcomes = sorted((o.summary() for o in skipped + built), key=lambda o: order[o["section_id"]])
     get_run_logger().info("ingest of %s into %s:\n%s", manifest, out, summary_text(outcomes))

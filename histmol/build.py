@@ -505,25 +505,25 @@ def commit_remote_stage(
     request: SectionRequest,
     section: Section,
     placement: Placement,
-    gene_index: np.ndarray,
-    species: str,
+    keys: GeneKeys,
     config: BuildConfig,
     key: str,
     *,
     threads: int = 2,
 ) -> tuple[BuildResult, BuiltSection]:
-    """On a machine without the corpus' disk: build the section locally, upload its objects.
+    """On a machine without the corpus' disk: map genes, build the section locally, upload it.
 
-    The section is built by `commit_stage` (the same bytes) into a corpus in a private scratch
-    folder (`worker_scratch`, removed afterwards whatever happens); only its objects are put
-    (step 2 of histmol/shards/remote.py), with the credentials of this process' fsspec config.
-    The caller commits the remote tables from the returned rows (`RemoteCorpus.publish_built`).
+    The section's genes are mapped (`map_stage`) and it is built by `commit_stage` (the same
+    bytes) into a corpus in a private scratch folder (`worker_scratch`, removed afterwards
+    whatever happens); only its objects are put (step 2 of histmol/shards/remote.py), with the
+    credentials of this process' fsspec config. The caller commits the remote tables from the
+    returned rows (`histmol.shards.publish.Publisher.committed`).
     """
     with worker_scratch(section.section_id) as tmp:
         root = tmp / "corpus"
-        Corpus.open(root, create=True, build_config=config.corpus_fields())
-        result = commit_stage(root, request, section, placement, gene_index, species, config, key,
-                              force=True, threads=threads)
+        gene_index = map_stage(root, config, keys)  # creates the corpus
+        result = commit_stage(root, request, section, placement, gene_index, keys.species, config,
+                              key, force=True, threads=threads)
         built = RemoteCorpus(url, local=root).upload_section(section.section_id)
     return result, built
 

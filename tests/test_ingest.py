@@ -7,8 +7,10 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pytest
@@ -74,13 +76,62 @@ def cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_cohort(tmp_path_factory.mktemp("cohort"))
 
 
+# what the reference ingest did, seen from its stages and its events (`reference` fills it)
+TRACE: dict[str, Any] = {"in_flight": 0, "most_in_flight": 0, "flow_threads": set(),
+                         "map_calls": []}
+
+
 @pytest.fixture(scope="session")
 def reference(cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The cohort ingested once, uninterrupted, in this process (2 sections at a time)."""
+    """The cohort ingested once, uninterrupted, in this process (2 sections at a time).
+
+    Traced (TRACE): a section is in flight from its read to its outcome event; each gene mapping
+    notes its thread and whether a Prefect task run holds it.
+    """
+    from prefect.context import TaskRunContext  # lazily: modules importing make_cohort stay light
+
+    from flows.build import map_stage, read_stage
+    from flows.ingest import ingest_events
+
     out = tmp_path_factory.mktemp("reference") / "corpus"
-    result = runner.invoke(app, ["ingest", str(cohort), "--out", str(out), "--max-parallel", "2"])
+    lock = threading.Lock()
+
+    def read(request: Any, config: Any) -> Any:
+        with lock:
+            TRACE["in_flight"] += 1
+            TRACE["most_in_flight"] = max(TRACE["most_in_flight"], TRACE["in_flight"])
+        return read_stage(request, config)
+
+    def mapped(out: Any, config: Any, keys: Any) -> Any:
+        TRACE["map_calls"].append((threading.get_ident(), TaskRunContext.get() is not None))
+        return map_stage(out, config, keys)
+
+    def listener(event: str, payload: dict[str, Any]) -> None:
+        TRACE["flow_threads"].add(threading.get_ident())  # events come from the flow's thread
+        if event == "section":
+            with lock:
+                TRACE["in_flight"] -= 1
+
+    with pytest.MonkeyPatch.context() as mp, ingest_events(listener):
+        mp.setattr("flows.build.read_stage", read)
+        mp.setattr("flows.build.map_stage", mapped)
+        result = runner.invoke(app, ["ingest", str(cohort), "--out", str(out),
+                                     "--max-parallel", "2"])
     assert result.exit_code == 1, result.output
     return out
+
+
+def test_sections_run_two_at_a_time_and_map_their_genes_in_their_own_tasks(
+    reference: Path,
+) -> None:
+    # four sections, --max-parallel 2: a third read only starts once a section's outcome is out
+    assert TRACE["most_in_flight"] == 2 and TRACE["in_flight"] == 0
+    # the three good sections (the broken one fails reading) map genes in their write tasks,
+    # never in the flow's thread: no order among sections is needed for identical bytes
+    assert len(TRACE["map_calls"]) == 3
+    assert all(in_task for _, in_task in TRACE["map_calls"])
+    assert len(TRACE["flow_threads"]) == 1
+    assert not {thread for thread, _ in TRACE["map_calls"]} & TRACE["flow_threads"]
 
 
 def test_one_broken_section_of_four_is_recorded_and_the_others_commit(

@@ -26,7 +26,7 @@ LAYERS = {
     "histmol.registration": GEOMETRY, "histmol.landmarks": GEOMETRY, "histmol.binning": GEOMETRY,
     "histmol.tissue": GEOMETRY, "histmol.tiling": GEOMETRY, "histmol.pairs": GEOMETRY,
     "histmol.wsi": GEOMETRY, "histmol.synth": GEOMETRY, "platform_adapters": GEOMETRY,
-    "histmol.shards": STORAGE, "histmol.remote_inputs": STORAGE,
+    "histmol.shards": STORAGE, "histmol.shards.publish": STORAGE, "histmol.remote_inputs": STORAGE,
     "histmol.data": DATA, "histmol.model": DATA, "histmol.qc": DATA, "histmol.export": DATA,
     "histmol.summary": DATA, "histmol.validate": DATA,
     "histmol.build": PIPELINE, "histmol.manifest": PIPELINE, "histmol.auto_placement": PIPELINE,
