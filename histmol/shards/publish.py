@@ -14,7 +14,8 @@ starts its write, commits or fails. `Publisher.open(out)` gives:
   (step 1); the worker builds and uploads the section (step 2) and returns its rows; `committed`
   adds the section's unresolved gene keys to the scratch vocabulary (an order-free set union:
   the indices were computed by the worker, from the reference) and commits its rows (steps
-  3-5, `publish_built`). `finish` merges the run's table fragments into the tables, once. Only this process writes remote tables: object stores have no lock.
+  3-5, `publish_built`). `finish` merges the run's table fragments into the tables, once.
+  Only this process writes remote tables: object stores have no lock.
 
 A live remote section whose parts are still listed keeps its last good data when a rebuild
 fails, as a committed local section does; once its parts were dropped (step 1) its failure is
