@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from PIL import Image
 from scipy.spatial import cKDTree
 
 from histmol.qc.section_data import StoredSection
@@ -52,6 +53,31 @@ def paint_units(
         ok = (r >= 0) & (r < rows) & (c >= 0) & (c < cols)
         out[r[ok], c[ok]] = v[ok]
     return out
+
+
+def blend_units(
+    image: np.ndarray, units: np.ndarray, colours: np.ndarray, alpha: float, side: int
+) -> np.ndarray:
+    """`image` (RGB uint8) with each unit's colour blended over its footprint, at most `side` px.
+
+    `units` is `image`'s grid of unit numbers (`paint_units` of 0..n-1: NaN off the units) and
+    `colours` the n RGB(A) colours in 0..1. Painting once at the background's resolution and
+    then box-averaging to about the size drawn keeps round units round, and hands matplotlib one
+    small opaque image instead of a large background and a large float overlay to resample.
+    """
+    out = image.copy()
+    on = ~np.isnan(units)
+    if on.any():
+        rgb = np.asarray(colours, np.float32)[units[on].astype(np.int64), :3] * 255.0
+        out[on] = np.rint(out[on] * np.float32(1.0 - alpha) + rgb * np.float32(alpha)).astype(
+            np.uint8
+        )
+    height, width = out.shape[:2]
+    scale = side / max(height, width)
+    if scale >= 1.0:
+        return out
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return np.asarray(Image.fromarray(out).resize(size, Image.Resampling.BOX))
 
 
 def nominal_pitch_um(section: StoredSection) -> float | None:
