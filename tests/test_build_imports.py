@@ -16,10 +16,10 @@ from histmol.shards.jpeg_codec import JpegCodec
 from histmol.shards.shard_writer import DIMENSION_NAMES, part_zarr_json
 from histmol.synth import make_slide, write_visium_bundle
 
-# packages a Visium spot build must not import (each costs 0.3-10 s of start-up); matplotlib is
-# used: every build path draws the section's QC figures
+# packages a Visium spot build must not import (each costs 0.05-10 s of start-up; fsspec serves
+# remote corpora only); matplotlib is used: every build path draws the section's QC figures
 NOT_IMPORTED = ("zarr", "scipy.io", "anndata", "spatialdata", "torch", "prefect", "dask",
-                "sklearn")
+                "sklearn", "fsspec")
 
 
 @pytest.mark.parametrize(("n_pairs", "patch_px", "quality", "subsampling"),
