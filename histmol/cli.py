@@ -6,6 +6,7 @@ an example. Add --debug (or set HISTMOL_DEBUG=1) to see the traceback of a failu
 
 from __future__ import annotations
 
+import gc
 import json
 import numbers
 import os
@@ -250,6 +251,7 @@ def build(
     from histmol.config import BuildConfig
     from platform_adapters import get_platform
 
+    gc.freeze()  # the modules just imported live until exit: the collector need not walk them
     metadata = {
         k: v
         for k, v in {
