@@ -251,7 +251,6 @@ def build(
     from histmol.config import BuildConfig
     from platform_adapters import get_platform
 
-    gc.freeze()  # the modules just imported live until exit: the collector need not walk them
     metadata = {
         k: v
         for k, v in {
@@ -292,6 +291,7 @@ def build(
         )
         get_platform(platform)
         request.resolved_section_id()  # refuse an unsafe id before any work starts
+        gc.freeze()  # the modules imported so far live until exit: the collector need not walk them
         with progress_display():
             result = build_section(request, out, config, force=force, threads=threads)
     except HistmolError as err:
