@@ -20,6 +20,7 @@ from histmol.qc import figures as figures_module
 from histmol.qc import section_data
 from histmol.qc.figures import FIGURE_NAMES, overview_figure, qc_title, write_section_figures
 from histmol.qc.measures import (
+    UnitPixels,
     blend_units,
     mpp_check,
     neighbour_distances_um,
@@ -163,13 +164,15 @@ def test_blend_units_colours_each_footprint_then_box_averages() -> None:
         np.array([0.0, 1.0]),
     )
     colours = np.array([[1.0, 0.0, 0.0, 1.0], [0.0, 0.0, 1.0, 1.0]])
-    full = blend_units(image, units, colours, 0.75, 8)
+    pixels = UnitPixels.of(units)
+    assert pixels.shape == (8, 8) and len(pixels.index) == 2 * 9  # two 3 x 3 squares
+    full = blend_units(image, pixels, colours, 0.75, 8)
     assert full.shape == (8, 8, 3) and full.dtype == np.uint8
     assert full[1, 1].tolist() == [241, 50, 50]  # 0.75 * red + 0.25 * grey 200, rounded
     assert full[5, 5].tolist() == [50, 50, 241]
     assert full[7, 0].tolist() == [200, 200, 200]  # off the units: the slide unchanged
     assert np.array_equal(image, np.full((8, 8, 3), 200, np.uint8))  # the input is kept
-    half = blend_units(image, units, colours, 0.75, 4)
+    half = blend_units(image, pixels, colours, 0.75, 4)
     assert half.shape == (4, 4, 3)
     assert half[0, 0].tolist() == [241, 50, 50]  # a 2 x 2 block inside unit 0: its colour
     assert half[3, 0].tolist() == [200, 200, 200]

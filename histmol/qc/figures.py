@@ -30,16 +30,18 @@ from pathlib import Path
 import numpy as np
 from matplotlib import colormaps
 from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.cm import ScalarMappable
 from matplotlib.collections import PolyCollection
 from matplotlib.colors import LogNorm, Normalize
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
+from PIL import Image
 
 from histmol.qc.figure_panels import draw_metrics, draw_zoom, read_zoom_crop
 from histmol.qc.gene_maps import DEFAULT_N_GENES, gene_maps_figure, pick_genes
-from histmol.qc.measures import blend_units, mpp_check, paint_units
+from histmol.qc.measures import UnitPixels, blend_units, mpp_check, paint_units
 from histmol.qc.section_data import (
     Background,
     SlideLike,
@@ -110,10 +112,18 @@ def write_section_figures(
 
 
 def _save(figure: Figure, path: Path) -> Path:
+    """Render once and write an opaque RGB PNG (no "Software" tag) atomically.
+
+    `savefig` draws a constrained-layout figure twice (once to lay it out, once to render);
+    drawing the canvas lays out and renders in one pass. The figures are opaque, so RGB is the
+    same picture as matplotlib's RGBA with a quarter less to compress.
+    """
+    canvas = FigureCanvasAgg(figure)
+    canvas.draw()
+    rgb = Image.fromarray(np.asarray(canvas.buffer_rgba())[..., :3])
     tmp = path.with_name(temp_name(path.name))
     with naming_path(path):  # a full disk names the figure
-        figure.savefig(tmp, format="png", metadata={"Software": None},
-                       pil_kwargs={"compress_level": 1})
+        rgb.save(tmp, format="png", compress_level=1, dpi=(figure.dpi, figure.dpi))
         os.replace(tmp, path)
     return path
 
@@ -186,13 +196,13 @@ class UnitLayer:
     """
 
     background: Background
-    units: np.ndarray  # unit number per background px, NaN off the units
+    pixels: UnitPixels  # the background's pixels under units, and which unit
 
     @classmethod
     def of(cls, section: StoredSection, background: Background) -> UnitLayer:
         """Paint the section's unit numbers on the background's grid."""
         numbers = np.arange(len(section.units), dtype=np.float64)
-        return cls(background, unit_raster(section, background, numbers))
+        return cls(background, UnitPixels.of(unit_raster(section, background, numbers)))
 
     def over(
         self,
@@ -206,7 +216,7 @@ class UnitLayer:
         """RGB of `values` (one per unit) coloured and blended over `base` (the slide)."""
         colours = colormaps[cmap](norm(np.asarray(values, np.float64)))
         image = self.background.image if base is None else base
-        return blend_units(image, self.units, colours, alpha, side)
+        return blend_units(image, self.pixels, colours, alpha, side)
 
 
 def _squares(x0: np.ndarray, y0: np.ndarray, side: float) -> np.ndarray:

@@ -55,23 +55,37 @@ def paint_units(
     return out
 
 
+@dataclass(frozen=True)
+class UnitPixels:
+    """The pixels of a raster that units cover (flat indices) and the unit number on each."""
+
+    shape: tuple[int, int]
+    index: np.ndarray
+    unit: np.ndarray
+
+    @classmethod
+    def of(cls, units: np.ndarray) -> UnitPixels:
+        """From a raster of unit numbers (`paint_units` of 0..n-1: NaN off the units)."""
+        index = np.flatnonzero(~np.isnan(units))
+        return cls((units.shape[0], units.shape[1]), index, units.ravel()[index].astype(np.intp))
+
+
 def blend_units(
-    image: np.ndarray, units: np.ndarray, colours: np.ndarray, alpha: float, side: int
+    image: np.ndarray, pixels: UnitPixels, colours: np.ndarray, alpha: float, side: int
 ) -> np.ndarray:
     """`image` (RGB uint8) with each unit's colour blended over its footprint, at most `side` px.
 
-    `units` is `image`'s grid of unit numbers (`paint_units` of 0..n-1: NaN off the units) and
-    `colours` the n RGB(A) colours in 0..1. Painting once at the background's resolution and
-    then box-averaging to about the size drawn keeps round units round, and hands matplotlib one
-    small opaque image instead of a large background and a large float overlay to resample.
+    `pixels` are the units' pixels on `image`'s grid and `colours` the n RGB(A) colours in 0..1.
+    Painting at the background's resolution and then box-averaging to about the size drawn
+    keeps round units round, and hands matplotlib one small opaque image instead of a large
+    background and a large float overlay to colour and resample.
     """
     out = image.copy()
-    on = ~np.isnan(units)
-    if on.any():
-        rgb = np.asarray(colours, np.float32)[units[on].astype(np.int64), :3] * 255.0
-        out[on] = np.rint(out[on] * np.float32(1.0 - alpha) + rgb * np.float32(alpha)).astype(
-            np.uint8
-        )
+    flat = out.reshape(-1, 3)
+    if len(pixels.index):
+        tint = np.asarray(colours, np.float32)[:, :3] * np.float32(255.0 * alpha)
+        under = flat[pixels.index].astype(np.float32) * np.float32(1.0 - alpha)
+        flat[pixels.index] = np.rint(under + tint[pixels.unit]).astype(np.uint8)
     height, width = out.shape[:2]
     scale = side / max(height, width)
     if scale >= 1.0:
