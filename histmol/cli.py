@@ -6,7 +6,6 @@ an example. Add --debug (or set HISTMOL_DEBUG=1) to see the traceback of a failu
 
 from __future__ import annotations
 
-import gc
 import json
 import numbers
 import os
@@ -291,7 +290,6 @@ def build(
         )
         get_platform(platform)
         request.resolved_section_id()  # refuse an unsafe id before any work starts
-        gc.freeze()  # the modules imported so far live until exit: the collector need not walk them
         with progress_display():
             result = build_section(request, out, config, force=force, threads=threads)
     except HistmolError as err:
