@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,6 +13,7 @@ from matplotlib.figure import Figure
 
 from histmol.qc.measures import (
     MPP_SOURCES,
+    Overlay,
     mpp_check,
     neighbour_distances_um,
     nominal_pitch_um,
@@ -27,7 +27,6 @@ MAX_CROP_PX = 2048
 PAIR_COLOUR, OTHER_COLOUR, BOX_COLOUR = "#39ff14", "#00e5ff", "#ffd400"
 SCALE_BARS_UM = (5, 10, 20, 50, 100, 200, 500, 1000, 2000)
 MAP_PX, MAP_GREY = 600, 0xDD  # the genes-detected map: panel px, grey off the units
-Overlay = Callable[..., np.ndarray]  # figures.UnitLayer.over
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ a gene seen in three units cannot win on noise.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,6 +20,7 @@ from matplotlib.colors import LogNorm, Normalize
 from matplotlib.figure import Figure
 
 from histmol.errors import ConfigError
+from histmol.qc.measures import Overlay
 from histmol.qc.section_data import Background, StoredSection
 
 __all__ = ["DEFAULT_N_GENES", "GeneMap", "gene_maps_figure", "pick_genes"]
@@ -28,7 +29,6 @@ DEFAULT_N_GENES = 3
 MIN_DETECTED_FRACTION = 0.05
 GENE_CMAP = "magma"
 PANEL_IN, DPI, ALPHA = 4.2, 100, 0.8
-Overlay = Callable[[np.ndarray, Normalize, str, float, int], np.ndarray]
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -13,6 +14,9 @@ from histmol.qc.section_data import StoredSection
 MAX_PITCH_SAMPLE = 20_000
 MAX_STENCIL_WORK = 20_000_000  # unit x stencil pixels painted per chunk
 MPP_SOURCES = ("embedded", "scalefactors", "estimated_from_pitch")
+# per-unit values -> the slide with them blended over it: figures.UnitLayer.over(values, norm,
+# cmap, alpha, side, base=None)
+Overlay = Callable[..., np.ndarray]
 
 
 def paint_units(
