@@ -42,7 +42,6 @@ from histmol.registration import (
 )
 from histmol.section import Section, normalise_section_id, slugify
 from histmol.shards.corpus import COMMITTED, Corpus
-from histmol.shards.remote import BuiltSection, RemoteCorpus, worker_scratch
 from histmol.shards.shard_writer import SectionShardWriter
 from histmol.tiling import (
     ExtractionTimes,
@@ -59,6 +58,7 @@ from platform_adapters import get_platform, load_reader
 
 if TYPE_CHECKING:
     from histmol.autoregister import AutoPlacement
+    from histmol.shards.remote import BuiltSection
 
 log = logging.getLogger(__name__)
 ProgressCallback = Callable[[int, int], None]
@@ -519,6 +519,8 @@ def commit_remote_stage(
     credentials of this process' fsspec config. The caller commits the remote tables from the
     returned rows (`histmol.shards.publish.Publisher.committed`).
     """
+    from histmol.shards.remote import RemoteCorpus, worker_scratch  # fsspec: remote builds only
+
     with worker_scratch(section.section_id) as tmp:
         root = tmp / "corpus"
         gene_index = map_stage(root, config, keys)  # creates the corpus

@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from scipy.spatial import cKDTree
 
 from histmol.errors import RegistrationError, WSIError
 from histmol.section import MppSource, Section
@@ -142,6 +141,8 @@ def median_neighbour_distance(x: np.ndarray, y: np.ndarray) -> float | None:
         query = points[rng.choice(len(points), MAX_SAMPLE_FOR_PITCH, replace=False)]
     else:
         query = points
+    from scipy.spatial import cKDTree  # scipy.spatial costs ~0.2 s to import: only when used
+
     k = min(7, len(points))
     distances, _ = cKDTree(points).query(query, k=k)
     neighbours = distances[:, 1:]

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from skimage import color, filters, morphology
 
 
 @dataclass(frozen=True)
@@ -73,6 +72,8 @@ def mask_at(mask: TissueMask, x: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 def tissue_mask(thumbnail: np.ndarray, *, downsample_x: float, downsample_y: float) -> TissueMask:
     """Segment tissue in an RGB uint8 thumbnail taken at `downsample` level-0 px per pixel."""
+    from skimage import color, filters, morphology  # ~0.1 s to import: only when segmenting
+
     rgb = thumbnail[..., :3].astype(np.float32) / 255.0
     hsv = color.rgb2hsv(rgb)
     saturation, value = hsv[..., 1], hsv[..., 2]

@@ -16,10 +16,10 @@ from histmol.shards.jpeg_codec import JpegCodec
 from histmol.shards.shard_writer import DIMENSION_NAMES, part_zarr_json
 from histmol.synth import make_slide, write_visium_bundle
 
-# packages a Visium spot build must not import (each costs 0.3-10 s of start-up); matplotlib is
-# used: every build path draws the section's QC figures
+# packages a Visium spot build must not import (each costs 0.05-10 s of start-up; fsspec serves
+# remote corpora only); matplotlib is used: every build path draws the section's QC figures
 NOT_IMPORTED = ("zarr", "scipy.io", "anndata", "spatialdata", "torch", "prefect", "dask",
-                "sklearn")
+                "sklearn", "fsspec")
 
 
 @pytest.mark.parametrize(("n_pairs", "patch_px", "quality", "subsampling"),
@@ -68,3 +68,16 @@ def test_a_visium_build_imports_no_heavy_package_it_does_not_use(tmp_path: Path)
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().splitlines()[-1] == "imported:"
+
+
+def test_importing_the_build_loads_no_package_only_a_stage_or_a_remote_corpus_uses() -> None:
+    # histmol build pays its import before any stage runs (and pays it whole to skip a section
+    # already built): scipy.spatial (pitch), skimage (tissue mask), matplotlib (QC figures) and
+    # fsspec (remote corpora) are imported where they are used
+    late = ("scipy.spatial", "skimage", "matplotlib", "fsspec")
+    code = ("import sys, histmol.build; "
+            f"print(sorted(m for m in {late!r} if m in sys.modules))")
+    root = str(Path(__file__).resolve().parents[1])
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, check=True, env={**os.environ, "PYTHONPATH": root})
+    assert done.stdout.strip() == "[]"

@@ -19,7 +19,14 @@ from histmol.errors import ConfigError, CorpusError
 from histmol.qc import figures as figures_module
 from histmol.qc import section_data
 from histmol.qc.figures import FIGURE_NAMES, overview_figure, qc_title, write_section_figures
-from histmol.qc.measures import mpp_check, neighbour_distances_um, paint_units, zoom_pair
+from histmol.qc.measures import (
+    UnitPixels,
+    blend_units,
+    mpp_check,
+    neighbour_distances_um,
+    paint_units,
+    zoom_pair,
+)
 from histmol.qc.section_data import load_section, patch_background, wsi_background
 from histmol.shards.atomic import atomic_write_parquet
 from histmol.shards.corpus_tables import sections_table
@@ -148,6 +155,27 @@ def test_paint_units_covers_the_true_footprint() -> None:
         np.array([1.0, 2.0]),
     )
     assert set(np.unique(overlap[~np.isnan(overlap)])) == {2.0}  # the later unit wins
+
+
+def test_blend_units_colours_each_footprint_then_box_averages() -> None:
+    image = np.full((8, 8, 3), 200, np.uint8)
+    units = paint_units(
+        (8, 8), (1.0, 1.0), np.array([1.0, 5.0]), np.array([1.0, 5.0]), 2.0, "square",
+        np.array([0.0, 1.0]),
+    )
+    colours = np.array([[1.0, 0.0, 0.0, 1.0], [0.0, 0.0, 1.0, 1.0]])
+    pixels = UnitPixels.of(units)
+    assert pixels.shape == (8, 8) and len(pixels.index) == 2 * 9  # two 3 x 3 squares
+    full = blend_units(image, pixels, colours, 0.75, 8)
+    assert full.shape == (8, 8, 3) and full.dtype == np.uint8
+    assert full[1, 1].tolist() == [241, 50, 50]  # 0.75 * red + 0.25 * grey 200, rounded
+    assert full[5, 5].tolist() == [50, 50, 241]
+    assert full[7, 0].tolist() == [200, 200, 200]  # off the units: the slide unchanged
+    assert np.array_equal(image, np.full((8, 8, 3), 200, np.uint8))  # the input is kept
+    half = blend_units(image, pixels, colours, 0.75, 4)
+    assert half.shape == (4, 4, 3)
+    assert half[0, 0].tolist() == [241, 50, 50]  # a 2 x 2 block inside unit 0: its colour
+    assert half[3, 0].tolist() == [200, 200, 200]
 
 
 def test_registration_measures_of_a_visium_section(qc: QcCorpus) -> None:

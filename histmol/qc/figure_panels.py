@@ -6,15 +6,17 @@ from dataclasses import dataclass
 
 import numpy as np
 from matplotlib.axes import Axes
+from matplotlib.cm import ScalarMappable
 from matplotlib.collections import EllipseCollection, PolyCollection
+from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 
 from histmol.qc.measures import (
     MPP_SOURCES,
+    Overlay,
     mpp_check,
     neighbour_distances_um,
     nominal_pitch_um,
-    paint_units,
     zoom_pair,
 )
 from histmol.qc.section_data import Background, StoredSection
@@ -24,6 +26,7 @@ from histmol.wsi import SlideReader
 MAX_CROP_PX = 2048
 PAIR_COLOUR, OTHER_COLOUR, BOX_COLOUR = "#39ff14", "#00e5ff", "#ffd400"
 SCALE_BARS_UM = (5, 10, 20, 50, 100, 200, 500, 1000, 2000)
+MAP_PX, MAP_GREY = 600, 0xDD  # the genes-detected map: panel px, grey off the units
 
 
 @dataclass(frozen=True)
@@ -183,23 +186,24 @@ def draw_zoom(section: StoredSection, crop: ZoomCrop | None) -> Figure:
     return figure
 
 
-def draw_metrics(section: StoredSection, background: Background) -> Figure:
-    """Genes-detected map, counts histogram, mpp sources and lattice residuals."""
+def draw_metrics(section: StoredSection, background: Background, over: Overlay) -> Figure:
+    """Genes-detected map, counts histogram, mpp sources and lattice residuals.
+
+    `over(values, norm, cmap, alpha, side, base)` paints per-unit values (`UnitLayer.over`).
+    """
     figure = Figure(figsize=(12.0, 9.0), dpi=100, layout="constrained")
     (ax_map, ax_hist), (ax_mpp, ax_pitch) = figure.subplots(2, 2)
     genes = section.units["n_genes_detected"].to_numpy()
-    painted = paint_units(
-        background.image.shape[:2],
-        (background.downsample_x, background.downsample_y),
-        section.units["x_wsi_px"].to_numpy(),
-        section.units["y_wsi_px"].to_numpy(),
-        section.unit_size_px,
-        str(section.row["unit_shape"]),
-        genes,
+    norm = Normalize(float(genes.min()), float(genes.max())) if len(genes) else Normalize(0, 1)
+    grey = np.full_like(background.image, MAP_GREY)
+    ax_map.imshow(
+        over(genes, norm, "magma", 1.0, MAP_PX, grey),
+        extent=background.extent,
+        interpolation="antialiased",
     )
-    ax_map.set_facecolor("#dddddd")
-    shown = ax_map.imshow(painted, extent=background.extent, cmap="magma", interpolation="nearest")
-    figure.colorbar(shown, ax=ax_map, shrink=0.85, label="genes detected per unit")
+    figure.colorbar(
+        ScalarMappable(norm, "magma"), ax=ax_map, shrink=0.85, label="genes detected per unit"
+    )
     ax_map.set_title("genes detected per unit", fontsize=10, loc="left")
     ax_map.set_xlabel("x (WSI level-0 px)")
 
@@ -207,7 +211,7 @@ def draw_metrics(section: StoredSection, background: Background) -> Figure:
     positive = counts[counts > 0]
     if len(positive):
         bins = np.geomspace(positive.min(), max(positive.max(), positive.min() * 1.01), 40)
-        ax_hist.hist(positive, bins=bins, color="#4060a0")
+        ax_hist.hist(positive, bins=bins, color="#4060a0", histtype="stepfilled")
         ax_hist.set_xscale("log")
         ax_hist.axvline(
             np.median(counts),
@@ -313,7 +317,7 @@ def _pitch_panel(ax: Axes, section: StoredSection) -> None:
         )
     else:
         title += "\nno nominal pitch known for this array"
-    ax.hist(distances, bins=np.linspace(low, high, 81), color="#6a4c93")
+    ax.hist(distances, bins=np.linspace(low, high, 81), color="#6a4c93", histtype="stepfilled")
     ax.axvline(median, color="black", linestyle="--", label=f"median {median:.2f} um")
     ax.legend(fontsize=8)
     ax.set_xlabel("distance to lattice neighbours (um, at the used mpp)")

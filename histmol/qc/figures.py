@@ -24,20 +24,24 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from matplotlib import colormaps
 from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.cm import ScalarMappable
 from matplotlib.collections import PolyCollection
-from matplotlib.colors import LogNorm
+from matplotlib.colors import LogNorm, Normalize
 from matplotlib.figure import Figure
-from matplotlib.image import AxesImage
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
+from PIL import Image
 
 from histmol.qc.figure_panels import draw_metrics, draw_zoom, read_zoom_crop
 from histmol.qc.gene_maps import DEFAULT_N_GENES, gene_maps_figure, pick_genes
-from histmol.qc.measures import mpp_check, paint_units
+from histmol.qc.measures import UnitPixels, blend_units, mpp_check, paint_units
 from histmol.qc.section_data import (
     Background,
     SlideLike,
@@ -53,7 +57,9 @@ from histmol.shards.corpus import Corpus
 from histmol.tissue import TissueMask
 
 OVERVIEW_SIDE = 1400  # background px on the slide's longer side
+OVERVIEW_PX = 1000  # overview panel px on the slide's longer side (the axes are about 900)
 THUMBNAIL_PX = 360
+UNITS_ALPHA = 0.75
 FIGURE_NAMES = ("overview", "zoom", "metrics", "genes", "thumbnail")
 CMAP = "viridis"
 TISSUE_COLOUR, KEPT_COLOUR, DROPPED_COLOUR = "#00e5ff", "white", "#ff2d2d"
@@ -76,8 +82,9 @@ def write_section_figures(
     variable. Each file is written under a temporary name and renamed, so a reader never sees
     half a PNG.
     """
-    section = load_section(corpus_root, section_id, counts=True)
-    maps = pick_genes(section, Corpus.open(corpus_root).genes(), genes, n_genes)
+    vocabulary = Corpus.open(corpus_root).genes()
+    section = load_section(corpus_root, section_id, counts=True, genes=vocabulary)
+    maps = pick_genes(section, vocabulary, genes, n_genes)
     folder = Path(out_dir) / section.section_id
     folder.mkdir(parents=True, exist_ok=True)
     for debris in [p for p in folder.iterdir() if is_temp_name(p.name)]:
@@ -87,27 +94,36 @@ def write_section_figures(
         background = wsi_background(reader, factor) if reader else patch_background(section, factor)
         mask = section_tissue_mask(section, reader) if reader else None
         crop = read_zoom_crop(section, reader) if reader else None
+    layer = UnitLayer.of(section, background)
     figures = {
-        "overview": overview_figure(section, background, mask),
+        "overview": overview_figure(section, background, mask, layer),
         "zoom": draw_zoom(section, crop),
-        "metrics": draw_metrics(section, background),
+        "metrics": draw_metrics(section, background, layer.over),
         "genes": gene_maps_figure(
             section,
             background,
             maps,
-            lambda values: unit_raster(section, background, values),
+            layer.over,
             caption="given genes" if genes else "most variable genes",
         ),
-        "thumbnail": thumbnail_figure(section, background, mask),
+        "thumbnail": thumbnail_figure(section, background, mask, layer),
     }
     return [_save(figure, folder / f"{name}.png") for name, figure in figures.items()]
 
 
 def _save(figure: Figure, path: Path) -> Path:
+    """Render once and write an opaque RGB PNG (no "Software" tag) atomically.
+
+    `savefig` draws a constrained-layout figure twice (once to lay it out, once to render);
+    drawing the canvas lays out and renders in one pass. The figures are opaque, so RGB is the
+    same picture as matplotlib's RGBA with a quarter less to compress.
+    """
+    canvas = FigureCanvasAgg(figure)
+    canvas.draw()
+    rgb = Image.fromarray(np.asarray(canvas.buffer_rgba())[..., :3])
     tmp = path.with_name(temp_name(path.name))
     with naming_path(path):  # a full disk names the figure
-        figure.savefig(tmp, format="png", metadata={"Software": None},
-                       pil_kwargs={"compress_level": 1})
+        rgb.save(tmp, format="png", compress_level=1, dpi=(figure.dpi, figure.dpi))
         os.replace(tmp, path)
     return path
 
@@ -171,6 +187,38 @@ def unit_raster(section: StoredSection, background: Background, values: np.ndarr
     )
 
 
+@dataclass(frozen=True)
+class UnitLayer:
+    """Which unit covers each background pixel, to paint any per-unit values over the slide.
+
+    Computed once per section and shared by every map: each map is then one small blended RGB
+    image (`blend_units`), not a slide-sized float raster for matplotlib to colour and resample.
+    """
+
+    background: Background
+    pixels: UnitPixels  # the background's pixels under units, and which unit
+
+    @classmethod
+    def of(cls, section: StoredSection, background: Background) -> UnitLayer:
+        """Paint the section's unit numbers on the background's grid."""
+        numbers = np.arange(len(section.units), dtype=np.float64)
+        return cls(background, UnitPixels.of(unit_raster(section, background, numbers)))
+
+    def over(
+        self,
+        values: np.ndarray,
+        norm: Normalize,
+        cmap: str,
+        alpha: float,
+        side: int,
+        base: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """RGB of `values` (one per unit) coloured and blended over `base` (the slide)."""
+        colours = colormaps[cmap](norm(np.asarray(values, np.float64)))
+        image = self.background.image if base is None else base
+        return blend_units(image, self.pixels, colours, alpha, side)
+
+
 def _squares(x0: np.ndarray, y0: np.ndarray, side: float) -> np.ndarray:
     corners = np.array([[0.0, 0.0], [side, 0.0], [side, side], [0.0, side]])
     return np.stack([x0, y0], axis=1)[:, None, :] + corners[None, :, :]
@@ -181,19 +229,18 @@ def _draw_slide(
     section: StoredSection,
     background: Background,
     mask: TissueMask | None,
+    layer: UnitLayer,
     *,
+    side: int,
     patches: bool,
-) -> AxesImage:
-    """Draw background, units by counts, tissue contour and patches; return the units image."""
-    ax.imshow(background.image, extent=background.extent, interpolation="antialiased")
-    painted = unit_raster(section, background, section.units["total_counts"].to_numpy().clip(1))
-    units = ax.imshow(
-        painted,
+) -> ScalarMappable:
+    """Draw background, units by counts, tissue contour and patches; return the units' scale."""
+    norm = counts_norm(section)
+    counts = section.units["total_counts"].to_numpy().clip(1)
+    ax.imshow(
+        layer.over(counts, norm, CMAP, UNITS_ALPHA, side),
         extent=background.extent,
-        cmap=CMAP,
-        norm=counts_norm(section),
-        alpha=0.75,
-        interpolation="nearest",
+        interpolation="antialiased",
     )
     if mask is not None and mask.mask.any():
         height, width = mask.mask.shape
@@ -229,19 +276,25 @@ def _draw_slide(
     left, right, bottom, top = background.extent
     ax.set_xlim(left, right)
     ax.set_ylim(bottom, top)
-    return units
+    return ScalarMappable(norm, CMAP)
 
 
 def overview_figure(
-    section: StoredSection, background: Background, mask: TissueMask | None
+    section: StoredSection,
+    background: Background,
+    mask: TissueMask | None,
+    layer: UnitLayer | None = None,
 ) -> Figure:
     """Draw the slide with units, tissue contour and patches; QC numbers in the title."""
     height, width = background.image.shape[:2]
     aspect = height / width
     figure = Figure(figsize=(11.0, max(4.0, 9.0 * aspect) + 1.6), dpi=110, layout="constrained")
     ax = figure.add_subplot()
-    units = _draw_slide(ax, section, background, mask, patches=True)
-    figure.colorbar(units, ax=ax, shrink=0.8, label="total counts per unit (log scale)")
+    layer = layer or UnitLayer.of(section, background)
+    units = _draw_slide(ax, section, background, mask, layer, side=OVERVIEW_PX, patches=True)
+    figure.colorbar(
+        units, ax=ax, shrink=0.8, alpha=UNITS_ALPHA, label="total counts per unit (log scale)"
+    )
     ax.set_xlabel("x (WSI level-0 px)")
     ax.set_ylabel("y (WSI level-0 px)")
     source = "WSI" if background.source == "wsi" else "stored patches (pass the WSI for the slide)"
@@ -276,13 +329,17 @@ def overview_figure(
 
 
 def thumbnail_figure(
-    section: StoredSection, background: Background, mask: TissueMask | None
+    section: StoredSection,
+    background: Background,
+    mask: TissueMask | None,
+    layer: UnitLayer | None = None,
 ) -> Figure:
     """Draw a small picture of the slide with its units, no axes (the report's thumbnail)."""
     height, width = background.image.shape[:2]
     size = THUMBNAIL_PX / 100
     figure = Figure(figsize=(size, size * height / width), dpi=100)
     ax = figure.add_axes((0.0, 0.0, 1.0, 1.0))
-    _draw_slide(ax, section, background, mask, patches=False)
+    layer = layer or UnitLayer.of(section, background)
+    _draw_slide(ax, section, background, mask, layer, side=THUMBNAIL_PX, patches=False)
     ax.set_axis_off()
     return figure

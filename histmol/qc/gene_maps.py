@@ -9,16 +9,18 @@ a gene seen in three units cannot win on noise.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
+from matplotlib.cm import ScalarMappable
 from matplotlib.colors import LogNorm, Normalize
 from matplotlib.figure import Figure
 
 from histmol.errors import ConfigError
+from histmol.qc.measures import Overlay
 from histmol.qc.section_data import Background, StoredSection
 
 __all__ = ["DEFAULT_N_GENES", "GeneMap", "gene_maps_figure", "pick_genes"]
@@ -26,6 +28,7 @@ __all__ = ["DEFAULT_N_GENES", "GeneMap", "gene_maps_figure", "pick_genes"]
 DEFAULT_N_GENES = 3
 MIN_DETECTED_FRACTION = 0.05
 GENE_CMAP = "magma"
+PANEL_IN, DPI, ALPHA = 4.2, 100, 0.8
 
 
 @dataclass(frozen=True)
@@ -106,19 +109,21 @@ def gene_maps_figure(
     section: StoredSection,
     background: Background,
     maps: Sequence[GeneMap],
-    paint: Callable[[np.ndarray], np.ndarray],
+    over: Overlay,
     *,
     caption: str = "most variable genes",
 ) -> Figure:
     """Total counts, then one panel per gene, each over the same histology background.
 
-    `paint(values)` rasterises per-unit values onto the background grid (`figures.unit_raster`).
+    `over(values, norm, cmap, alpha, side)` is the background with per-unit values blended over
+    it, at most `side` px (`figures.UnitLayer.over`).
     """
     panels = 1 + len(maps)
     height, width = background.image.shape[:2]
-    side = 4.2
     figure = Figure(
-        figsize=(side * panels, side * height / width + 1.0), dpi=100, layout="constrained"
+        figsize=(PANEL_IN * panels, PANEL_IN * height / width + 1.0),
+        dpi=DPI,
+        layout="constrained",
     )
     axes = figure.subplots(1, panels, squeeze=False)[0]
     counts = section.units["total_counts"].to_numpy().clip(1).astype(np.float64)
@@ -136,16 +141,14 @@ def gene_maps_figure(
             (f"{gene.label} (log1p CP10k)", gene.values, Normalize(0.0, max(top, 1e-6)), GENE_CMAP)
         )
     for ax, (title, values, norm, cmap) in zip(axes, layers, strict=True):
-        ax.imshow(background.image, extent=background.extent, interpolation="antialiased")
-        image = ax.imshow(
-            paint(values),
+        ax.imshow(
+            over(values, norm, cmap, ALPHA, round(PANEL_IN * DPI)),
             extent=background.extent,
-            cmap=cmap,
-            norm=norm,
-            alpha=0.8,
-            interpolation="nearest",
+            interpolation="antialiased",
         )
-        figure.colorbar(image, ax=ax, shrink=0.7, location="bottom")
+        figure.colorbar(
+            ScalarMappable(norm, cmap), ax=ax, shrink=0.7, alpha=ALPHA, location="bottom"
+        )
         ax.set_title(title, fontsize=10)
         ax.set_axis_off()
         left, right, bottom, top = background.extent

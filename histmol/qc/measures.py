@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+from PIL import Image
 from scipy.spatial import cKDTree
 
 from histmol.qc.section_data import StoredSection
@@ -12,6 +14,9 @@ from histmol.qc.section_data import StoredSection
 MAX_PITCH_SAMPLE = 20_000
 MAX_STENCIL_WORK = 20_000_000  # unit x stencil pixels painted per chunk
 MPP_SOURCES = ("embedded", "scalefactors", "estimated_from_pitch")
+# per-unit values -> the slide with them blended over it: figures.UnitLayer.over(values, norm,
+# cmap, alpha, side, base=None)
+Overlay = Callable[..., np.ndarray]
 
 
 def paint_units(
@@ -52,6 +57,45 @@ def paint_units(
         ok = (r >= 0) & (r < rows) & (c >= 0) & (c < cols)
         out[r[ok], c[ok]] = v[ok]
     return out
+
+
+@dataclass(frozen=True)
+class UnitPixels:
+    """The pixels of a raster that units cover (flat indices) and the unit number on each."""
+
+    shape: tuple[int, int]
+    index: np.ndarray
+    unit: np.ndarray
+
+    @classmethod
+    def of(cls, units: np.ndarray) -> UnitPixels:
+        """From a raster of unit numbers (`paint_units` of 0..n-1: NaN off the units)."""
+        index = np.flatnonzero(~np.isnan(units))
+        return cls((units.shape[0], units.shape[1]), index, units.ravel()[index].astype(np.intp))
+
+
+def blend_units(
+    image: np.ndarray, pixels: UnitPixels, colours: np.ndarray, alpha: float, side: int
+) -> np.ndarray:
+    """`image` (RGB uint8) with each unit's colour blended over its footprint, at most `side` px.
+
+    `pixels` are the units' pixels on `image`'s grid and `colours` the n RGB(A) colours in 0..1.
+    Painting at the background's resolution and then box-averaging to about the size drawn
+    keeps round units round, and hands matplotlib one small opaque image instead of a large
+    background and a large float overlay to colour and resample.
+    """
+    out = image.copy()
+    flat = out.reshape(-1, 3)
+    if len(pixels.index):
+        tint = np.asarray(colours, np.float32)[:, :3] * np.float32(255.0 * alpha)
+        under = flat[pixels.index].astype(np.float32) * np.float32(1.0 - alpha)
+        flat[pixels.index] = np.rint(under + tint[pixels.unit]).astype(np.uint8)
+    height, width = out.shape[:2]
+    scale = side / max(height, width)
+    if scale >= 1.0:
+        return out
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return np.asarray(Image.fromarray(out).resize(size, Image.Resampling.BOX))
 
 
 def nominal_pitch_um(section: StoredSection) -> float | None:

@@ -126,9 +126,17 @@ class StoredSection:
 
 
 def load_section(
-    root: str | os.PathLike[str], section_id: str, *, counts: bool = False
+    root: str | os.PathLike[str],
+    section_id: str,
+    *,
+    counts: bool = False,
+    genes: pd.DataFrame | None = None,
 ) -> StoredSection:
-    """Read a committed section back; CorpusError when it is absent or not committed."""
+    """Read a committed section back; CorpusError when it is absent or not committed.
+
+    `genes` is the corpus vocabulary (`Corpus.genes`) when the caller has read it already: it
+    holds every reference gene, so reading it once per figure set is worth it.
+    """
     corpus = Corpus.open(root)  # reads only: no lock, so a read-only corpus works
     rows = corpus.read_table("sections").to_pylist()
     row = next((r for r in rows if r["section_id"] == section_id), None)
@@ -164,7 +172,10 @@ def load_section(
     table = pa.concat_tables(tables)
     scalar = [n for n in table.column_names if n not in ("gene_idx", "counts")]
     units = table.select(scalar).to_pandas()
-    matrix = _csr(table, corpus.genes()["index"].to_numpy()) if counts else None
+    matrix = None
+    if counts:
+        vocab = (corpus.genes() if genes is None else genes)["index"].to_numpy()
+        matrix = _csr(table, vocab)
     return StoredSection(corpus.root, row, parts.reset_index(drop=True), units, matrix)
 
 
