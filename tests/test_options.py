@@ -137,7 +137,7 @@ def expect_option(param: Any, spec: OptionSpec) -> None:
     if spec.choices:
         assert param.metavar == "|".join(spec.choices)
     if spec.bounds_text():
-        assert param.help.endswith(f"[{spec.bounds_text()}]"), spec.name
+        assert param.help.endswith(f"Allowed: {spec.bounds_text()}."), spec.name
 
 
 @pytest.mark.parametrize(("command", "specs", "own"), [
