@@ -809,6 +809,28 @@ def migrate(
     )
 
 
+@app.command()
+def compact(
+    corpus: Annotated[Path, typer.Argument(help="Corpus folder (local).")],
+) -> None:
+    """Merge the table fragments of recent commits into sections.parquet and manifest.parquet.
+
+    Builds and ingests do this when they end; run it on a corpus a killed ingest left with
+    fragments, before reading its tables with plain Parquet tools.
+
+    Example: histmol compact demo/corpus
+    """
+    from histmol.shards.corpus import Corpus
+
+    try:
+        merged = Corpus.open(corpus).compact()
+    except HistmolError as err:
+        fail(err)
+    out_console.print(f"{corpus}: " + ("fragments merged into the tables" if merged
+                                       else "no fragments, nothing to merge"),
+                      highlight=False, soft_wrap=True)
+
+
 def main() -> None:
     """Entry point for `python -m histmol`."""
     app(prog_name="histmol")

@@ -47,8 +47,9 @@ def parameter(spec: OptionSpec) -> inspect.Parameter:
         show = False
     bounds = spec.bounds_text()
     info = typer.Option(*([spec.cli_flag] if spec.flag else []),
-                        help=spec.help + (f" Allowed: {bounds}." if bounds else ""), show_default=show,
-                        metavar="|".join(spec.choices) or None, callback=checker(spec))
+                        help=spec.help + (f" Allowed: {bounds}." if bounds else ""),
+                        show_default=show, metavar="|".join(spec.choices) or None,
+                        callback=checker(spec))
     default = inspect.Parameter.empty if spec.required else spec.default
     return inspect.Parameter(spec.name, inspect.Parameter.KEYWORD_ONLY,
                              annotation=Annotated[kind, info], default=default)

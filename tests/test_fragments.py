@@ -150,3 +150,18 @@ def test_a_column_type_clash_with_a_fragment_is_refused_before_anything_moves(
     assert not (corpus.root / "shards" / "b").exists()
     rows: list[dict[str, Any]] = corpus.read_table("sections").to_pylist()
     assert [r["section_id"] for r in rows] == ["a"]
+
+
+def test_the_compact_command_merges_what_a_killed_ingest_left(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from histmol.cli import app
+
+    corpus = _corpus(tmp_path / "c", ["a", "b"])
+    first = CliRunner().invoke(app, ["compact", str(corpus.root)])
+    assert first.exit_code == 0 and "fragments merged into the tables" in first.output
+    assert json.loads((corpus.root / RECORD).read_bytes())["fragments"] == {}
+    again = CliRunner().invoke(app, ["compact", str(corpus.root)])
+    assert again.exit_code == 0 and "nothing to merge" in again.output
+    missing = CliRunner().invoke(app, ["compact", str(tmp_path / "none")])
+    assert missing.exit_code != 0 and "not a histmol corpus" in missing.output

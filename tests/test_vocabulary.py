@@ -87,6 +87,7 @@ COMMANDS = [  # every command of the app
     "train",
     "embed",
     "eval",
+    "compact",
 ]
 
 
