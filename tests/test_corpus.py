@@ -233,8 +233,8 @@ def test_interrupted_commit_reads_incomplete_and_recovers(tmp_path: Path) -> Non
     build(corpus, "s2", ["nag_g1"])
     # Simulate a crash of a forced re-commit of s1 right after step 1 (its parts left the
     # manifest: the fragment of its old row without parts).
-    rows, _ = section_view(local_store(tmp_path), "s1")
-    commit_fragment(local_store(tmp_path), "s1", rows, [])  # as step 1 does
+    view = section_view(local_store(tmp_path), "s1")
+    commit_fragment(local_store(tmp_path), "s1", view.rows, [])  # as step 1 does
     assert corpus.section_status("s1")["status"] == "incomplete"  # type: ignore[index]
     assert corpus.section_status("s2")["status"] == "committed"  # type: ignore[index]
     build(corpus, "s1", ["nag_g1"], n_pairs=2)  # no force needed: it is not committed

@@ -26,11 +26,11 @@ from typing import Any
 import fsspec
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from histmol.errors import CorpusError
 from histmol.shards.commit_record import RecordMismatch, parquet_bytes, read_snapshot
 from histmol.shards.corpus import CORPUS_JSON, GENES, MANIFEST, SECTIONS, check_format
+from histmol.shards.corpus_tables import GENES_SCHEMA, parse_table
 from histmol.shards.fragments import merged_tables
 
 LOCAL_PROTOCOLS = frozenset({"file", "local"})
@@ -67,15 +67,15 @@ class CorpusSource:
         self.root = root.rstrip("/") or "/"
         protocols = self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
         self.local_root: Path | None = Path(self.root) if LOCAL_PROTOCOLS & set(protocols) else None
-        tables, views = self._checked_tables()
+        tables, views, compacted = self._checked_tables()
         self.meta = self._read_meta(tables[CORPUS_JSON])
         self.manifest = views["manifest"]
         # the compacted bytes when nothing waits to be compacted, else those compaction writes
-        manifest_bytes = tables[MANIFEST] if views["compacted"] else parquet_bytes(self.manifest)
+        manifest_bytes = tables[MANIFEST] if compacted else parquet_bytes(self.manifest)
         self.manifest_sha256 = hashlib.sha256(manifest_bytes).hexdigest()
         genes_bytes = tables[GENES]
         self.genes_sha256 = hashlib.sha256(genes_bytes).hexdigest()
-        self.genes = self._parquet(GENES, genes_bytes)
+        self.genes = parse_table(genes_bytes, GENES_SCHEMA, self.describe(GENES))
         self.gene_index = self.genes.column("index").to_numpy().astype(np.int64)
         if len(self.gene_index) and np.any(np.diff(self.gene_index) <= 0):
             raise CorpusError(f"{self.describe(GENES)}: index is not strictly increasing")
@@ -106,12 +106,12 @@ class CorpusSource:
                 raise
             return None
 
-    def _checked_tables(self) -> tuple[dict[str, bytes], dict[str, Any]]:
+    def _checked_tables(self) -> tuple[dict[str, bytes], dict[str, pa.Table], bool]:
         """The small tables, one consistent snapshot checked against the commit record.
 
-        Returns the tables' bytes and the merged views (``sections``, ``manifest``: compacted
-        plus fragments, ``compacted``: True when no fragment waits). RecordMismatch (a
-        CorpusError naming each file) when the record does not accept them.
+        Returns the tables' bytes, the merged views (``sections``, ``manifest``: compacted plus
+        fragments) and whether no fragment waits. RecordMismatch (a CorpusError naming each
+        file) when the record does not accept them.
         """
         snapshot = read_snapshot(self._read_optional, self.describe)
         tables = snapshot.tables
@@ -127,15 +127,9 @@ class CorpusSource:
         missing = [name for name, data in tables.items() if data is None]
         if missing:
             raise CorpusError(f"{self.describe(missing[0])}: missing")
-        views: dict[str, Any] = merged_tables(snapshot, self.describe)
-        views["compacted"] = not (snapshot.record and snapshot.record.fragments)
-        return {name: data for name, data in tables.items() if data is not None}, views
-
-    def _parquet(self, name: str, data: bytes) -> pa.Table:
-        try:
-            return pq.read_table(pa.BufferReader(data))
-        except (OSError, pa.ArrowInvalid) as error:
-            raise CorpusError(f"{self.describe(name)}: not a readable parquet ({error})") from error
+        compacted = not (snapshot.record and snapshot.record.fragments)
+        return ({name: data for name, data in tables.items() if data is not None},
+                merged_tables(snapshot, self.describe), compacted)
 
     def _read_meta(self, data: bytes) -> dict[str, Any]:
         try:

@@ -82,7 +82,6 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 import histmol
 from histmol.errors import CorpusError
@@ -100,6 +99,7 @@ from histmol.shards.corpus_tables import (
     SECTIONS,
     add_unresolved,
     check_row_types,
+    parse_table,
     reference_vocabulary,
     section_row,
 )
@@ -112,7 +112,6 @@ from histmol.shards.fragments import (
     merged_tables,
     remove_orphans,
     section_view,
-    sections_schemas,
 )
 from histmol.shards.shard_writer import ShardRecord, part_stem
 from histmol.shards.staging import (
@@ -141,22 +140,6 @@ _TABLES: dict[str, tuple[str, pa.Schema]] = {
 def _canonical(obj: Any) -> Any:
     """JSON-normalised copy (tuples -> lists, sorted keys) for comparing configs."""
     return json.loads(json.dumps(obj, sort_keys=True))
-
-
-def _read(path: Path, schema: pa.Schema) -> pa.Table:
-    """Read a corpus table from ONE snapshot of the file.
-
-    ``pq.read_table(path)`` may open the path more than once (footer, then data); a concurrent
-    atomic rewrite between the opens would mix two versions. Reading the bytes once is safe.
-    """
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        return schema.empty_table()
-    try:
-        return pq.read_table(pa.BufferReader(data))
-    except (OSError, pa.ArrowInvalid) as error:
-        raise CorpusError(f"{path}: unreadable ({error})") from error
 
 
 def corpus_meta(build_config: Mapping[str, Any]) -> dict[str, Any]:
@@ -270,7 +253,9 @@ class Corpus:
             raise ValueError(f"unknown corpus table {name!r}; one of {sorted(_TABLES)}")
         file_name, schema = _TABLES[name]
         if name == "genes":
-            return _read(self.root / file_name, schema)
+            # one read of the bytes: pq.read_table(path) may open a file twice (footer, then
+            # data) and mix two versions across a concurrent atomic rewrite
+            return parse_table(local_reader(self.root)(file_name), schema, self._where(file_name))
         snapshot = read_snapshot(local_reader(self.root), self._where,
                                  names=(SECTIONS, MANIFEST))
         return merged_tables(snapshot, self._where)[name]
@@ -303,7 +288,8 @@ class Corpus:
         """
         validate_section_id(section_id)
         with self.lock():
-            return self._status(section_id, *section_view(self._store, section_id))
+            view = section_view(self._store, section_id)
+            return self._status(section_id, view.rows, view.manifest)
 
     def statuses(self) -> dict[str, dict[str, Any]]:
         """Every section's row with its `section_status` status, from one read of the tables.
@@ -316,9 +302,12 @@ class Corpus:
             parts: dict[str, list[dict[str, Any]]] = {}
             for part in self.read_table("manifest").select(["section_id"]).to_pylist():
                 parts.setdefault(part["section_id"], []).append(part)
-            return {row["section_id"]: self._status(row["section_id"], [row],  # type: ignore[misc]
-                                                    parts.get(row["section_id"], []))
-                    for row in rows}
+            statuses = {}
+            for row in rows:
+                status = self._status(row["section_id"], [row], parts.get(row["section_id"], []))
+                assert status is not None  # a section with a row has a status
+                statuses[row["section_id"]] = status
+            return statuses
 
     def _status(
         self, section_id: str, rows: list[dict[str, Any]], manifest: list[dict[str, Any]]
@@ -434,8 +423,9 @@ class Corpus:
         self._check_staged_parts(staging, records)
         new_manifest = [self._manifest_row(section_id, r) for r in records]
         with self.lock():
-            check_row_types(new_row, sections_schemas(self._store))  # before anything moves
-            rows, manifest = section_view(self._store, section_id)
+            view = section_view(self._store, section_id)
+            check_row_types(new_row, view.schemas)  # before anything moves
+            rows, manifest = view.rows, view.manifest
             current = self._status(section_id, rows, manifest)
             if current is not None and current["status"] == COMMITTED and not force:
                 raise CorpusError(
@@ -503,11 +493,11 @@ class Corpus:
         failed = section_row(section_id, row, status=FAILED, reason=str(reason),
                              n_pairs=0, n_units=0, n_parts=0)
         with self.lock():
-            rows, manifest = section_view(self._store, section_id)
-            current = self._status(section_id, rows, manifest)
+            view = section_view(self._store, section_id)
+            current = self._status(section_id, view.rows, view.manifest)
             if current is not None and current["status"] == COMMITTED:
                 return False
-            check_row_types(failed, sections_schemas(self._store))
+            check_row_types(failed, view.schemas)
             commit_fragment(self._store, section_id, [failed], [])
             trash = move_to_trash(self.section_dir(section_id))
             if trash is not None:
@@ -523,7 +513,8 @@ class Corpus:
         validate_section_id(section_id)
         with self.lock():
             check_writable(self._store)  # refused before anything changes, as compact would
-            rows, manifest = section_view(self._store, section_id)
+            view = section_view(self._store, section_id)
+            rows, manifest = view.rows, view.manifest
             if rows or manifest:  # readers stop seeing it before its files go
                 commit_fragment(self._store, section_id, [], [])
             trash = move_to_trash(self.section_dir(section_id))

@@ -13,7 +13,9 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
+from histmol.errors import CorpusError
 from histmol.gene_reference import TAIL_BASE, reference
 
 CORPUS_JSON = "corpus.json"
@@ -60,6 +62,30 @@ SECTION_CORE_SCHEMA = pa.schema([
 ])
 CORE_NAMES = frozenset(SECTION_CORE_SCHEMA.names)
 RESERVED_ROW_KEYS = ("section_id", "status", "reason", "n_parts")
+
+
+def parse_table(data: bytes | None, schema: pa.Schema, where: str,
+                section_id: str | None = None) -> pa.Table:
+    """A corpus table from its bytes (empty, typed by `schema`, when absent).
+
+    With `section_id`, only that section's rows. CorpusError naming `where` when the bytes are
+    not a readable Parquet file.
+    """
+    if data is None:
+        return schema.empty_table()
+    filters = None if section_id is None else [("section_id", "=", section_id)]
+    try:
+        return pq.read_table(pa.BufferReader(data), filters=filters)
+    except (OSError, pa.ArrowInvalid) as error:
+        raise CorpusError(f"{where}: not a readable Parquet table ({error})") from error
+
+
+def parse_schema(data: bytes, where: str) -> pa.Schema:
+    """The schema of a corpus table's bytes; CorpusError naming `where` when unreadable."""
+    try:
+        return pq.read_schema(pa.BufferReader(data))
+    except (OSError, pa.ArrowInvalid) as error:
+        raise CorpusError(f"{where}: not a readable Parquet table ({error})") from error
 
 
 def _scalar(name: str, value: Any) -> Any:

@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from histmol.errors import CorpusError
 from histmol.shards.atomic import atomic_write_bytes
@@ -55,6 +54,8 @@ from histmol.shards.corpus_tables import (
     SECTION_CORE_SCHEMA,
     SECTIONS,
     manifest_table,
+    parse_schema,
+    parse_table,
     section_rows,
     sections_table,
 )
@@ -95,16 +96,6 @@ def local_store(root: Path) -> TableStore:
 
 
 # ---------------------------------------------------------------------- reading
-def parse_table(data: bytes | None, table: str, where: str) -> pa.Table:
-    """A corpus table from its bytes (empty, typed, when absent); CorpusError naming `where`."""
-    if data is None:
-        return SCHEMAS[table].empty_table()
-    try:
-        return pq.read_table(pa.BufferReader(data))
-    except (OSError, pa.ArrowInvalid) as error:
-        raise CorpusError(f"{where}: unreadable ({error})") from error
-
-
 def fragment_tables(snapshot: Snapshot, where: Callable[[str], str]
                     ) -> dict[str, dict[str, pa.Table]]:
     """{section_id: {"sections": rows, "manifest": rows}} of the snapshot's fragments."""
@@ -118,7 +109,7 @@ def fragment_tables(snapshot: Snapshot, where: Callable[[str], str]
             data = snapshot.fragments.get(ref.file)
             if data is None:
                 raise CorpusError(f"{where(ref.file)}: missing, but {RECORD} records it")
-            out[section_id][table] = parse_table(data, table, where(ref.file))
+            out[section_id][table] = parse_table(data, SCHEMAS[table], where(ref.file))
     return out
 
 
@@ -143,56 +134,49 @@ def merged(base: pa.Table, table: str, fragments: Mapping[str, Mapping[str, pa.T
 def merged_tables(snapshot: Snapshot, where: Callable[[str], str]) -> dict[str, pa.Table]:
     """{"sections": table, "manifest": table} as readers see them: compacted plus fragments."""
     fragments = fragment_tables(snapshot, where)
-    return {table: merged(parse_table(snapshot.tables.get(name), table, where(name)), table,
-                          fragments)
+    return {table: merged(parse_table(snapshot.tables.get(name), SCHEMAS[table], where(name)),
+                          table, fragments)
             for table, name in TABLE_FILES.items()}
 
 
-def section_view(store: TableStore, section_id: str
-                 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(sections rows, manifest rows) of one section as readers see it; call holding the writer.
+@dataclass(frozen=True)
+class SectionView:
+    """One section as readers see it, and the column types its new row must agree with.
 
-    Reads the section's fragment when it has one, else only its rows of the compacted tables
-    (a filtered read), so a commit does not decode the whole corpus' tables.
+    `schemas`: those of the compacted sections table and of every sections fragment.
+    """
+
+    rows: list[dict[str, Any]]
+    manifest: list[dict[str, Any]]
+    schemas: list[pa.Schema]
+
+
+def section_view(store: TableStore, section_id: str) -> SectionView:
+    """The section's rows (its fragment, else a filtered read of the compacted tables).
+
+    One read of the record and of each table: what a commit needs, without decoding the whole
+    corpus' rows. Call holding the store's writer.
     """
     raw = store.read(RECORD)
     record = CommitRecord() if raw is None else CommitRecord.from_bytes(raw, store.where(RECORD))
+    base = {table: store.read(name) for table, name in TABLE_FILES.items()}
     fragment = record.fragments.get(section_id)
-    views = []
-    for table in ("sections", "manifest"):
-        if fragment is not None:
-            ref = fragment[table]
-            rows = parse_table(store.read(ref.file), table, store.where(ref.file))
+    found = {}
+    for table, name in TABLE_FILES.items():
+        if fragment is None:
+            found[table] = parse_table(base[table], SCHEMAS[table], store.where(name), section_id)
         else:
-            name = TABLE_FILES[table]
-            rows = _rows_of(store.read(name), table, section_id, store.where(name))
-        views.append(section_rows(rows) if table == "sections" else rows.to_pylist())
-    return views[0], views[1]
-
-
-def sections_schemas(store: TableStore) -> list[pa.Schema]:
-    """The schemas of the compacted sections table and of every sections fragment."""
-    raw = store.read(RECORD)
-    record = CommitRecord() if raw is None else CommitRecord.from_bytes(raw, store.where(RECORD))
-    names = [SECTIONS, *(f["sections"].file for f in record.fragments.values())]
-    schemas = []
-    for name in names:
-        data = store.read(name)
+            ref = fragment[table]
+            found[table] = parse_table(store.read(ref.file), SCHEMAS[table],
+                                       store.where(ref.file))
+    schemas = [] if base["sections"] is None else [
+        parse_schema(base["sections"], store.where(SECTIONS))]
+    for other in record.fragments.values():
+        ref = other["sections"]
+        data = store.read(ref.file)
         if data is not None:
-            try:
-                schemas.append(pq.read_schema(pa.BufferReader(data)))
-            except (OSError, pa.ArrowInvalid) as error:
-                raise CorpusError(f"{store.where(name)}: unreadable ({error})") from error
-    return schemas
-
-
-def _rows_of(data: bytes | None, table: str, section_id: str, where: str) -> pa.Table:
-    if data is None:
-        return SCHEMAS[table].empty_table()
-    try:
-        return pq.read_table(pa.BufferReader(data), filters=[("section_id", "=", section_id)])
-    except (OSError, pa.ArrowInvalid) as error:
-        raise CorpusError(f"{where}: unreadable ({error})") from error
+            schemas.append(parse_schema(data, store.where(ref.file)))
+    return SectionView(section_rows(found["sections"]), found["manifest"].to_pylist(), schemas)
 
 
 # ---------------------------------------------------------------------- writing

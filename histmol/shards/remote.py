@@ -206,9 +206,9 @@ class RemoteCorpus:
 
     def drop_section_parts(self, section_id: str) -> None:
         """Step 1: if the remote corpus lists the section's parts, commit its row without them."""
-        rows, manifest = section_view(self._store, validate_section_id(section_id))
-        if manifest:
-            commit_fragment(self._store, section_id, rows, [])
+        view = section_view(self._store, validate_section_id(section_id))
+        if view.manifest:
+            commit_fragment(self._store, section_id, view.rows, [])
 
     def _put_genes(self) -> None:
         """Step 3: put the scratch's genes.parquet unless the remote record already holds it."""
